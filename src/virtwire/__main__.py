@@ -1,0 +1,5 @@
+import sys
+
+from virtwire.cli import main
+
+sys.exit(main())

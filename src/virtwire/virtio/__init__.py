@@ -1,0 +1,1 @@
+"""The virtio core: rings, descriptor chains, feature and status state machines (sans-I/O)."""
