@@ -1,0 +1,748 @@
+"""The driver's view of PCI: enumeration, BAR assignment, capability walk, virtio transports.
+
+Theory of operation
+-------------------
+The qtest VM runs no BIOS, so this module is the firmware as well as the driver:
+
+1. **Enumeration** (PCI Local Bus 3.0 §3.2.2.3.2, configuration mechanism 1): write
+   ``0x80000000 | bus<<16 | dev<<11 | fn<<8 | reg&0xFC`` to port 0xCF8, then access 0xCFC+(reg&3).
+   Vendor 0xFFFF means no function; header type bit 7 means more functions in the slot.
+2. **BAR sizing and assignment**: with decoding disabled in the command register, write all ones to
+   each BAR, read back, restore; the size is the two's complement of the writable address bits. A
+   memory BAR with type 0b10 is 64-bit and consumes the next BAR slot as its upper half. We place
+   memory BARs naturally aligned from ``MMIO_BASE`` (0xE0000000, inside i440fx's 32-bit PCI hole; a
+   64-bit BAR gets a below-4G address with upper half 0) and I/O BARs from ``IO_BASE`` (0xC000).
+3. **Enable**: command register memory + I/O space + bus master (the device DMAs into our RAM).
+4. **INTx routing**: on i440fx the PIIX3 (00:01.0) routes PIRQA-D through registers 0x60-0x63 to
+   ISA IRQs; QEMU maps slot/pin to PIRQ as ``(slot + pin - 1) & 3``. We route PIRQA-D to 10, 10,
+   11, 11 (as SeaBIOS does), write the Interrupt Line register, and intercept the IOAPIC's inputs
+   over qtest so an ``IRQ raise N`` line is the device's interrupt.
+5. **Capability walk** (virtio 1.2 §4.1.4): from the pointer at 0x34 (when status bit 4 is set)
+   follow ``cap_next``; the walk is bounded (48 steps, offsets in 0x40..0xFC, dword aligned) because
+   the list comes from the device. Vendor capabilities (0x09) carry ``cfg_type``, ``bar``,
+   ``offset``, ``length``; the notify capability adds ``notify_off_multiplier``.
+6. **Transports**: ``ModernPciTransport`` maps the common/notify/ISR/device structures (§4.1.4.3-7);
+   ``LegacyPciTransport`` drives the transitional device's I/O BAR 0 (§4.1.4.8: 32-bit features,
+   page-frame queue address, 4096-byte ring alignment). Both expose the same ``VirtioTransport``
+   methods, so ``net.driver`` never knows which one it has.
+
+Every value read from the device (BAR sizes, capability offsets and lengths, queue sizes) is
+checked before use; a bad one raises ``PciError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from virtwire.virtio import spec
+
+__all__ = [
+    "PciError",
+    "ConfigAccess",
+    "BusAccess",
+    "Mech1ConfigAccess",
+    "Bar",
+    "VirtioCap",
+    "PciFunction",
+    "BarAllocator",
+    "enumerate_bus",
+    "find_virtio_net",
+    "assign_bars",
+    "walk_capabilities",
+    "route_intx",
+    "ModernPciTransport",
+    "LegacyPciTransport",
+    "MMIO_BASE",
+    "IO_BASE",
+    "probe_pci_transport",
+]
+
+log = logging.getLogger(__name__)
+
+# PCI configuration header offsets (type 0)
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION_ID = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_HEADER_TYPE = 0x0E
+PCI_BASE_ADDRESS_0 = 0x10
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_ROM_ADDRESS = 0x30
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+PCI_COMMAND_IO = 0x1
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+PCI_COMMAND_INTX_DISABLE = 0x400
+PCI_STATUS_CAP_LIST = 0x10
+PCI_STATUS_INTERRUPT = 0x08
+
+PCI_BASE_ADDRESS_SPACE_IO = 0x1
+PCI_BASE_ADDRESS_MEM_TYPE_MASK = 0x6
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+
+PCI_CAP_ID_MSIX = 0x11
+PCI_CAP_ID_VNDR = 0x09
+PCI_MSIX_FLAGS = 2
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+
+PIIX3_PIRQRC = 0x60  # PIRQA..D route control, 00:01.0
+PIRQ_IRQS = (10, 10, 11, 11)
+
+MMIO_BASE = 0xE0000000
+MMIO_LIMIT = 0xFEC00000  # IOAPIC above
+IO_BASE = 0xC000
+IO_LIMIT = 0x10000
+
+MAX_CAPS = 48
+
+
+class PciError(Exception):
+    """A PCI function is missing or misbehaves (bad BAR, capability list or register value)."""
+
+
+class ConfigAccess(Protocol):
+    """PCI configuration space access for one host bridge."""
+
+    def cfg_read(self, bus: int, dev: int, fn: int, off: int, width: int) -> int: ...
+    def cfg_write(self, bus: int, dev: int, fn: int, off: int, width: int, value: int) -> None: ...
+
+
+class BusAccess(Protocol):
+    """Port I/O and MMIO, as a qtest client provides them."""
+
+    def inb(self, port: int) -> int: ...
+    def inw(self, port: int) -> int: ...
+    def inl(self, port: int) -> int: ...
+    def outb(self, port: int, value: int) -> None: ...
+    def outw(self, port: int, value: int) -> None: ...
+    def outl(self, port: int, value: int) -> None: ...
+    def readb(self, addr: int) -> int: ...
+    def readw(self, addr: int) -> int: ...
+    def readl(self, addr: int) -> int: ...
+    def writeb(self, addr: int, value: int) -> None: ...
+    def writew(self, addr: int, value: int) -> None: ...
+    def writel(self, addr: int, value: int) -> None: ...
+
+
+class Mech1ConfigAccess:
+    """Configuration mechanism 1 over ports 0xCF8 (address) / 0xCFC (data)."""
+
+    CONFIG_ADDRESS = 0xCF8
+    CONFIG_DATA = 0xCFC
+
+    def __init__(self, io: BusAccess) -> None:
+        self.io = io
+
+    def _select(self, bus: int, dev: int, fn: int, off: int) -> int:
+        if not (0 <= bus < 256 and 0 <= dev < 32 and 0 <= fn < 8 and 0 <= off < 256):
+            raise PciError(f"bad config address {bus:02x}:{dev:02x}.{fn} +{off:#x}")
+        self.io.outl(self.CONFIG_ADDRESS,
+                     0x80000000 | bus << 16 | dev << 11 | fn << 8 | (off & 0xFC))
+        return self.CONFIG_DATA + (off & 3)
+
+    def cfg_read(self, bus: int, dev: int, fn: int, off: int, width: int) -> int:
+        if off & (width - 1):
+            raise PciError(f"unaligned config read {off:#x}/{width}")
+        port = self._select(bus, dev, fn, off)
+        return {1: self.io.inb, 2: self.io.inw, 4: self.io.inl}[width](port)
+
+    def cfg_write(self, bus: int, dev: int, fn: int, off: int, width: int, value: int) -> None:
+        if off & (width - 1):
+            raise PciError(f"unaligned config write {off:#x}/{width}")
+        port = self._select(bus, dev, fn, off)
+        {1: self.io.outb, 2: self.io.outw, 4: self.io.outl}[width](port, value)
+
+
+@dataclass
+class Bar:
+    """One decoded Base Address Register."""
+
+    index: int
+    io: bool
+    is64: bool
+    prefetch: bool
+    size: int
+    address: int = 0
+
+
+@dataclass
+class VirtioCap:
+    """A virtio vendor capability (virtio 1.2 §4.1.4 struct virtio_pci_cap)."""
+
+    cap_offset: int
+    cfg_type: int
+    bar: int
+    id: int
+    offset: int
+    length: int
+    notify_off_multiplier: int = 0
+
+
+@dataclass
+class PciFunction:
+    """One enumerated function and everything the driver learned about it."""
+
+    cfg: ConfigAccess
+    bus: int
+    dev: int
+    fn: int
+    vendor_id: int
+    device_id: int
+    revision: int
+    class_code: int
+    header_type: int
+    subsystem_vendor_id: int = 0
+    subsystem_id: int = 0
+    bars: dict[int, Bar] = field(default_factory=dict)
+    caps: list[tuple[int, int]] = field(default_factory=list)  # (offset, cap id)
+    virtio_caps: list[VirtioCap] = field(default_factory=list)
+    msix_cap: int = 0
+    interrupt_pin: int = 0
+    irq: int = -1
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.bus:02x}:{self.dev:02x}.{self.fn}"
+
+    def read(self, off: int, width: int) -> int:
+        return self.cfg.cfg_read(self.bus, self.dev, self.fn, off, width)
+
+    def write(self, off: int, width: int, value: int) -> None:
+        self.cfg.cfg_write(self.bus, self.dev, self.fn, off, width, value)
+
+    def virtio_cap(self, cfg_type: int) -> VirtioCap | None:
+        """The first capability of ``cfg_type`` (§4.1.4: the driver uses the first it can)."""
+        for c in self.virtio_caps:
+            if c.cfg_type == cfg_type:
+                return c
+        return None
+
+    @property
+    def is_virtio_net(self) -> bool:
+        if self.vendor_id != spec.VIRTIO_PCI_VENDOR_ID:
+            return False
+        if self.device_id == spec.VIRTIO_PCI_DEVICE_ID_NET_MODERN:
+            return True
+        # §4.1.2.1: transitional devices 0x1000-0x103F carry the device type in subsystem id.
+        return (self.device_id == spec.VIRTIO_PCI_DEVICE_ID_NET_TRANSITIONAL
+                and self.subsystem_id == spec.VIRTIO_ID_NET)
+
+    @property
+    def transitional(self) -> bool:
+        return 0x1000 <= self.device_id <= 0x103F
+
+
+def enumerate_bus(cfg: ConfigAccess, bus: int = 0) -> list[PciFunction]:
+    """Every function present on ``bus`` (header fields only; BARs not touched)."""
+    found: list[PciFunction] = []
+    for dev in range(32):
+        for fn in range(8):
+            ids = cfg.cfg_read(bus, dev, fn, PCI_VENDOR_ID, 4)
+            vendor = ids & 0xFFFF
+            if vendor in (0xFFFF, 0x0000):
+                if fn == 0:
+                    break
+                continue
+            htype = cfg.cfg_read(bus, dev, fn, PCI_HEADER_TYPE, 1)
+            rev_class = cfg.cfg_read(bus, dev, fn, PCI_REVISION_ID, 4)
+            f = PciFunction(cfg=cfg, bus=bus, dev=dev, fn=fn, vendor_id=vendor,
+                            device_id=ids >> 16, revision=rev_class & 0xFF,
+                            class_code=rev_class >> 8, header_type=htype)
+            if htype & 0x7F == 0:
+                sub = cfg.cfg_read(bus, dev, fn, PCI_SUBSYSTEM_VENDOR_ID, 4)
+                f.subsystem_vendor_id, f.subsystem_id = sub & 0xFFFF, sub >> 16
+                f.interrupt_pin = cfg.cfg_read(bus, dev, fn, PCI_INTERRUPT_PIN, 1)
+            found.append(f)
+            if fn == 0 and not htype & 0x80:
+                break  # single-function device
+    return found
+
+
+def find_virtio_net(cfg: ConfigAccess, bus: int = 0) -> list[PciFunction]:
+    """The virtio-net functions on ``bus`` (§4.1.2 PCI Device Discovery)."""
+    return [f for f in enumerate_bus(cfg, bus) if f.is_virtio_net]
+
+
+class BarAllocator:
+    """Hands out naturally aligned addresses from the MMIO and I/O windows."""
+
+    def __init__(self, mmio_base: int = MMIO_BASE, io_base: int = IO_BASE) -> None:
+        self.mmio_next = mmio_base
+        self.io_next = io_base
+
+    def alloc(self, bar: Bar) -> int:
+        size = bar.size
+        if bar.io:
+            addr = (self.io_next + size - 1) & ~(size - 1)
+            if addr + size > IO_LIMIT:
+                raise PciError(f"I/O window exhausted for BAR{bar.index} ({size:#x})")
+            self.io_next = addr + size
+        else:
+            size = max(size, 4096)  # keep page granularity between functions
+            addr = (self.mmio_next + size - 1) & ~(size - 1)
+            if addr + size > MMIO_LIMIT:
+                raise PciError(f"MMIO window exhausted for BAR{bar.index} ({size:#x})")
+            self.mmio_next = addr + size
+        return addr
+
+
+def _size_bars(f: PciFunction) -> None:
+    f.bars.clear()
+    i = 0
+    while i < 6:
+        off = PCI_BASE_ADDRESS_0 + 4 * i
+        orig = f.read(off, 4)
+        f.write(off, 4, 0xFFFFFFFF)
+        probe = f.read(off, 4)
+        f.write(off, 4, orig)
+        if probe in (0, 0xFFFFFFFF) and orig == 0:
+            i += 1
+            continue
+        if orig & PCI_BASE_ADDRESS_SPACE_IO:
+            mask = probe & 0xFFFFFFFC & 0xFFFF
+            size = (~mask & 0xFFFF) + 1 if mask else 0
+            if size:
+                f.bars[i] = Bar(i, io=True, is64=False, prefetch=False, size=size)
+            i += 1
+            continue
+        is64 = (orig & PCI_BASE_ADDRESS_MEM_TYPE_MASK) == PCI_BASE_ADDRESS_MEM_TYPE_64
+        mask = probe & 0xFFFFFFF0
+        if is64:
+            if i == 5:
+                raise PciError(f"{f.bdf}: 64-bit BAR5 has no upper half")
+            hoff = off + 4
+            horig = f.read(hoff, 4)
+            f.write(hoff, 4, 0xFFFFFFFF)
+            hprobe = f.read(hoff, 4)
+            f.write(hoff, 4, horig)
+            mask |= hprobe << 32
+            size = ((~mask) & 0xFFFFFFFFFFFFFFFF) + 1 if mask else 0
+        else:
+            size = ((~mask) & 0xFFFFFFFF) + 1 if mask else 0
+        if size:
+            if size & (size - 1) or size > 1 << 32:
+                raise PciError(f"{f.bdf}: BAR{i} size {size:#x} is not a sane power of two")
+            f.bars[i] = Bar(i, io=False, is64=is64,
+                            prefetch=bool(orig & PCI_BASE_ADDRESS_MEM_PREFETCH), size=size)
+        i += 2 if is64 else 1
+
+
+def assign_bars(f: PciFunction, alloc: BarAllocator, enable: bool = True) -> None:
+    """Size every BAR, give it an address and (``enable``) turn on decoding and bus mastering."""
+    cmd = f.read(PCI_COMMAND, 2)
+    f.write(PCI_COMMAND, 2, cmd & ~(PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER))
+    _size_bars(f)
+    for bar in f.bars.values():
+        bar.address = alloc.alloc(bar)
+        off = PCI_BASE_ADDRESS_0 + 4 * bar.index
+        f.write(off, 4, bar.address & 0xFFFFFFFF)
+        if bar.is64:
+            f.write(off + 4, 4, bar.address >> 32)
+        log.debug("%s BAR%d %s %#x+%#x", f.bdf, bar.index, "io" if bar.io else "mem",
+                  bar.address, bar.size)
+    f.write(PCI_ROM_ADDRESS, 4, 0)  # expansion ROM stays disabled
+    if enable:
+        new = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+        if any(b.io for b in f.bars.values()):
+            new |= PCI_COMMAND_IO
+        f.write(PCI_COMMAND, 2, new & ~PCI_COMMAND_INTX_DISABLE)
+
+
+def walk_capabilities(f: PciFunction) -> None:
+    """Fill ``f.caps``, ``f.virtio_caps`` and ``f.msix_cap`` (bounded walk, module docstring)."""
+    f.caps.clear()
+    f.virtio_caps.clear()
+    f.msix_cap = 0
+    if not f.read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST:
+        return
+    ptr = f.read(PCI_CAPABILITY_LIST, 1) & 0xFC
+    seen: set[int] = set()
+    while ptr:
+        if ptr < 0x40 or ptr in seen or len(seen) >= MAX_CAPS:
+            raise PciError(f"{f.bdf}: capability list broken at {ptr:#x}")
+        seen.add(ptr)
+        cap_id = f.read(ptr, 1)
+        nxt = f.read(ptr + 1, 1) & 0xFC
+        f.caps.append((ptr, cap_id))
+        if cap_id == PCI_CAP_ID_MSIX:
+            f.msix_cap = ptr
+        elif cap_id == PCI_CAP_ID_VNDR and f.vendor_id == spec.VIRTIO_PCI_VENDOR_ID:
+            cap_len = f.read(ptr + 2, 1)
+            if cap_len >= 16 and ptr + cap_len <= 0x100:
+                vc = VirtioCap(cap_offset=ptr, cfg_type=f.read(ptr + 3, 1),
+                               bar=f.read(ptr + 4, 1), id=f.read(ptr + 5, 1),
+                               offset=f.read(ptr + 8, 4), length=f.read(ptr + 12, 4))
+                if vc.cfg_type == spec.VIRTIO_PCI_CAP_NOTIFY_CFG and cap_len >= 20:
+                    vc.notify_off_multiplier = f.read(ptr + 16, 4)
+                f.virtio_caps.append(vc)
+            else:
+                log.warning("%s: virtio capability at %#x has bad length %d", f.bdf, ptr, cap_len)
+        ptr = nxt
+
+
+def route_intx(f: PciFunction, cfg: ConfigAccess) -> int:
+    """Route the function's INTx pin through PIIX3 to an ISA IRQ (module docstring, step 4).
+
+    Returns the IRQ (= IOAPIC input) or -1 when the function has no interrupt pin.
+    """
+    if not 1 <= f.interrupt_pin <= 4:
+        f.irq = -1
+        return -1
+    for i, irq in enumerate(PIRQ_IRQS):
+        cfg.cfg_write(0, 1, 0, PIIX3_PIRQRC + i, 1, irq)
+    pirq = (f.dev + f.interrupt_pin - 1) & 3
+    f.irq = PIRQ_IRQS[pirq]
+    f.write(PCI_INTERRUPT_LINE, 1, f.irq)
+    return f.irq
+
+
+# --------------------------------------------------------------------------------------------
+# Virtio transports over PCI
+# --------------------------------------------------------------------------------------------
+
+
+class _Region:
+    """A window [base, base+length) in I/O or memory space, with bounds-checked accessors."""
+
+    def __init__(self, io: BusAccess, base: int, length: int, port_io: bool, name: str) -> None:
+        self.bus, self.base, self.length, self.port_io, self.name = io, base, length, port_io, name
+
+    def _check(self, off: int, width: int) -> int:
+        if off < 0 or off + width > self.length:
+            raise PciError(f"{self.name}: access {off:#x}/{width} outside {self.length:#x}")
+        return self.base + off
+
+    def read(self, off: int, width: int) -> int:
+        a = self._check(off, width)
+        b = self.bus
+        if self.port_io:
+            return {1: b.inb, 2: b.inw, 4: b.inl}[width](a)
+        return {1: b.readb, 2: b.readw, 4: b.readl}[width](a)
+
+    def write(self, off: int, width: int, value: int) -> None:
+        a = self._check(off, width)
+        b = self.bus
+        if self.port_io:
+            {1: b.outb, 2: b.outw, 4: b.outl}[width](a, value)
+        else:
+            {1: b.writeb, 2: b.writew, 4: b.writel}[width](a, value)
+
+
+class _PciTransportBase:
+    """What modern and legacy share: the function, its IRQ, and interrupt waiting over qtest."""
+
+    legacy = False
+
+    def __init__(self, fn: PciFunction, io: BusAccess) -> None:
+        self.fn = fn
+        self.io = io
+        self.interrupts = 0
+
+    @property
+    def name(self) -> str:
+        return f"{'legacy' if self.legacy else 'modern'} virtio-pci {self.fn.bdf}"
+
+    def irq_raised(self) -> bool:
+        """Is the INTx line currently asserted (as seen through qtest's IOAPIC intercept)?"""
+        level = getattr(self.io, "irq_level", None)
+        return bool(level and self.fn.irq >= 0 and level.get(self.fn.irq))
+
+    def wait_interrupt(self, timeout: float) -> int:
+        """Wait for INTx, then read (and so acknowledge) the ISR; returns the ISR bits."""
+        waiter = getattr(self.io, "wait_irq", None)
+        if waiter is None or self.fn.irq < 0:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                isr = self.read_isr()
+                if isr:
+                    return isr
+                time.sleep(0.0005)
+            return 0
+        if not waiter(self.fn.irq, timeout):
+            return 0
+        self.interrupts += 1
+        return self.read_isr()
+
+    def read_isr(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ModernPciTransport(_PciTransportBase):
+    """virtio 1.2 §4.1.4 modern register blocks: common, notify, ISR, device config."""
+
+    def __init__(self, fn: PciFunction, io: BusAccess) -> None:
+        super().__init__(fn, io)
+        need = {
+            spec.VIRTIO_PCI_CAP_COMMON_CFG: ("common", spec.VIRTIO_PCI_COMMON_CFG_SIZE - 4),
+            spec.VIRTIO_PCI_CAP_NOTIFY_CFG: ("notify", 2),
+            spec.VIRTIO_PCI_CAP_ISR_CFG: ("isr", 1),
+            spec.VIRTIO_PCI_CAP_DEVICE_CFG: ("device", 0),
+        }
+        self.regions: dict[str, _Region] = {}
+        for cfg_type, (label, min_len) in need.items():
+            cap = fn.virtio_cap(cfg_type)
+            if cap is None:
+                if cfg_type == spec.VIRTIO_PCI_CAP_DEVICE_CFG:
+                    continue
+                raise PciError(f"{fn.bdf}: no virtio {label} capability")
+            bar = fn.bars.get(cap.bar)
+            if bar is None:
+                raise PciError(f"{fn.bdf}: {label} capability names unassigned BAR{cap.bar}")
+            if cap.length < min_len or cap.offset + cap.length > bar.size:
+                raise PciError(f"{fn.bdf}: {label} structure {cap.offset:#x}+{cap.length:#x} "
+                               f"does not fit BAR{cap.bar} ({bar.size:#x})")
+            self.regions[label] = _Region(io, bar.address + cap.offset, cap.length, bar.io,
+                                          f"{fn.bdf} {label}")
+            if cfg_type == spec.VIRTIO_PCI_CAP_NOTIFY_CFG:
+                self.notify_multiplier = cap.notify_off_multiplier
+        self.common = self.regions["common"]
+        self.notify_region = self.regions["notify"]
+        self.isr = self.regions["isr"]
+        self.devcfg = self.regions.get("device")
+        self._notify_off: dict[int, int] = {}
+
+    # -- status and features (§4.1.4.3) -------------------------------------------------------
+    def reset(self, timeout: float = 1.0) -> None:
+        """Write 0 and wait until the device reads back 0 (§4.1.4.3.2)."""
+        self.common.write(spec.VIRTIO_PCI_COMMON_STATUS, 1, 0)
+        deadline = time.monotonic() + timeout
+        while self.common.read(spec.VIRTIO_PCI_COMMON_STATUS, 1) != 0:
+            if time.monotonic() > deadline:
+                raise PciError(f"{self.name}: device status did not return to 0 after reset")
+            time.sleep(0.001)
+        self._notify_off.clear()
+
+    def get_status(self) -> int:
+        return self.common.read(spec.VIRTIO_PCI_COMMON_STATUS, 1)
+
+    def set_status(self, status: int) -> None:
+        self.common.write(spec.VIRTIO_PCI_COMMON_STATUS, 1, status)
+
+    def device_features(self) -> int:
+        feats = 0
+        for sel in (0, 1):
+            self.common.write(spec.VIRTIO_PCI_COMMON_DFSELECT, 4, sel)
+            feats |= self.common.read(spec.VIRTIO_PCI_COMMON_DF, 4) << (32 * sel)
+        return feats
+
+    def set_driver_features(self, features: int) -> None:
+        for sel in (0, 1):
+            self.common.write(spec.VIRTIO_PCI_COMMON_GFSELECT, 4, sel)
+            self.common.write(spec.VIRTIO_PCI_COMMON_GF, 4, features >> (32 * sel))
+
+    def driver_features(self) -> int:
+        feats = 0
+        for sel in (0, 1):
+            self.common.write(spec.VIRTIO_PCI_COMMON_GFSELECT, 4, sel)
+            feats |= self.common.read(spec.VIRTIO_PCI_COMMON_GF, 4) << (32 * sel)
+        return feats
+
+    def num_queues(self) -> int:
+        return self.common.read(spec.VIRTIO_PCI_COMMON_NUMQ, 2)
+
+    def config_generation(self) -> int:
+        return self.common.read(spec.VIRTIO_PCI_COMMON_CFGGENERATION, 1)
+
+    # -- queues (§4.1.5.1.3 Virtqueue Configuration) -------------------------------------------
+    def queue_max_size(self, index: int) -> int:
+        self.common.write(spec.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
+        return self.common.read(spec.VIRTIO_PCI_COMMON_Q_SIZE, 2)
+
+    def queue_enabled(self, index: int) -> bool:
+        self.common.write(spec.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
+        return bool(self.common.read(spec.VIRTIO_PCI_COMMON_Q_ENABLE, 2))
+
+    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
+        c = self.common
+        c.write(spec.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
+        c.write(spec.VIRTIO_PCI_COMMON_Q_SIZE, 2, size)
+        c.write(spec.VIRTIO_PCI_COMMON_Q_MSIX, 2, spec.VIRTIO_MSI_NO_VECTOR)
+        for lo, val in ((spec.VIRTIO_PCI_COMMON_Q_DESCLO, desc),
+                        (spec.VIRTIO_PCI_COMMON_Q_AVAILLO, driver),
+                        (spec.VIRTIO_PCI_COMMON_Q_USEDLO, device)):
+            c.write(lo, 4, val & 0xFFFFFFFF)
+            c.write(lo + 4, 4, val >> 32)
+        noff = c.read(spec.VIRTIO_PCI_COMMON_Q_NOFF, 2)
+        off = noff * self.notify_multiplier
+        if off + 2 > self.notify_region.length:
+            raise PciError(f"{self.name}: queue {index} notify offset {off:#x} outside the "
+                           f"notify structure ({self.notify_region.length:#x})")
+        self._notify_off[index] = off
+        c.write(spec.VIRTIO_PCI_COMMON_Q_ENABLE, 2, 1)
+
+    def queue_ring_align(self) -> int:
+        return 0  # modern: the driver chooses each area (§2.7 alignment only)
+
+    def notify(self, index: int) -> None:
+        """Queue notification: write the queue index at its notify address (§4.1.4.4)."""
+        off = self._notify_off.get(index)
+        if off is None:
+            raise PciError(f"{self.name}: queue {index} is not set up")
+        self.notify_region.write(off, 2, index)
+
+    def read_isr(self) -> int:
+        return self.isr.read(0, 1)
+
+    # -- device configuration (§4.1.4.6) --------------------------------------------------------
+    def read_config(self, off: int, n: int) -> bytes:
+        if self.devcfg is None:
+            raise PciError(f"{self.name}: no device configuration structure")
+        out = bytearray()
+        i = 0
+        while i < n:
+            if n - i >= 4 and (off + i) % 4 == 0:
+                out += self.devcfg.read(off + i, 4).to_bytes(4, "little")
+                i += 4
+            elif n - i >= 2 and (off + i) % 2 == 0:
+                out += self.devcfg.read(off + i, 2).to_bytes(2, "little")
+                i += 2
+            else:
+                out += bytes([self.devcfg.read(off + i, 1)])
+                i += 1
+        return bytes(out)
+
+    def write_config(self, off: int, data: bytes) -> None:
+        if self.devcfg is None:
+            raise PciError(f"{self.name}: no device configuration structure")
+        for i, b in enumerate(data):
+            self.devcfg.write(off + i, 1, b)
+
+    def config_size(self) -> int:
+        return self.devcfg.length if self.devcfg else 0
+
+
+class LegacyPciTransport(_PciTransportBase):
+    """The transitional device's legacy I/O BAR 0 (virtio 1.2 §4.1.4.8)."""
+
+    legacy = True
+
+    def __init__(self, fn: PciFunction, io: BusAccess) -> None:
+        super().__init__(fn, io)
+        bar = fn.bars.get(0)
+        if bar is None or not bar.io or bar.size < spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX:
+            raise PciError(f"{fn.bdf}: no legacy I/O BAR0")
+        self.regs = _Region(io, bar.address, bar.size, True, f"{fn.bdf} legacy")
+        # MSI-X stays disabled here, so device config starts at 20 (§4.1.4.8).
+        self.cfg_off = spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX
+
+    def reset(self, timeout: float = 1.0) -> None:
+        self.regs.write(spec.VIRTIO_PCI_STATUS, 1, 0)
+        deadline = time.monotonic() + timeout
+        while self.regs.read(spec.VIRTIO_PCI_STATUS, 1) != 0:
+            if time.monotonic() > deadline:
+                raise PciError(f"{self.name}: status did not return to 0 after reset")
+            time.sleep(0.001)
+
+    def get_status(self) -> int:
+        return self.regs.read(spec.VIRTIO_PCI_STATUS, 1)
+
+    def set_status(self, status: int) -> None:
+        self.regs.write(spec.VIRTIO_PCI_STATUS, 1, status)
+
+    def device_features(self) -> int:
+        return self.regs.read(spec.VIRTIO_PCI_HOST_FEATURES, 4)
+
+    def set_driver_features(self, features: int) -> None:
+        if features >> 32:
+            raise PciError(f"{self.name}: legacy interface has only 32 feature bits")
+        self.regs.write(spec.VIRTIO_PCI_GUEST_FEATURES, 4, features)
+
+    def driver_features(self) -> int:
+        return self.regs.read(spec.VIRTIO_PCI_GUEST_FEATURES, 4)
+
+    def num_queues(self) -> int:
+        n = 0
+        while n < 64 and self.queue_max_size(n):
+            n += 1
+        return n
+
+    def config_generation(self) -> int:
+        return 0  # legacy has none (§4.1.4.8): callers re-read until stable
+
+    def queue_max_size(self, index: int) -> int:
+        self.regs.write(spec.VIRTIO_PCI_QUEUE_SEL, 2, index)
+        return self.regs.read(spec.VIRTIO_PCI_QUEUE_NUM, 2)
+
+    def queue_enabled(self, index: int) -> bool:
+        self.regs.write(spec.VIRTIO_PCI_QUEUE_SEL, 2, index)
+        return bool(self.regs.read(spec.VIRTIO_PCI_QUEUE_PFN, 4))
+
+    def queue_ring_align(self) -> int:
+        return spec.VIRTIO_PCI_VRING_ALIGN
+
+    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
+        """Legacy: size is fixed by the device; the ring is one block at a page frame."""
+        self.regs.write(spec.VIRTIO_PCI_QUEUE_SEL, 2, index)
+        qmax = self.regs.read(spec.VIRTIO_PCI_QUEUE_NUM, 2)
+        if size != qmax:
+            raise PciError(f"{self.name}: legacy queue {index} size is fixed at {qmax}, not {size}")
+        if desc % spec.VIRTIO_PCI_VRING_ALIGN:
+            raise PciError(f"{self.name}: legacy ring {desc:#x} is not page aligned")
+        if driver != desc + 16 * size:
+            raise PciError(f"{self.name}: legacy avail ring must follow the descriptor table")
+        align = spec.VIRTIO_PCI_VRING_ALIGN
+        want_used = (driver + 6 + 2 * size + align - 1) & ~(align - 1)
+        if device != want_used:
+            raise PciError(f"{self.name}: legacy used ring must be at {want_used:#x}")
+        pfn = desc >> spec.VIRTIO_PCI_QUEUE_ADDR_SHIFT
+        if pfn >> 32:
+            raise PciError(f"{self.name}: legacy ring above 16 TiB")
+        self.regs.write(spec.VIRTIO_PCI_QUEUE_PFN, 4, pfn)
+
+    def notify(self, index: int) -> None:
+        self.regs.write(spec.VIRTIO_PCI_QUEUE_NOTIFY, 2, index)
+
+    def read_isr(self) -> int:
+        return self.regs.read(spec.VIRTIO_PCI_ISR, 1)
+
+    def read_config(self, off: int, n: int) -> bytes:
+        # Legacy config is guest-endian (little on x86); byte reads are always allowed.
+        return bytes(self.regs.read(self.cfg_off + off + i, 1) for i in range(n))
+
+    def write_config(self, off: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            self.regs.write(self.cfg_off + off + i, 1, b)
+
+    def config_size(self) -> int:
+        return self.regs.length - self.cfg_off
+
+
+def probe_pci_transport(
+    io: BusAccess, legacy: bool = False, index: int = 0, alloc: BarAllocator | None = None
+) -> ModernPciTransport | LegacyPciTransport:
+    """Enumerate bus 0, set up the ``index``th virtio-net function and return its transport.
+
+    ``legacy`` picks the I/O BAR interface of a transitional device (§4.1.4.8).
+    """
+    cfg = Mech1ConfigAccess(io)
+    nets = find_virtio_net(cfg)
+    if legacy:
+        nets = [f for f in nets if f.transitional]
+    if index >= len(nets):
+        raise PciError(f"no {'transitional ' if legacy else ''}virtio-net function #{index} "
+                       f"on bus 0 (found {len(nets)})")
+    f = nets[index]
+    alloc = alloc or BarAllocator()
+    # Functions are assigned in bus order so addresses never overlap between probes.
+    for other in enumerate_bus(cfg):
+        if other.header_type & 0x7F == 0 and other.vendor_id == spec.VIRTIO_PCI_VENDOR_ID:
+            target = other.bdf == f.bdf
+            assign_bars(f if target else other, alloc, enable=target)
+    walk_capabilities(f)
+    route_intx(f, cfg)
+    intercept = getattr(io, "irq_intercept_in", None)
+    if intercept is not None and f.irq >= 0 and not getattr(io, "_vw_ioapic_intercepted", False):
+        intercept("ioapic")
+        io._vw_ioapic_intercepted = True  # type: ignore[attr-defined]
+    return LegacyPciTransport(f, io) if legacy else ModernPciTransport(f, io)
