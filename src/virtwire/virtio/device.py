@@ -541,9 +541,7 @@ class VirtioDevice:
             self.needs_reset(f"queue {index}: {e}")
             return None
 
-    def drain_queue(
-        self, index: int, handler: Callable[[Any], int], batch: int = 256
-    ) -> int:
+    def drain_queue(self, index: int, handler: Callable[[Any], int], batch: int = 256) -> int:
         """Generic service loop: pop batches, ``written = handler(chain)``, push, publish once per
         batch, interrupt per §2.7.7; re-enable kicks with the re-check race handled. Returns the
         number of chains served. Raises guest faults (call it from ``process_queue``)."""
@@ -587,8 +585,9 @@ class VirtioDevice:
     def config_read(self, offset: int, size: int) -> int:
         """A little-endian read of 1, 2, 4 or 8 bytes; out of range reads as 0 (logged)."""
         if size not in (1, 2, 4, 8) or offset < 0 or offset + size > len(self.config):
-            log.warning("%s: config read %d@%#x outside %d bytes", self.name, size, offset,
-                        len(self.config))
+            log.warning(
+                "%s: config read %d@%#x outside %d bytes", self.name, size, offset, len(self.config)
+            )
             return 0
         return int.from_bytes(self.config[offset : offset + size], "little")
 
@@ -624,4 +623,3 @@ class VirtioDevice:
             "counters": dict(self.device_counters),
             "queues": [dict(c) for c in self.counters],
         }
-

@@ -499,8 +499,9 @@ class SplitDriverQueue:
         if mem is not self._mem:
             for v in self._views:
                 v.release()
-            self._views = _ring_views(mem, self.size, self.desc_addr, self.avail_addr,
-                                      self.used_addr)
+            self._views = _ring_views(
+                mem, self.size, self.desc_addr, self.avail_addr, self.used_addr
+            )
             self._mem = mem
         return self._views
 
