@@ -444,9 +444,7 @@ class VirtioDevice:
         indirect = self.has_feature(VIRTIO_F_INDIRECT_DESC)
         if self.has_feature(VIRTIO_F_RING_PACKED):
             packed = importlib.import_module("virtwire.virtio.packed_ring")
-            ring = packed.PackedQueue(
-                q.size, max_size=q.max_size, event_idx=event_idx, indirect=indirect
-            )
+            ring = packed.PackedQueue(q.size, event_idx=event_idx, indirect=indirect)
         else:
             ring = SplitQueue(q.size, max_size=q.max_size, event_idx=event_idx, indirect=indirect)
         ring.set_addresses(q.desc, q.driver, q.device)
