@@ -1,0 +1,837 @@
+"""Packed virtqueues (virtio 1.2 §2.8): the device half and the driver half.
+
+Theory of operation
+-------------------
+A packed virtqueue is one ring of ``size`` 16-byte descriptors (``struct pvirtq_desc``: le64 addr,
+le32 len, le16 id, le16 flags; §2.8.13) that *both* sides read and write, plus two 4-byte event
+suppression structures (``struct pvirtq_event_suppress``: le16 off_wrap, le16 flags; §2.8.14):
+
+======================  ===========  =========  ==========================================
+part                    alignment    size       written by / read by
+======================  ===========  =========  ==========================================
+Descriptor Ring         16           16*size    both
+Driver Event Suppr.     4            4          driver / device (used buffer notifications)
+Device Event Suppr.     4            4          device / driver (available notifications)
+======================  ===========  =========  ==========================================
+
+Ownership of a slot is told by two flag bits and a one-bit *wrap counter* each side keeps, both
+starting at 1 (§2.8.1). The driver makes a descriptor available by writing AVAIL (bit 7) equal to
+its wrap counter and USED (bit 15) to the inverse; the device marks it used by writing both bits
+equal to *its* wrap counter. Each side flips its counter when it moves past the last slot. So the
+device tests ``flags & (AVAIL|USED) == (AVAIL if wrap else USED)`` at ``next_avail`` and the driver
+tests ``flags & (AVAIL|USED) == (AVAIL|USED if wrap else 0)`` at ``last_used`` (§2.8.2: each side
+polls a single location, the next one after what it processed).
+
+Chains (§2.8.6) occupy consecutive slots linked by NEXT, wrapping at the ring's end (the expected
+AVAIL/USED pattern flips with the wrap counter there). The buffer id is taken from the *last*
+descriptor of the chain. An INDIRECT descriptor (§2.8.7) is alone in its chain and points to a
+table of sequential ``pvirtq_desc`` entries, of which only WRITE counts. The device writes *one*
+used descriptor per buffer at ``next_used`` and then skips the chain's slot count (``ring_descs``);
+the driver, reading the id, skips the slot count it recorded for that id. Both therefore advance
+by the same totals even when buffers complete out of order (IN_ORDER is not required here).
+
+Publishing order. The first descriptor of anything is the one the other side polls. The driver
+writes every descriptor of a batch (all fields, and the flags of all but the batch's first head)
+as buffers are added, and ``publish`` stores the first head's flags last (§2.8.21.1: "defers
+updating the descriptor flags for the first descriptor"). The device does the same with used
+descriptors (§2.8.9 Multi-buffer requests): ``push`` writes id/len (and flags, except for the
+first element since the last ``publish``); ``publish`` stores the first element's flags. The other
+side therefore never observes a partial batch. Flag words are written with a single aligned u16
+item store (see ``virtwire.memory``: never ``struct.pack_into``); x86 is TSO, so program order is
+visibility order.
+
+Notification suppression (§2.8.10, §2.8.14). Flags ENABLE (0) / DISABLE (1) / DESC (2, only with
+VIRTIO_F_EVENT_IDX; 3 reserved, treated as ENABLE). With DESC, ``off_wrap`` names one ring
+position (bits 0-14 slot, bit 15 wrap counter): notify only if a descriptor at that position was
+made available/used since the last decision. Positions are compared on a circle of ``2*size``
+(slot + size when the wrap counter is 0), which handles any ring size, not just powers of 2.
+
+Hostile rings. Every guest-supplied descriptor value goes through ``ChainBuilder`` (addresses in
+RAM, readable before writable, TTL, indirect rules). This module adds the ring-level checks: a
+chain longer than the ring, a chain slot whose flags do not say "available" for the expected wrap
+counter, a buffer id >= size, more slots in flight than the ring holds, INDIRECT with NEXT,
+nested indirect, empty or oversized indirect tables. Each raises ``QueueError`` naming the slot.
+On the driver side the device is equally untrusted: a used id out of range or not in flight, or a
+length larger than the buffer's writable part, raises ``QueueError``.
+
+Hot path. Each public call takes one ``mem.view`` of the descriptor ring and casts it to typed
+u16/u32/u64 views (descriptor ``i``: addr ``u64[2i]``, len ``u32[4i+2]``, id ``u16[8i+6]``, flags
+``u16[8i+7]``), so a descriptor costs a few item reads; nothing is cached across calls because a
+vhost-user memory table can be replaced between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from virtwire.memory import GuestMemory
+from virtwire.virtio.chain import ChainBuilder, DescriptorChain
+from virtwire.virtio.errors import QueueError
+from virtwire.virtio.notify import full_fence, packed_need_event
+from virtwire.virtio.queue import QueueFull
+from virtwire.virtio.spec import (
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_PACKED_DESC_SIZE,
+)
+
+if TYPE_CHECKING:
+    from virtwire.virtio.split_ring import TableAllocator
+
+__all__ = [
+    "PackedQueue",
+    "PackedDriverQueue",
+    "PVIRTQ_DESC_ALIGN",
+    "PVIRTQ_EVENT_ALIGN",
+    "PVIRTQ_EVENT_SIZE",
+    "PACKED_MAX_INDIRECT",
+    "packed_ring_layout",
+    "pack_desc",
+    "unpack_desc",
+]
+
+FORMAT = "packed"
+
+# §2.8.10.1 Structure Size and Alignment
+PVIRTQ_DESC_ALIGN = 16
+PVIRTQ_EVENT_ALIGN = 4
+PVIRTQ_EVENT_SIZE = 4
+# Field offsets inside struct pvirtq_desc (§2.8.13) and struct pvirtq_event_suppress (§2.8.14).
+PVIRTQ_DESC_OFF_ADDR = 0
+PVIRTQ_DESC_OFF_LEN = 8
+PVIRTQ_DESC_OFF_ID = 12
+PVIRTQ_DESC_OFF_FLAGS = 14
+PVIRTQ_EVENT_OFF_DESC = 0  # off_wrap: bits 0-14 offset, bit 15 wrap counter
+PVIRTQ_EVENT_OFF_FLAGS = 2  # bits 0-1 RING_EVENT_FLAGS_*, rest reserved
+PVIRTQ_EVENT_WRAP_SHIFT = 15
+
+# An indirect table longer than this is refused (§2.8.5: "If not limited, the maximum number of
+# descriptors in a list is the virt queue size"; we allow up to the largest ring size so a small
+# ring can still carry Linux's MAX_SKB_FRAGS+2 entries, while a hostile 4 GiB table is not walked).
+PACKED_MAX_INDIRECT = VIRTQ_MAX_SIZE
+
+_AU = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+_BASE_MASK = 0x7FFF
+
+
+def pack_desc(addr: int, length: int, id_: int, flags: int) -> bytes:
+    """The 16 bytes of one ``struct pvirtq_desc`` (tests and tools; the rings use item stores)."""
+    return (
+        addr.to_bytes(8, "little")
+        + length.to_bytes(4, "little")
+        + id_.to_bytes(2, "little")
+        + flags.to_bytes(2, "little")
+    )
+
+
+def unpack_desc(raw: bytes | memoryview) -> tuple[int, int, int, int]:
+    """(addr, len, id, flags) of one 16-byte ``struct pvirtq_desc``."""
+    b = bytes(raw)
+    return (
+        int.from_bytes(b[0:8], "little"),
+        int.from_bytes(b[8:12], "little"),
+        int.from_bytes(b[12:14], "little"),
+        int.from_bytes(b[14:16], "little"),
+    )
+
+
+def packed_ring_layout(size: int) -> tuple[int, int, int, int]:
+    """Offsets of (descriptor ring, driver event, device event) and the total bytes of one packed
+    ring placed contiguously at a 16-aligned base (§2.8.10.1 alignments 16/4/4)."""
+    drv = size * VIRTQ_PACKED_DESC_SIZE
+    return 0, drv, drv + PVIRTQ_EVENT_SIZE, drv + 2 * PVIRTQ_EVENT_SIZE
+
+
+def event_pos(slot: int, wrap: int, size: int) -> int:
+    """A ring position on the circle of ``2*size`` (the lap with wrap counter 1 first)."""
+    return slot if wrap else slot + size
+
+
+def _event_decision(
+    event: int, event_idx: bool, new_idx: int, new_wrap: int, advanced: int, size: int
+) -> bool:
+    """§2.8.10: notify for ``advanced`` slots published up to (``new_idx``, ``new_wrap``)?
+
+    ``event`` is the peer's event suppression structure read as one le32 (off_wrap low, flags
+    high). DISABLE -> no. DESC with EVENT_IDX -> iff ``off_wrap`` lies in the window (a window of
+    a whole lap or more crosses every slot: yes). ENABLE, the reserved value 3, or DESC without
+    EVENT_IDX (a driver bug) -> yes: a spurious notification is harmless, a lost one hangs.
+    """
+    flags = event >> 16 & 3
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return False
+    if flags != RING_EVENT_FLAGS_DESC or not event_idx:
+        return True
+    if advanced >= size:
+        return True
+    return packed_need_event(event & 0xFFFF, new_idx, new_idx - advanced, new_wrap, size)
+
+
+def _ring_views(
+    mem: GuestMemory, desc: int, size: int
+) -> tuple[memoryview, memoryview, memoryview]:
+    """Typed (u16, u32, u64) views over the descriptor ring (little-endian host assumed)."""
+    v = mem.view(desc, size * VIRTQ_PACKED_DESC_SIZE)
+    return v.cast("H"), v.cast("I"), v.cast("Q")
+
+
+class PackedQueue:
+    """The device's half of a packed virtqueue (virtio 1.2 §2.8); implements ``DeviceQueue``."""
+
+    format = FORMAT
+
+    def __init__(self, size: int = 256, *, event_idx: bool = False, indirect: bool = False) -> None:
+        self.max_size = size
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.reset()
+
+    # -- configuration ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the state after device reset (§2.1.2): not ready, counters at 0/wrap 1."""
+        self.ready = False
+        self.desc_addr = 0
+        self.driver_addr = 0
+        self.device_addr = 0
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.next_used = 0
+        self.used_wrap = 1
+        self.inflight = 0  # ring slots popped and not yet pushed back
+        self._staged_first: tuple[int, int] | None = None  # (slot, flags) stored by publish
+        self._staged = 0
+        self._mark_signalled()
+
+    def _mark_signalled(self) -> None:
+        """Notification window starts at the current used position (nothing pending)."""
+        self._pub_idx, self._pub_wrap = self.next_used, self.used_wrap
+        self._since_signal = 0
+
+    def release_views(self) -> None:
+        """Nothing cached (views are taken per call); kept for parity with the split ring."""
+
+    @property
+    def in_flight(self) -> int:
+        """Ring slots popped and not yet pushed."""
+        return self.inflight
+
+    def set_addresses(self, desc: int, driver: int, device: int) -> None:
+        """Descriptor Ring, Driver Event Suppression, Device Event Suppression (§2.8)."""
+        self.desc_addr = desc
+        self.driver_addr = driver
+        self.device_addr = device
+
+    def set_size(self, size: int) -> None:
+        """Queue size as the driver programmed it (checked in ``validate``)."""
+        self.size = size
+        self._mark_signalled()
+
+    def validate(self, mem: GuestMemory) -> None:
+        """§2.8.10.1: size 1..32768 (any, not only powers of 2), areas aligned and in RAM."""
+        n = self.size
+        if not isinstance(n, int) or not 1 <= n <= VIRTQ_MAX_SIZE:
+            raise QueueError(f"packed queue size {n} outside 1..{VIRTQ_MAX_SIZE}")
+        if n > self.max_size:
+            raise QueueError(
+                f"packed queue size {n} larger than the device's maximum {self.max_size}"
+            )
+        for name, addr, align, length in (
+            ("descriptor ring", self.desc_addr, PVIRTQ_DESC_ALIGN, n * VIRTQ_PACKED_DESC_SIZE),
+            ("driver event suppression", self.driver_addr, PVIRTQ_EVENT_ALIGN, PVIRTQ_EVENT_SIZE),
+            ("device event suppression", self.device_addr, PVIRTQ_EVENT_ALIGN, PVIRTQ_EVENT_SIZE),
+        ):
+            if addr % align:
+                raise QueueError(f"packed {name} at {addr:#x} is not {align}-byte aligned")
+            if not mem.contains(addr, length):
+                raise QueueError(f"packed {name} {addr:#x}+{length:#x} is outside guest RAM")
+        if self.next_avail >= n or self.next_used >= n:
+            raise QueueError(
+                f"packed ring base avail {self.next_avail} / used {self.next_used} beyond size {n}"
+            )
+
+    # -- vhost-user ring base (VHOST_USER_GET/SET_VRING_BASE) ----------------------------------
+    def get_base(self) -> int:
+        """``next_avail | avail_wrap << 15`` (the low 16 bits of vhost-user's packed base)."""
+        return self.next_avail | self.avail_wrap << PVIRTQ_EVENT_WRAP_SHIFT
+
+    def set_base(self, base: int) -> None:
+        """Resume at ``base`` (low 16 bits as ``get_base``); the used side resumes there too.
+
+        A restarted backend has nothing in flight (vhost-user stops a ring with GET_VRING_BASE),
+        so the used position equals the avail one; ``set_used_base`` overrides it.
+        """
+        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
+        if idx >= self.size:
+            raise QueueError(f"packed ring base {idx} is beyond queue size {self.size}")
+        self.next_avail, self.avail_wrap = idx, wrap
+        self.next_used, self.used_wrap = idx, wrap
+        self.inflight = 0
+        self._staged_first = None
+        self._staged = 0
+        self._mark_signalled()
+
+    def get_used_base(self) -> int:
+        """``next_used | used_wrap << 15`` (bits 16-31 of QEMU's packed vring base)."""
+        return self.next_used | self.used_wrap << PVIRTQ_EVENT_WRAP_SHIFT
+
+    def set_used_base(self, base: int) -> None:
+        """Resume the used side at ``base``; slots between it and ``next_avail`` are in flight."""
+        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
+        n = self.size
+        if idx >= n:
+            raise QueueError(f"packed used base {idx} is beyond queue size {n}")
+        gap = (event_pos(self.next_avail, self.avail_wrap, n) - event_pos(idx, wrap, n)) % (2 * n)
+        if gap > n:
+            raise QueueError(
+                f"packed used base {idx}/wrap {wrap} is more than a ring behind avail "
+                f"{self.next_avail}/wrap {self.avail_wrap}"
+            )
+        self.next_used, self.used_wrap = idx, wrap
+        self.inflight = gap
+        self._mark_signalled()
+
+    def get_vring_base32(self) -> int:
+        """QEMU's 32-bit packed vring base: avail (idx|wrap<<15) | used (idx|wrap<<15) << 16."""
+        return self.get_base() | self.get_used_base() << 16
+
+    # -- available side ---------------------------------------------------------------------
+    def has_available(self, mem: GuestMemory) -> bool:
+        """Is the descriptor at ``next_avail`` available for our wrap counter? (§2.8.1)."""
+        flags = mem.read_u16(
+            self.desc_addr + self.next_avail * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS
+        )
+        return flags & _AU == (VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED)
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """The next available chain or None; ``QueueError`` for a malformed ring."""
+        if not self.ready:
+            return None
+        u16, u32, u64 = _ring_views(mem, self.desc_addr, self.size)
+        return self._pop(mem, u16, u32, u64)
+
+    def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
+        """Up to ``limit`` available chains (one ring view for the whole batch)."""
+        out: list[DescriptorChain] = []
+        if not self.ready or limit <= 0:
+            return out
+        u16, u32, u64 = _ring_views(mem, self.desc_addr, self.size)
+        pop = self._pop
+        append = out.append
+        while len(out) < limit:
+            c = pop(mem, u16, u32, u64)
+            if c is None:
+                break
+            append(c)
+        return out
+
+    def _pop(
+        self, mem: GuestMemory, u16: memoryview, u32: memoryview, u64: memoryview
+    ) -> DescriptorChain | None:
+        size = self.size
+        slot = self.next_avail
+        wrap = self.avail_wrap
+        flags = u16[slot * 8 + 7]
+        if flags & _AU != (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED):
+            return None
+        head_slot = slot
+        b = ChainBuilder(mem, head_slot, size, self.indirect)
+        n = 0
+        while True:
+            n += 1
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # §2.8.7: the table's own descriptor; WRITE on it is reserved and ignored.
+                length = u32[slot * 4 + 2]
+                if length > PACKED_MAX_INDIRECT * VIRTQ_PACKED_DESC_SIZE:
+                    raise QueueError(
+                        f"packed slot {head_slot}: indirect table of {length} bytes exceeds "
+                        f"{PACKED_MAX_INDIRECT} descriptors"
+                    )
+                addr = u64[slot * 2]
+                entries = b.enter_indirect(addr, length, flags & ~VIRTQ_DESC_F_WRITE)
+                t = mem.view(addr, length)
+                t16, t32, t64 = t.cast("H"), t.cast("I"), t.cast("Q")
+                add = b.add
+                check = b.check_table_flags
+                for k in range(entries):
+                    tf = t16[k * 8 + 7]
+                    check(tf)
+                    # Only WRITE is valid in a table entry; NEXT and the id are ignored (§2.8.7).
+                    add(t64[k * 2], t32[k * 4 + 2], tf & VIRTQ_DESC_F_WRITE)
+                break
+            b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if n >= size:
+                raise QueueError(
+                    f"packed slot {head_slot}: chain longer than the queue size {size}"
+                )
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+            flags = u16[slot * 8 + 7]
+            if flags & _AU != (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED):
+                raise QueueError(
+                    f"packed slot {head_slot}: chain descriptor at slot {slot} is not available "
+                    f"(flags {flags:#06x}, wrap counter {wrap})"
+                )
+        buf_id = u16[slot * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
+        if buf_id >= size:
+            raise QueueError(f"packed slot {head_slot}: buffer id {buf_id} >= queue size {size}")
+        if self.inflight + n > size:
+            raise QueueError(
+                f"packed slot {head_slot}: driver made more than {size} descriptors available "
+                f"(in flight {self.inflight} + {n})"
+            )
+        chain = b.finish(n)
+        chain.head = buf_id
+        slot += 1
+        if slot == size:
+            slot = 0
+            wrap ^= 1
+        self.next_avail = slot
+        self.avail_wrap = wrap
+        self.inflight += n
+        return chain
+
+    # -- used side ----------------------------------------------------------------------------
+    def push(self, mem: GuestMemory, chain: DescriptorChain, written: int) -> None:
+        """Write a used descriptor for ``chain`` at ``next_used`` (flags held back if first).
+
+        §2.8.4/§2.8.3: len is what the device wrote, WRITE set when it wrote anything; AVAIL and
+        USED both equal the device's wrap counter. ``next_used`` then skips the chain's slots.
+        """
+        n = chain.ring_descs
+        if not 0 <= written <= chain.writable_len:
+            raise ValueError(
+                f"used length {written} outside 0..{chain.writable_len} for buffer {chain.head}"
+            )
+        if n > self.inflight:
+            raise ValueError(
+                f"push of buffer {chain.head} ({n} slots) with {self.inflight} in flight"
+            )
+        slot = self.next_used
+        v = mem.view(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE, VIRTQ_PACKED_DESC_SIZE)
+        u16 = v.cast("H")
+        v.cast("I")[2] = written
+        u16[6] = chain.head
+        flags = (_AU if self.used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
+        if self._staged_first is None:
+            self._staged_first = (slot, flags)
+        else:
+            u16[7] = flags  # not polled by the driver until the first element is published
+        self._staged += 1
+        slot += n
+        if slot >= self.size:
+            slot -= self.size
+            self.used_wrap ^= 1
+        self.next_used = slot
+        self.inflight -= n
+
+    def push_batch(self, mem: GuestMemory, items: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """``push`` for many (chain, written) pairs with one ring view."""
+        if not items:
+            return
+        size = self.size
+        u16, u32, _ = _ring_views(mem, self.desc_addr, size)
+        slot, uw, inflight = self.next_used, self.used_wrap, self.inflight
+        first = self._staged_first
+        for chain, written in items:
+            n = chain.ring_descs
+            if not 0 <= written <= chain.writable_len or n > inflight:
+                self.next_used, self.used_wrap, self.inflight = slot, uw, inflight
+                self._staged_first = first
+                return self.push(mem, chain, written)  # raises the precise ValueError
+            u32[slot * 4 + 2] = written
+            u16[slot * 8 + 6] = chain.head
+            flags = (_AU if uw else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
+            if first is None:
+                first = (slot, flags)
+            else:
+                u16[slot * 8 + 7] = flags
+            slot += n
+            if slot >= size:
+                slot -= size
+                uw ^= 1
+            inflight -= n
+        self.next_used, self.used_wrap, self.inflight = slot, uw, inflight
+        self._staged_first = first
+        self._staged += len(items)
+
+    def publish(self, mem: GuestMemory) -> int:
+        """Store the first staged used descriptor's flags (last), exposing the whole batch."""
+        first = self._staged_first
+        if first is None:
+            return 0
+        slot, flags = first
+        mem.write_u16(
+            self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS, flags
+        )
+        n = self._staged
+        self._staged_first = None
+        self._staged = 0
+        # Slots advanced since the last notification decision (the DESC window).
+        size = self.size
+        old = event_pos(self._pub_idx, self._pub_wrap, size)
+        self._since_signal += (event_pos(self.next_used, self.used_wrap, size) - old) % (2 * size)
+        self._pub_idx, self._pub_wrap = self.next_used, self.used_wrap
+        return n
+
+    # -- notifications ------------------------------------------------------------------------
+    def needs_notification(self, mem: GuestMemory) -> bool:
+        """§2.8.10: must the device send a used buffer notification for what it published?
+
+        Reads the Driver Event Suppression structure: DISABLE -> no; DESC with EVENT_IDX -> yes
+        iff the position ``off_wrap`` was used since the last decision; otherwise yes. Nothing
+        published since the last decision -> no.
+        """
+        advanced = self._since_signal
+        self._since_signal = 0
+        if advanced == 0:
+            return False
+        full_fence()  # the used flags store before the event structure load
+        return _event_decision(
+            mem.read_u32(self.driver_addr),  # one load: off_wrap (low half) and flags (high)
+            self.event_idx,
+            self._pub_idx,
+            self._pub_wrap,
+            advanced,
+            self.size,
+        )
+
+    def enable_notifications(self, mem: GuestMemory) -> bool:
+        """Ask for available buffer notifications; True if buffers are already available.
+
+        With EVENT_IDX: DESC at our next avail position (§2.8.10), otherwise ENABLE.
+        """
+        if self.event_idx:
+            off_wrap = self.next_avail | self.avail_wrap << PVIRTQ_EVENT_WRAP_SHIFT
+            mem.write_u32(self.device_addr, off_wrap | RING_EVENT_FLAGS_DESC << 16)
+        else:
+            mem.write_u32(self.device_addr, RING_EVENT_FLAGS_ENABLE << 16)
+        full_fence()  # the event store before re-reading the next descriptor's flags
+        return self.has_available(mem)
+
+    def disable_notifications(self, mem: GuestMemory) -> None:
+        """RING_EVENT_FLAGS_DISABLE in the Device Event Suppression structure."""
+        mem.write_u32(self.device_addr, RING_EVENT_FLAGS_DISABLE << 16)
+
+
+class PackedDriverQueue:
+    """The driver's half of a packed virtqueue (implements ``queue.DriverQueue``), as a guest's
+    virtio_ring.c does it for packed rings (§2.8.21 "Supplying Buffers to The Device", §2.8.22
+    "Receiving Used Buffers From The Device").
+
+    The rings live at ``base`` (16-aligned): descriptor ring, driver event structure, device event
+    structure (``packed_ring_layout``); with ``indirect`` and ``indirect_max`` > 0 one table of
+    ``indirect_max`` entries per buffer id follows, so adding a buffer never allocates.
+    ``ring_bytes`` gives the total to reserve. Free ids and per-buffer bookkeeping are shadow
+    state in Python, never read back from guest memory; everything read from a used descriptor is
+    checked (a hostile device gets ``QueueError``).
+    """
+
+    format = FORMAT
+
+    def __init__(
+        self,
+        size: int,
+        base: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        indirect_max: int = 0,
+    ) -> None:
+        if not isinstance(size, int) or not 1 <= size <= VIRTQ_MAX_SIZE:
+            raise ValueError(f"packed queue size {size} outside 1..{VIRTQ_MAX_SIZE}")
+        if base % PVIRTQ_DESC_ALIGN:
+            raise ValueError(f"packed ring base {base:#x} is not 16-byte aligned")
+        if indirect_max < 0 or indirect_max > PACKED_MAX_INDIRECT:
+            raise ValueError(f"indirect_max {indirect_max} outside 0..{PACKED_MAX_INDIRECT}")
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect and indirect_max > 0
+        self.indirect_max = indirect_max if self.indirect else 0
+        d, drv, dev, total = packed_ring_layout(size)
+        self.desc_addr, self.driver_addr, self.device_addr = base + d, base + drv, base + dev
+        self.indirect_addr = base + ((total + 15) & ~15)
+        self.end = base + self.ring_bytes(size, self.indirect_max)
+        self._reset_state(0, 1)
+
+    @staticmethod
+    def ring_bytes(size: int, indirect_max: int = 0) -> int:
+        """Bytes from ``base`` a queue of ``size`` uses (rings, then the indirect tables)."""
+        total = packed_ring_layout(size)[3]
+        return ((total + 15) & ~15) + size * indirect_max * VIRTQ_PACKED_DESC_SIZE
+
+    @classmethod
+    def allocate(
+        cls,
+        allocator: TableAllocator,
+        size: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        indirect_max: int = 64,
+    ) -> PackedDriverQueue:
+        """Place the ring (and its indirect tables) in memory from ``allocator``."""
+        imax = indirect_max if indirect else 0
+        base = allocator.alloc(cls.ring_bytes(size, imax), PVIRTQ_DESC_ALIGN)
+        return cls(size, base, event_idx=event_idx, indirect=indirect, indirect_max=imax)
+
+    def _reset_state(self, idx: int, wrap: int) -> None:
+        n = self.size
+        self.next_avail = idx
+        self.avail_wrap = wrap
+        self.last_used = idx
+        self.used_wrap = wrap
+        self._num_free = n
+        self._free_ids = list(range(n - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self._token: list[Any] = [None] * n
+        self._slots = [0] * n  # ring slots each in-flight id occupies
+        self._inlen = [0] * n  # writable bytes each in-flight id offered
+        self._staged_head: tuple[int, int] | None = None  # (slot, flags) stored by publish
+        self._staged = 0
+        self._pub_idx, self._pub_wrap = idx, wrap
+        self._since_kick = 0
+
+    def clear(self, mem: GuestMemory) -> None:
+        """A fresh ring: zeroed (§2.8.13 "The descriptor ring is zero-initialized"), slot 0,
+        both wrap counters 1 (§2.8.1), nothing in flight."""
+        self.start_at(mem, 1 << PVIRTQ_EVENT_WRAP_SHIFT)
+
+    def setup(self, mem: GuestMemory, start: int = 1 << PVIRTQ_EVENT_WRAP_SHIFT) -> None:
+        """``start_at`` under the split ring's name (``start`` = ``idx | wrap << 15``)."""
+        self.start_at(mem, start)
+
+    def start_at(self, mem: GuestMemory, base: int) -> None:
+        """Start an empty ring at ``base`` = ``idx | wrap << 15`` (0x8000: a fresh ring).
+
+        Any other start behaves as if every earlier slot had been made available and used: slots
+        before ``idx`` carry this lap's used flags, the rest the previous lap's (§2.8.1). Tests
+        and tools reach any wrap state this way; the device then needs ``set_base(base)``.
+        """
+        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
+        if idx >= self.size:
+            raise ValueError(f"start slot {idx} beyond queue size {self.size}")
+        mem.write(self.desc_addr, bytes(self.size * VIRTQ_PACKED_DESC_SIZE))
+        mem.write(self.driver_addr, bytes(PVIRTQ_EVENT_SIZE))
+        mem.write(self.device_addr, bytes(PVIRTQ_EVENT_SIZE))
+        if (idx, wrap) != (0, 1):
+            u16, _, _ = _ring_views(mem, self.desc_addr, self.size)
+            this_lap = _AU if wrap else 0
+            prev_lap = 0 if wrap else _AU
+            for s in range(self.size):
+                u16[s * 8 + 7] = this_lap if s < idx else prev_lap
+        self._reset_state(idx, wrap)
+
+    def layout(self) -> tuple[int, int, int]:
+        """(descriptor ring, driver event suppression, device event suppression)."""
+        return self.desc_addr, self.driver_addr, self.device_addr
+
+    @property
+    def num_free(self) -> int:
+        """Free ring slots."""
+        return self._num_free
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers made available (or staged) and not yet returned."""
+        return self.size - len(self._free_ids)
+
+    # -- making buffers available (§2.8.21) ---------------------------------------------------
+    def add(
+        self,
+        mem: GuestMemory,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: Any,
+    ) -> None:
+        """§2.8.21.1: place ``out`` (device-readable) then ``in_`` (device-writable) buffers.
+
+        One INDIRECT descriptor when INDIRECT_DESC is negotiated and there is more than one
+        element (as Linux does) and at most ``indirect_max``, else one ring slot per element.
+        Every field and flag except the batch's first head flags is written now; ``publish``
+        writes that one. ``QueueFull`` when the ring has too few free slots.
+        """
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a buffer needs at least one element")
+        if token is None:
+            raise ValueError("token must not be None")
+        size = self.size
+        use_indirect = self.indirect and 1 < total <= self.indirect_max
+        need = 1 if use_indirect else total
+        if need > size:
+            raise ValueError(f"{total} elements never fit a packed ring of {size} slots")
+        if need > self._num_free:
+            raise QueueFull(f"{need} descriptors needed, {self._num_free} free")
+        capacity = 0
+        for _, ln in in_:
+            capacity += ln
+        slot = self.next_avail
+        wrap = self.avail_wrap
+        u16, u32, u64 = _ring_views(mem, self.desc_addr, size)
+        buf_id = self._free_ids.pop()
+        head_slot = slot
+        if use_indirect:
+            nbytes = total * VIRTQ_PACKED_DESC_SIZE
+            table = self.indirect_addr + buf_id * self.indirect_max * VIRTQ_PACKED_DESC_SIZE
+            t = mem.view(table, nbytes)
+            t16, t32, t64 = t.cast("H"), t.cast("I"), t.cast("Q")
+            k = 0
+            for elems, wflag in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+                for addr, ln in elems:
+                    t64[k * 2] = addr
+                    t32[k * 4 + 2] = ln
+                    t16[k * 8 + 6] = 0  # reserved in a table (§2.8.7)
+                    t16[k * 8 + 7] = wflag  # WRITE is the only valid flag there
+                    k += 1
+            u64[slot * 2] = table
+            u32[slot * 4 + 2] = nbytes
+            u16[slot * 8 + 6] = buf_id
+            head_flags = VIRTQ_DESC_F_INDIRECT | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
+            slot += 1
+            if slot == size:
+                slot = 0
+                wrap ^= 1
+        else:
+            head_flags = 0
+            k = 0
+            for elems, wflag in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+                for addr, ln in elems:
+                    k += 1
+                    f = wflag | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
+                    if k < total:
+                        f |= VIRTQ_DESC_F_NEXT
+                    u64[slot * 2] = addr
+                    u32[slot * 4 + 2] = ln
+                    u16[slot * 8 + 6] = buf_id  # §2.8.6 needs it in the last; Linux writes all
+                    if k == 1:
+                        head_flags = f
+                    else:
+                        u16[slot * 8 + 7] = f  # behind the head: unseen until the head is
+                    slot += 1
+                    if slot == size:
+                        slot = 0
+                        wrap ^= 1
+        if self._staged_head is None:
+            self._staged_head = (head_slot, head_flags)
+        else:
+            u16[head_slot * 8 + 7] = head_flags  # behind the batch's first head
+        self._staged += 1
+        self._token[buf_id] = token
+        self._slots[buf_id] = need
+        self._inlen[buf_id] = capacity
+        self._num_free -= need
+        self.next_avail = slot
+        self.avail_wrap = wrap
+
+    def publish(self, mem: GuestMemory) -> int:
+        """Store the batch's first head flags last: the device now sees every staged buffer."""
+        staged = self._staged_head
+        if staged is None:
+            return 0
+        slot, flags = staged
+        # x86 TSO: every descriptor store above is visible before this flags store.
+        mem.write_u16(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS, flags)
+        n = self._staged
+        self._staged_head = None
+        self._staged = 0
+        size = self.size
+        old = event_pos(self._pub_idx, self._pub_wrap, size)
+        new = event_pos(self.next_avail, self.avail_wrap, size)
+        self._since_kick += (new - old) % (2 * size)
+        self._pub_idx, self._pub_wrap = self.next_avail, self.avail_wrap
+        return n
+
+    def kick_needed(self, mem: GuestMemory) -> bool:
+        """§2.8.10 / §2.8.21.2: must the driver notify the device about what it published?
+
+        Device Event Suppression: DISABLE -> no; DESC with EVENT_IDX -> iff the position
+        ``off_wrap`` was made available since the last decision; otherwise (ENABLE, reserved 3,
+        or DESC without EVENT_IDX) -> yes. Nothing published since the last decision -> no.
+        """
+        advanced = self._since_kick
+        self._since_kick = 0
+        if advanced == 0:
+            return False
+        full_fence()  # the flags store before the event structure load
+        return _event_decision(
+            mem.read_u32(self.device_addr),
+            self.event_idx,
+            self._pub_idx,
+            self._pub_wrap,
+            advanced,
+            self.size,
+        )
+
+    # -- collecting used buffers (§2.8.22) -----------------------------------------------------
+    def has_used(self, mem: GuestMemory) -> bool:
+        """Is the descriptor at ``last_used`` used for our wrap counter? (§2.8.1)."""
+        flags = mem.read_u16(
+            self.desc_addr + self.last_used * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS
+        )
+        return flags & _AU == (_AU if self.used_wrap else 0)
+
+    def get_used(self, mem: GuestMemory) -> tuple[Any, int] | None:
+        """The next used buffer's (token, written length), or None. The device is untrusted."""
+        size = self.size
+        slot = self.last_used
+        v = mem.view(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE, VIRTQ_PACKED_DESC_SIZE)
+        u16 = v.cast("H")
+        flags = u16[7]
+        if flags & _AU != (_AU if self.used_wrap else 0):
+            return None
+        buf_id = u16[6]
+        # §2.8.4: len is reserved (ignored by drivers) in a used descriptor without WRITE.
+        length = v.cast("I")[2] if flags & VIRTQ_DESC_F_WRITE else 0
+        if buf_id >= size:
+            raise QueueError(f"used descriptor at slot {slot}: id {buf_id} >= queue size {size}")
+        token = self._token[buf_id]
+        if token is None:
+            raise QueueError(f"used descriptor at slot {slot}: id {buf_id} is not in flight")
+        if length > self._inlen[buf_id]:
+            raise QueueError(
+                f"used descriptor at slot {slot}: len {length} > {self._inlen[buf_id]} writable "
+                f"for id {buf_id}"
+            )
+        nslots = self._slots[buf_id]
+        self._token[buf_id] = None
+        self._free_ids.append(buf_id)
+        self._num_free += nslots
+        slot += nslots  # §2.8.6: skip the slots this buffer's list occupied
+        if slot >= size:
+            slot -= size
+            self.used_wrap ^= 1
+        self.last_used = slot
+        return token, length
+
+    def enable_callbacks(self, mem: GuestMemory) -> bool:
+        """Ask for used buffer notifications; True if used buffers are already pending.
+
+        With EVENT_IDX: DESC at the next used position, otherwise ENABLE (off_wrap and flags in
+        one 32-bit store).
+        """
+        if self.event_idx:
+            off_wrap = self.last_used | self.used_wrap << PVIRTQ_EVENT_WRAP_SHIFT
+            mem.write_u32(self.driver_addr, off_wrap | RING_EVENT_FLAGS_DESC << 16)
+        else:
+            mem.write_u32(self.driver_addr, RING_EVENT_FLAGS_ENABLE << 16)
+        full_fence()  # the event store before re-reading the used flags
+        return self.has_used(mem)
+
+    def disable_callbacks(self, mem: GuestMemory) -> None:
+        """RING_EVENT_FLAGS_DISABLE in the Driver Event Suppression structure."""
+        mem.write_u32(self.driver_addr, RING_EVENT_FLAGS_DISABLE << 16)
+
+    def release_views(self) -> None:
+        """Nothing cached (views are taken per call); kept for parity with the split ring."""
