@@ -40,7 +40,7 @@ from virtwire.drive.firmware import write_firmware
 from virtwire.errors import UserFacingError
 from virtwire.memory import MmapGuestMemory
 
-__all__ = ["QtestError", "QtestClient", "QmpClient", "QtestVM", "QtestVMConfig"]
+__all__ = ["QtestError", "QtestClient", "QmpClient", "QtestVM", "QtestVMConfig", "QemuNetHarness"]
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,75 @@ class QtestVM:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> QtestVM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class QemuNetHarness:
+    """QEMU's virtio-net-pci under qtest with a datagram peer we hold, for tests and ``conform``.
+
+    The device's netdev is ``-netdev dgram`` between two UNIX datagram sockets: QEMU's end and
+    ours (``peer``). Every frame the device transmits arrives on ``peer`` as one datagram without
+    a virtio-net header; every datagram we send to QEMU's end is one frame the device receives.
+    ``transitional`` keeps the legacy I/O BAR (device id 0x1000); otherwise ``disable-legacy=on``
+    (0x1041). ``props`` adds ``-device`` properties (``packed=on``, ``mrg_rxbuf=off``, ...).
+    """
+
+    def __init__(self, transitional: bool = False, props: str = "", name: str = "vwd",
+                 ram_mb: int = 64, timeout: float = 15.0) -> None:
+        self.transitional = transitional
+        self._dir = tempfile.mkdtemp(prefix=f"{name}-net-")
+        self.qemu_path = os.path.join(self._dir, "qemu.sock")
+        self.peer_path = os.path.join(self._dir, "peer.sock")
+        self.peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.peer.bind(self.peer_path)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        dev = "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"
+        if not transitional:
+            dev += ",disable-legacy=on"
+        if props:
+            dev += "," + props
+        netdev = (f"dgram,id=n0,local.type=unix,local.path={self.qemu_path},"
+                  f"remote.type=unix,remote.path={self.peer_path}")
+        self.vm = QtestVM(QtestVMConfig(ram_mb=ram_mb, devices=[dev], netdevs=[netdev],
+                                        name=name, timeout=timeout))
+
+    def start(self) -> QemuNetHarness:
+        try:
+            self.vm.start()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def send_to_device(self, frame: bytes) -> None:
+        """One frame into the device's receive path (blocks briefly if QEMU is not reading)."""
+        self.peer.settimeout(5.0)
+        self.peer.sendto(frame, self.qemu_path)
+
+    def recv_from_device(self, timeout: float = 5.0) -> bytes | None:
+        """The next frame the device transmitted, or None after ``timeout``."""
+        self.peer.settimeout(timeout)
+        try:
+            return self.peer.recv(1 << 17)
+        except (TimeoutError, BlockingIOError):
+            return None
+
+    def drain(self) -> int:
+        n = 0
+        while self.recv_from_device(0.0005) is not None:
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.vm.close()
+        self.peer.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> QemuNetHarness:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
