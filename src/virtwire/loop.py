@@ -18,8 +18,9 @@ One iteration:
    interrupt itself is also a deferred callback keyed by its call eventfd, so several queues
    sharing one irq signal it once).
 
-A deferred callback may defer again (work left because a budget ran out): it runs in the next
-iteration, after a zero-timeout poll lets the other fds in. Exceptions from callbacks are our bugs:
+A deferred callback may defer again (an interrupt after a batch; work left because a budget ran
+out): up to four rounds run in the same iteration, then the rest waits for the next iteration,
+after a zero-timeout poll lets the other fds in. Exceptions from callbacks are our bugs:
 they are logged with a traceback and counted in ``errors`` (``raise_errors=True`` in tests makes
 them propagate), so one broken port never takes a whole switch down silently.
 """
@@ -248,7 +249,11 @@ class EventLoop:
         for _ in range(len(self._soon)):
             cb, args = self._soon.popleft()
             self._run_cb(cb, args)
-        if self._deferred:
+        # Deferred work may defer more (a queue batch defers its interrupt): a few rounds here,
+        # so interrupts go out in the same iteration; anything beyond waits for the next one.
+        for _round in range(4):
+            if not self._deferred:
+                break
             batch, self._deferred = self._deferred, {}
             for cb, args in batch.values():
                 self._run_cb(cb, args)
