@@ -190,7 +190,8 @@ class ProxyTarget(Protocol):
     def reset(self) -> None: ...
 
     def set_memory(self, mem: MmapGuestMemory) -> None:
-        """Guest RAM is (re)mapped; the same object is passed every time."""
+        """Guest RAM is (re)mapped; the same object is passed every time. (A target may also
+        define ``release_memory_views()``, called before regions it may hold views of go.)"""
 
 
 def _close_all(fds: list[int]) -> None:
@@ -501,7 +502,12 @@ class PciProxyRemote:
         for key in keys:
             if self._region_keys.get(key.gpa) == key:
                 keep.add(key.gpa)
-        # Drop regions that are gone or changed (their old fds too).
+        # Drop regions that are gone or changed (their old fds too), after the device has let go
+        # of every view into them.
+        if any(gpa not in keep for gpa in self._region_keys):
+            release = getattr(self.target, "release_memory_views", None)
+            if callable(release):
+                release()
         for gpa in list(self._region_keys):
             if gpa not in keep:
                 self.mem.unmap(gpa)
