@@ -472,6 +472,7 @@ class SplitDriverQueue:
         self._published = 0  # avail.idx as last stored
         self._kick_old = 0  # avail.idx at the last kick decision
         self._last_used = 0
+        self._bufs = 0  # buffers (chains) in flight, staged or published
         self._cb_disabled = False
         self._mem: GuestMemory | None = None
         self._views: tuple[memoryview, ...] = ()
@@ -513,6 +514,11 @@ class SplitDriverQueue:
         mem.write(self.used_addr, bytes(used_ring_size(self.size)))
         mem.write(self.desc_addr, bytes(desc_table_size(self.size)))
         start &= 0xFFFF
+        for h in range(self.size):
+            if self._token[h] is not None:
+                self._detach(h)
+        self._free = list(range(self.size - 1, -1, -1))
+        self._cb_disabled = False
         self._avail_idx = self._published = self._kick_old = self._last_used = start
         avail_h, used_h = views[3], views[5]
         avail_h[1] = start
@@ -526,7 +532,8 @@ class SplitDriverQueue:
 
     @property
     def in_flight(self) -> int:
-        return self.size - len(self._free)
+        """Buffers added and not yet returned by ``get_used``."""
+        return self._bufs
 
     def add(
         self,
@@ -583,6 +590,7 @@ class SplitDriverQueue:
             self._table[head] = 0
         self._token[head] = token
         self._inlen[head] = sum(n for _, n in in_)
+        self._bufs += 1
         avail_h[2 + (self._avail_idx & (self.size - 1))] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
 
@@ -618,10 +626,10 @@ class SplitDriverQueue:
         pending = (idx - self._last_used) & 0xFFFF
         if not pending:
             return None
-        if pending > self.in_flight:
+        if pending > self._bufs:
             raise QueueError(
                 f"used idx {idx} is {pending} ahead of {self._last_used}, but only "
-                f"{self.in_flight} buffers are in flight"
+                f"{self._bufs} buffers are in flight"
             )
         slot = self._last_used & (self.size - 1)
         head, length = used_i[1 + 2 * slot], used_i[2 + 2 * slot]
@@ -640,6 +648,7 @@ class SplitDriverQueue:
 
     def _detach(self, head: int) -> None:
         self._token[head] = None
+        self._bufs -= 1
         self._free.extend(reversed(self._descs[head]))
         self._descs[head] = ()
         if self._table[head]:
