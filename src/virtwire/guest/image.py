@@ -493,8 +493,8 @@ def _unpack(deb: Path, dest: Path) -> None:
     _run(["dpkg-deb", "-x", str(deb), str(dest)], what=f"dpkg-deb -x {deb.name}")
 
 
-def _pack(packages: dict[str, str], key: str, root: Path, progress: Progress) -> Path:
-    debs = root / "debs"
+def _pack(packages: dict[str, str], key: str, root: Path, debs: Path,
+          progress: Progress) -> Path:
     kpkg = kernel_package(packages)
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -531,7 +531,9 @@ def _pack(packages: dict[str, str], key: str, root: Path, progress: Progress) ->
         (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         final = images / key
         if final.exists():
-            shutil.rmtree(final)
+            # Swap with two renames so a reader sees either the old or the new directory.
+            old = Path(tmp, "old")
+            os.replace(final, old)
         os.replace(out, final)
     return final
 
@@ -543,12 +545,13 @@ def _set_current(root: Path, key: str) -> None:
 
 
 def build_image(*, rebuild: bool = False, progress: Progress | None = None,
-                root: Path | None = None) -> dict:
+                root: Path | None = None, debs: Path | None = None) -> dict:
     """Build (or reuse) the default guest image; return a JSON-able result.
 
     ``cached`` is true when an intact image for the resolved versions was reused; ``downloaded``
     lists the packages fetched by this call (empty when every .deb was in the cache).
-    ``rebuild`` repacks from the cached .debs even when an image exists.
+    ``rebuild`` repacks from the cached .debs even when an image exists. ``root`` is the cache
+    directory (default ``cache_root()``), ``debs`` the .deb cache (default ``root/debs``).
     """
     progress = progress or _quiet
     root = root or cache_root()
@@ -579,8 +582,9 @@ def build_image(*, rebuild: bool = False, progress: Progress | None = None,
             progress(f"cached: {img.kernel.parent}")
             return {"cached": True, "downloaded": [],
                     "seconds": round(time.monotonic() - t0, 3), **img.to_json()}
-    downloaded = download_debs(packages, root / "debs", progress)
-    _pack(packages, key, root, progress)
+    debs = debs or root / "debs"
+    downloaded = download_debs(packages, debs, progress)
+    _pack(packages, key, root, debs, progress)
     _set_current(root, key)
     img = load_image(key=key, root=root)
     progress(f"built {img.initramfs} ({img.initramfs.stat().st_size / 1e6:.1f} MB) "

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pkgutil
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -104,18 +105,25 @@ class NicKind:
     keys: frozenset[str]
     required: frozenset[str]
     help: str
+    check: Callable[[NicSpec], None] | None = None
 
 
 _KINDS: dict[str, NicKind] = {}
 
 
 def register_nic_kind(name: str, builder: NicBuilder, *, keys: Iterable[str] = (),
-                      required: Iterable[str] = (), help: str = "") -> None:
-    """Register (or replace) a NIC kind. ``keys``: the option names it accepts besides ip/mac."""
+                      required: Iterable[str] = (), help: str = "",
+                      check: Callable[[NicSpec], None] | None = None) -> None:
+    """Register (or replace) a NIC kind.
+
+    ``keys``: option names it accepts besides ip/mac; ``required``: keys that must be given;
+    ``check``: called with the parsed spec at parse time (raise CliError for a bad value), so
+    bad flags are reported before anything is started.
+    """
     if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
         raise ValueError(f"bad NIC kind name {name!r}")
     _KINDS[name] = NicKind(name, builder, frozenset(keys) | GENERIC_KEYS, frozenset(required),
-                           help)
+                           help, check)
 
 
 def get_nic_kind(name: str) -> NicKind:
@@ -133,7 +141,12 @@ def get_nic_kind(name: str) -> NicKind:
 
 
 def nic_kinds() -> list[str]:
-    return sorted(_KINDS)
+    """Registered kinds plus those a ``virtwire.guest.nic_<kind>`` module would register."""
+    import virtwire.guest
+
+    found = {m.name[4:].replace("_", "-") for m in pkgutil.iter_modules(virtwire.guest.__path__)
+             if m.name.startswith("nic_")}
+    return sorted(set(_KINDS) | found)
 
 
 def parse_nic_spec(text: str, index: int = 0) -> NicSpec:
@@ -163,7 +176,10 @@ def parse_nic_spec(text: str, index: int = 0) -> NicSpec:
         check_mac(options["mac"])
     if "ip" in options:
         check_ip(options["ip"])
-    return NicSpec(kind_name, options, index)
+    spec = NicSpec(kind_name, options, index)
+    if kind.check:
+        kind.check(spec)
+    return spec
 
 
 def check_mac(mac: str) -> str:
@@ -212,6 +228,11 @@ def _build_none(spec: NicSpec, ctx: NicContext) -> NicPlan:
     return NicPlan()
 
 
-register_nic_kind("qemu-tap", _build_qemu_tap, keys={"ifname"},
+def _check_qemu_tap(spec: NicSpec) -> None:
+    if "ifname" in spec.options:
+        check_ifname(spec.options["ifname"])
+
+
+register_nic_kind("qemu-tap", _build_qemu_tap, keys={"ifname"}, check=_check_qemu_tap,
                   help="QEMU's own virtio-net-pci on a TAP (ifname=, mac=)")
 register_nic_kind("none", _build_none, help="no NIC")

@@ -261,8 +261,8 @@ class GuestVM:
         """Start QEMU (and NIC sidecars); returns once QEMU has connected its console."""
         if self.proc is not None:
             raise GuestError("guest already started")
-        image = self._image or load_image()
         qemu = find_qemu(self._qemu)
+        image = self._image or load_image()
         if self.netns and not Path("/run/netns", self.netns).exists():
             raise GuestError(f"network namespace {self.netns!r} does not exist")
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"virtwire-{self.name}-"))
