@@ -747,8 +747,10 @@ class VhostUserBackend:
         vr = self._ring(st.index)
         if st.num not in (0, 1):
             raise Refused(f"ring {vr.index}: enable value {st.num} is not 0 or 1")
+        changed = vr.enabled != bool(st.num)
         self._set_enabled(vr, bool(st.num))
-        log.info("%s: ring %d %s", self.name, vr.index, "enabled" if st.num else "disabled")
+        (log.info if changed else log.debug)("%s: ring %d %s", self.name, vr.index,
+                                              "enabled" if st.num else "disabled")
 
     def _send_rarp(self, msg: Message, value: int) -> None:
         mac = value.to_bytes(8, "little")[:6]
@@ -858,6 +860,7 @@ class VirtioDeviceHost:
         self._num = num_rings if num_rings is not None else device.num_queues
         self.irq = _RingInterrupts()
         self.on_ring_error: Callable[[int], None] | None = None
+        self.on_kicked: Callable[[int], None] | None = None  # after each ring service
 
     @property
     def device_features(self) -> int:
@@ -927,6 +930,8 @@ class VirtioDeviceHost:
         d.notify(index)
         if d.status & s.VIRTIO_CONFIG_S_NEEDS_RESET and not was and self.on_ring_error:
             self.on_ring_error(index)
+        if self.on_kicked is not None:
+            self.on_kicked(index)
 
     def memory_changed(self, mem: Any) -> None:
         self.dev.attach(mem, self.irq)

@@ -1,0 +1,79 @@
+"""``virtwire serve``: serve virtio-net devices to QEMU guests (or DPDK) over vhost-user."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from virtwire.config import parse_port
+from virtwire.errors import CliError, UserFacingError
+
+NAME = "serve"
+HELP = "serve virtio-net devices over vhost-user (prints the QEMU/libvirt snippets to attach)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", action="append", default=[], metavar="vhost-user,path=SOCK,...",
+        help="a device: vhost-user,path=SOCK[,server=on|off][,backend=tap|switch|null|memory]"
+             "[,ifname=TAP][,switch=NAME][,uplink=TAP][,queues=N][,mac=..][,mtu=..]"
+             "[,mrg_rxbuf=off,packed=off,csum=off,...] (repeatable)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket for `virtwire stats` (default: FIRST_PORT_PATH.ctl)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="do not print the QEMU/libvirt attachment snippets")
+    parser.add_argument("--kvm", action="store_true",
+                        help="print QEMU arguments for KVM (MSI-X) instead of TCG (vectors=0)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the attachment snippets as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.port:
+        raise CliError("serve: give at least one --port vhost-user,path=SOCKET,...")
+    configs = [parse_port(text, i) for i, text in enumerate(args.port)]
+    paths = [c.path for c in configs]
+    if len(set(paths)) != len(paths):
+        raise CliError("serve: two ports share one socket path")
+    from virtwire import serve
+
+    control = args.control or configs[0].path + ".ctl"
+    try:
+        srv = serve.build(configs)
+    except (OSError, ImportError) as e:
+        raise UserFacingError(f"serve: cannot set up the ports: {e}") from None
+    try:
+        srv.start(control)
+        if not args.quiet:
+            _print_snippets(configs, control, args.kvm, args.json, serve)
+        if os.environ.get("VIRTWIRE_SERVE_READY_FD"):
+            # Tests and sidecars: one byte on this fd once every socket is listening.
+            fd = int(os.environ["VIRTWIRE_SERVE_READY_FD"])
+            os.write(fd, b"1")
+            os.close(fd)
+        logging.getLogger("virtwire.serve").info("serving %d port(s)", len(configs))
+        srv.run()
+    finally:
+        srv.close()
+    return 0
+
+
+def _print_snippets(configs, control, kvm, as_json, serve) -> None:  # noqa: ANN001
+    if as_json:
+        print(json.dumps({
+            "control": control,
+            "ports": [{"path": c.path, "describe": c.describe(),
+                       "qemu_args": serve.qemu_args(c, i, tcg=not kvm),
+                       "libvirt": serve.libvirt_xml(c)} for i, c in enumerate(configs)],
+        }), flush=True)
+        return
+    out = sys.stdout
+    for i, c in enumerate(configs):
+        out.write(f"# port {i}: {c.describe()}\n")
+        out.write("# QEMU arguments:\n  " + " ".join(serve.qemu_args(c, i, tcg=not kvm)) + "\n")
+        out.write("# libvirt:\n" + serve.libvirt_xml(c) + "\n")
+    out.write(f"# counters: virtwire stats --control {control}   (or kill -USR1 {os.getpid()})\n")
+    out.flush()

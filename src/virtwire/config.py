@@ -1,0 +1,142 @@
+"""Configuration dataclasses for ``virtwire serve``: ports, their backends, device options.
+
+A port is written QEMU-style on the command line::
+
+    --port vhost-user,path=/tmp/vw0.sock,backend=tap,ifname=vwtap0,queues=2,mrg_rxbuf=off
+
+``parse_port`` turns that into a ``PortConfig`` and refuses unknown keys, bad values and missing
+required keys with a one-line ``CliError``. Device feature switches (``mrg_rxbuf``, ``csum``,
+``packed``...) keep QEMU's names and on/off values; they end up in ``PortConfig.features`` as
+{name: bool} and are applied by the wiring (``serve.build``) to the device model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from virtwire.errors import CliError
+
+__all__ = ["PortConfig", "parse_port", "FEATURE_SWITCHES", "BACKENDS", "parse_bool"]
+
+BACKENDS = ("tap", "null", "switch", "memory")
+
+# QEMU's virtio-net-pci property names -> our VirtioNet keyword (see serve.build).
+FEATURE_SWITCHES: dict[str, str] = {
+    "mrg_rxbuf": "mrg_rxbuf",
+    "csum": "csum",
+    "guest_csum": "guest_csum",
+    "host_tso4": "host_tso4",
+    "host_tso6": "host_tso6",
+    "host_ecn": "host_ecn",
+    "guest_tso4": "guest_tso4",
+    "guest_tso6": "guest_tso6",
+    "guest_ecn": "guest_ecn",
+    "event_idx": "event_idx",
+    "indirect_desc": "indirect",
+    "packed": "packed",
+    "mq": "mq",
+    "status": "status",
+}
+
+_KEYS = {"path", "server", "backend", "ifname", "switch", "uplink", "queues", "mac", "mtu",
+         "queue_size", "name", *FEATURE_SWITCHES}
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def parse_bool(key: str, value: str) -> bool:
+    v = value.lower()
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise CliError(f"--port {key}={value}: expected on or off")
+
+
+@dataclass
+class PortConfig:
+    """One ``--port``: a vhost-user socket serving one virtio-net device with one backend."""
+
+    path: str
+    server: bool = True
+    backend: str = "tap"
+    ifname: str | None = None
+    switch: str = "sw0"
+    uplink: str | None = None  # switch backend: an optional TAP joined to the switch
+    queues: int = 1  # queue pairs
+    mac: str = "52:54:00:12:34:56"
+    mtu: int | None = None
+    queue_size: int = 1024  # the largest ring the front end may configure
+    name: str = ""
+    features: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        return self.features.get("packed", True)
+
+    def describe(self) -> str:
+        extra = "".join(f",{k}={'on' if v else 'off'}" for k, v in self.features.items())
+        be = f"tap:{self.ifname}" if self.backend == "tap" else (
+            f"switch:{self.switch}" if self.backend == "switch" else self.backend)
+        return (f"vhost-user {self.path} ({'server' if self.server else 'client'}) -> {be}, "
+                f"{self.queues} queue pair(s){extra}")
+
+
+def parse_port(text: str, index: int = 0) -> PortConfig:
+    """Parse ``vhost-user,key=val,...`` (see module docstring)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or parts[0] != "vhost-user":
+        raise CliError(f"--port {text!r}: expected 'vhost-user,path=...,backend=...'")
+    opts: dict[str, str] = {}
+    for p in parts[1:]:
+        if "=" not in p:
+            raise CliError(f"--port: expected key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        if k not in _KEYS:
+            raise CliError(f"--port: unknown key {k!r} (known: {', '.join(sorted(_KEYS))})")
+        if k in opts:
+            raise CliError(f"--port: key {k!r} given twice")
+        opts[k] = v
+    if "path" not in opts or not opts["path"]:
+        raise CliError("--port vhost-user: missing path=SOCKET")
+    cfg = PortConfig(path=opts["path"], name=opts.get("name") or f"port{index}")
+    if "server" in opts:
+        cfg.server = parse_bool("server", opts["server"])
+    backend = opts.get("backend", "tap")
+    if backend not in BACKENDS:
+        raise CliError(f"--port backend={backend}: expected one of {', '.join(BACKENDS)}")
+    cfg.backend = backend
+    if backend == "tap":
+        cfg.ifname = opts.get("ifname") or f"vwtap{index}"
+        name = cfg.ifname
+        if len(name.encode()) > 15 or any(c in name for c in "/: \t"):
+            raise CliError(f"--port ifname={name}: 1-15 characters, no '/', ':' or spaces")
+    elif "ifname" in opts:
+        raise CliError(f"--port ifname= needs backend=tap (got backend={backend})")
+    if backend == "switch":
+        cfg.switch = opts.get("switch", "sw0")
+        cfg.uplink = opts.get("uplink")
+    elif "switch" in opts or "uplink" in opts:
+        raise CliError("--port switch=/uplink= need backend=switch")
+    for key in ("queues", "queue_size", "mtu"):
+        if key in opts:
+            try:
+                val = int(opts[key], 0)
+            except ValueError:
+                raise CliError(f"--port {key}={opts[key]}: not a number") from None
+            lo, hi = {"queues": (1, 64), "queue_size": (2, 32768), "mtu": (68, 65535)}[key]
+            if not lo <= val <= hi:
+                raise CliError(f"--port {key}={val}: expected {lo}..{hi}")
+            setattr(cfg, key, val)
+    if cfg.queue_size & (cfg.queue_size - 1):
+        raise CliError(f"--port queue_size={cfg.queue_size}: not a power of 2")
+    if "mac" in opts:
+        if not _MAC_RE.match(opts["mac"]) or int(opts["mac"][:2], 16) & 1:
+            raise CliError(f"--port mac={opts['mac']}: expected a unicast xx:xx:xx:xx:xx:xx")
+        cfg.mac = opts["mac"].lower()
+    for k in FEATURE_SWITCHES:
+        if k in opts:
+            cfg.features[k] = parse_bool(k, opts[k])
+    if cfg.queues > 1 and cfg.features.get("mq") is False:
+        raise CliError(f"--port queues={cfg.queues} needs mq=on")
+    return cfg

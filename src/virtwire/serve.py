@@ -1,0 +1,357 @@
+"""Wiring for ``virtwire serve``: ports -> devices -> backends -> vhost-user sockets -> one loop.
+
+Theory of operation
+-------------------
+This is the one module that knows every layer (Firecracker's builder role). For each ``--port``
+(``config.PortConfig``) ``build`` creates:
+
+- the frame backend of each queue pair: a TAP queue (``IFF_MULTI_QUEUE`` when there are several
+  pairs), a port of an in-process learning switch, ``null`` or ``memory``;
+- the virtio-net device model (``net.device.VirtioNet``) with those backends and the port's
+  feature switches, hosted through ``hosts.vhost_user.VirtioDeviceHost`` (2 rings per pair: QEMU
+  keeps the control queue);
+- the ``VhostUserBackend`` on the port's socket (server or client).
+
+Everything is served by one ``loop.EventLoop``. Frames flow like this: a guest kick on a TX ring
+wakes the loop; the device drains the ring into the backend in one batch. A backend fd becoming
+readable (TAP, or the eventfd of an in-process backend) makes the device fill the pair's RX ring
+in one batch. RX flow control: while a pair's RX ring has no buffers the backend fd is *not*
+watched (a level-triggered TAP would otherwise spin the loop); the guest's next RX kick -- which
+the device asks for by re-enabling notifications when the ring runs dry -- resumes it.
+
+Counters: ``Server.stats()`` (JSON-ready) merges the back end's per-ring counters (kicks,
+interrupts) with the device's (frames, bytes, drops) and the backends'. It is served on a small
+UNIX control socket (``virtwire stats``) and dumped to stderr on SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtwire.config import PortConfig
+from virtwire.errors import UserFacingError
+from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost, build_rarp
+from virtwire.loop import EventLoop
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Server", "Port", "build", "qemu_args", "libvirt_xml", "query_stats"]
+
+
+@dataclass
+class Port:
+    config: PortConfig
+    device: Any
+    host: VirtioDeviceHost
+    vhost: VhostUserBackend
+    backends: list[Any]
+    rx_paused: list[bool] = field(default_factory=list)
+
+
+def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
+    pairs = cfg.queues
+    if cfg.backend == "tap":
+        from virtwire.backends.tap import TapBackend
+
+        assert cfg.ifname is not None
+        out = []
+        try:
+            for _ in range(pairs):
+                out.append(TapBackend(cfg.ifname, multi_queue=pairs > 1))
+        except Exception:
+            for b in out:
+                b.close()
+            raise
+        return out
+    if cfg.backend == "null":
+        from virtwire.backends.null import NullBackend
+
+        return [NullBackend(f"null:{cfg.name}.{i}") for i in range(pairs)]
+    if cfg.backend == "memory":
+        from virtwire.backends.memory import MemoryBackend
+
+        return [MemoryBackend(f"memory:{cfg.name}.{i}") for i in range(pairs)]
+    if cfg.backend == "switch":
+        from virtwire.backends import switch as swmod  # N's learning switch
+
+        sw = switches.get(cfg.switch)
+        if sw is None:
+            sw = switches[cfg.switch] = swmod.Switch(cfg.switch)
+            if cfg.uplink:
+                sw.add_uplink(cfg.uplink)
+        if pairs != 1:
+            raise UserFacingError("--port backend=switch supports one queue pair (queues=1)")
+        return [sw.add_port(cfg.name)]
+    raise UserFacingError(f"unknown backend {cfg.backend!r}")
+
+
+def _make_device(cfg: PortConfig, backends: list[Any]) -> Any:
+    """The virtio-net device model for one port (N's ``net.device.VirtioNet``)."""
+    from virtwire.net.device import VirtioNet
+
+    opts = {k: v for k, v in cfg.features.items() if k != "packed"}
+    return VirtioNet(backends=backends, mac=bytes.fromhex(cfg.mac.replace(":", "")),
+                     queue_size=cfg.queue_size, packed=cfg.packed, mtu=cfg.mtu,
+                     name=cfg.name, vhost_user=True, **opts)
+
+
+class Server:
+    """All ports of one ``virtwire serve`` process and the loop that serves them."""
+
+    def __init__(self, loop: EventLoop | None = None) -> None:
+        self.loop = loop or EventLoop()
+        self.ports: list[Port] = []
+        self.switches: dict[str, Any] = {}
+        self.control: socket.socket | None = None
+        self.control_path: str | None = None
+
+    # -- building -------------------------------------------------------------------------------
+    def add_port(self, cfg: PortConfig) -> Port:
+        backends = _make_backends(cfg, self.switches)
+        try:
+            device = _make_device(cfg, backends)
+        except Exception:
+            for b in backends:
+                b.close()
+            raise
+        host = VirtioDeviceHost(device, num_rings=2 * cfg.queues)
+        vhost = VhostUserBackend(host, self.loop, cfg.path, server=cfg.server, name=cfg.name,
+                                 packed=cfg.packed, queue_pairs=cfg.queues,
+                                 max_queue_size=cfg.queue_size)
+        host.on_ring_error = vhost.ring_error
+        # An RX kick means the guest posted buffers: a paused backend is watched again.
+        host.on_kicked = lambda i, port_ref=None: self._rx_kicked(i, host)
+        port = Port(cfg, device, host, vhost, backends, [False] * cfg.queues)
+        # Device hooks the host cannot know about: RARP goes out of pair 0's backend.
+        if not hasattr(device, "send_rarp"):
+            device.send_rarp = lambda mac, b=backends[0], d=device: _send_raw(d, b, build_rarp(mac))
+        for pair, be in enumerate(backends):
+            fd = be.fileno()
+            if fd is not None:
+                self.loop.add_reader(fd, self._on_backend_readable, port, pair)
+        self.ports.append(port)
+        return port
+
+    def _rx_kicked(self, index: int, host: VirtioDeviceHost) -> None:
+        if index % 2:
+            return
+        for p in self.ports:
+            if p.host is host:
+                self._resume_rx(p, index // 2)
+
+    def _on_backend_readable(self, port: Port, pair: int) -> None:
+        """A backend has RX frames for ``pair``: fill the guest's RX ring (one batch)."""
+        be = port.backends[pair]
+        drain = getattr(be, "drain_wakeup", None)
+        if drain is not None:
+            drain()
+        vr = port.vhost.vrings[2 * pair]
+        if not vr.started or not vr.enabled:
+            self._pause_rx(port, pair)  # nowhere to put frames; a ring start/kick resumes
+            return
+        self.loop.defer(("rx", id(port), pair), self._fill_rx, port, pair)
+
+    def _fill_rx(self, port: Port, pair: int) -> None:
+        vr = port.vhost.vrings[2 * pair]
+        if not vr.started:
+            return
+        port.host.queue_kicked(2 * pair)
+        q, mem = vr.queue, port.vhost.mem
+        starved = q is None or mem is None or not q.has_available(mem)
+        if starved:
+            self._pause_rx(port, pair)
+        else:
+            self._resume_rx(port, pair)
+
+    def _pause_rx(self, port: Port, pair: int) -> None:
+        fd = port.backends[pair].fileno()
+        if fd is not None and not port.rx_paused[pair] and fd >= 0:
+            self.loop.remove_reader(fd)
+            port.rx_paused[pair] = True
+
+    def _resume_rx(self, port: Port, pair: int) -> None:
+        fd = port.backends[pair].fileno()
+        if fd is not None and port.rx_paused[pair] and fd >= 0:
+            self.loop.add_reader(fd, self._on_backend_readable, port, pair)
+            port.rx_paused[pair] = False
+
+    def start(self, control_path: str | None = None) -> None:
+        for p in self.ports:
+            p.vhost.start()
+        if control_path:
+            self._open_control(control_path)
+        self.loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
+        self.loop.add_signal_handler(signal.SIGTERM, lambda _s: self.loop.stop())
+        self.loop.add_signal_handler(signal.SIGINT, lambda _s: self.loop.stop())
+
+    def run(self) -> None:
+        self.loop.run()
+
+    def close(self) -> None:
+        for p in self.ports:
+            p.vhost.close()
+            for be in p.backends:
+                fd = be.fileno()
+                if fd is not None and fd >= 0:
+                    self.loop.remove_reader(fd)
+                be.close()
+        for sw in self.switches.values():
+            close = getattr(sw, "close", None)
+            if close:
+                close()
+        if self.control is not None:
+            self.loop.remove_reader(self.control)
+            self.control.close()
+            self.control = None
+            if self.control_path:
+                try:
+                    os.unlink(self.control_path)
+                except OSError:
+                    pass
+        self.loop.close()
+
+    # -- counters -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        ports = []
+        for p in self.ports:
+            vs = p.vhost.stats()
+            dev = p.device.stats() if hasattr(p.device, "stats") else {}
+            dq = dev.get("queues", [])
+            for ring in vs["rings"]:
+                i = ring["index"]
+                if i < len(dq):
+                    for k, v in dq[i].items():
+                        ring.setdefault(k, v)
+                ring["role"] = ("rx" if i % 2 == 0 else "tx") + str(i // 2)
+            ports.append({
+                "name": p.config.name,
+                "config": p.config.describe(),
+                "vhost_user": vs,
+                "device": {k: v for k, v in dev.items() if k != "queues"},
+                "backends": [{"name": getattr(b, "name", "?"), **b.stats()} for b in p.backends],
+            })
+        return {"ports": ports, "loop": {"iterations": self.loop.iterations,
+                                         "errors": self.loop.errors}}
+
+    def _dump_stats(self, _signum: int) -> None:
+        sys.stderr.write(json.dumps(self.stats()) + "\n")
+        sys.stderr.flush()
+
+    def _open_control(self, path: str) -> None:
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+        except OSError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.bind(path)
+        s.listen(4)
+        s.setblocking(False)
+        self.control, self.control_path = s, path
+        self.loop.add_reader(s, self._on_control)
+
+    def _on_control(self) -> None:
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                conn.sendall(json.dumps(self.stats()).encode() + b"\n")
+            except OSError as e:
+                log.debug("control client went away: %s", e)
+
+
+def _send_raw(device: Any, backend: Any, frame: bytes) -> None:
+    """Send one frame out of ``backend`` as if the guest had sent it (header prepended)."""
+    hdr_len = getattr(backend, "hdr_len", 12) if getattr(backend, "vnet_hdr", False) else 0
+    backend.send([[memoryview(bytes(hdr_len) + frame)]])
+
+
+def build(configs: list[PortConfig], loop: EventLoop | None = None) -> Server:
+    """Create every port of ``configs`` (closing what was made if one fails)."""
+    srv = Server(loop)
+    try:
+        for cfg in configs:
+            srv.add_port(cfg)
+    except BaseException:
+        srv.close()
+        raise
+    return srv
+
+
+def query_stats(control_path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a running ``virtwire serve`` for its counters over its control socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(control_path)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise UserFacingError(f"cannot read counters from {control_path}: {e.strerror or e}") \
+            from None
+    finally:
+        s.close()
+    return json.loads(data)
+
+
+# -- what a user needs to attach a guest --------------------------------------------------------
+def qemu_args(cfg: PortConfig, index: int = 0, *, tcg: bool = True,
+              memory: str = "1G") -> list[str]:
+    """QEMU arguments attaching a guest NIC to this port (memfd RAM shared with us)."""
+    cid, nid = f"vwchr{index}", f"vwnet{index}"
+    if cfg.server:
+        chardev = f"socket,id={cid},path={cfg.path},reconnect=1"
+    else:
+        chardev = f"socket,id={cid},path={cfg.path},server=on"
+    dev = f"virtio-net-pci,netdev={nid},mac={cfg.mac}"
+    if cfg.queues > 1:
+        dev += ",mq=on"
+    for k, v in cfg.features.items():
+        if k in ("mq",):
+            continue
+        dev += f",{k}={'on' if v else 'off'}"
+    if tcg:
+        dev += ",vectors=0"  # QEMU 7.2 under TCG crashes with MSI-X on vhost-user
+    elif cfg.queues > 1:
+        dev += f",vectors={2 * cfg.queues + 2}"
+    args = []
+    if index == 0:
+        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+                 "-machine", "memory-backend=mem"]
+    args += ["-chardev", chardev,
+             "-netdev", f"vhost-user,id={nid},chardev={cid},queues={cfg.queues}",
+             "-device", dev]
+    return args
+
+
+def libvirt_xml(cfg: PortConfig) -> str:
+    """The libvirt ``<interface type='vhostuser'>`` element (plus the memory note it needs)."""
+    mode = "client" if cfg.server else "server"  # QEMU's role, the opposite of ours
+    reconnect = "\n    <reconnect enabled='yes' timeout='1'/>" if cfg.server else ""
+    src = (f"<source type='unix' path='{cfg.path}' mode='{mode}'>{reconnect}\n  </source>"
+           if reconnect else f"<source type='unix' path='{cfg.path}' mode='{mode}'/>")
+    driver = f"\n  <driver queues='{cfg.queues}'/>" if cfg.queues > 1 else ""
+    return (
+        "<!-- guest RAM must be shared: <memoryBacking><source type='memfd'/>"
+        "<access mode='shared'/></memoryBacking> -->\n"
+        "<interface type='vhostuser'>\n"
+        f"  <mac address='{cfg.mac}'/>\n"
+        f"  {src}\n"
+        f"  <model type='virtio'/>{driver}\n"
+        "</interface>"
+    )
