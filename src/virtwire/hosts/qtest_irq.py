@@ -13,14 +13,20 @@ configuration offset 0x3C; it is read at every level change, so a re-routing is 
 ``set_irq_in`` bypasses the chipset's wired-OR of devices sharing a line: the device needs a line
 of its own (``-nodefaults`` and no other PCI device on that PIRQ).
 
-Level semantics: ``set_level(True)`` when the ISR becomes non-zero, ``set_level(False)`` when the
-guest reads it, *before* the BAR read is answered. Each call is one synchronous qtest round trip
-(the reply is awaited), so when the guest's vCPU resumes the IOAPIC already holds the new level and
-an EOI cannot re-deliver a stale interrupt. The proxy's vCPU thread waits for our RET with QEMU's
-main lock released, so the main loop is free to serve the qtest command meanwhile.
+Level semantics and ordering. QEMU serves qtest commands in order, on its main loop thread.
 
-A qtest failure (QEMU gone) is logged once and the line goes quiet; it never raises into the
-device's event loop.
+- *Lowering* happens when the guest reads the ISR, on the vCPU thread's BAR read, and must be in
+  effect before that read is answered (otherwise the guest's EOI re-delivers a stale level). So a
+  lower waits for its ``OK``. QEMU's proxy waits for our answer with its main lock released, so
+  the main loop is free to serve the command meanwhile.
+- *Raising* happens from the device's own work (a used buffer), and is sent without waiting for
+  the ``OK`` (collected later, in order). Waiting there could deadlock: if QEMU's main thread is
+  itself blocked on a proxy request to us (a DEVICE_RESET at system reset), it cannot serve qtest.
+
+The wait for a lower's ``OK`` is bounded (``LOWER_TIMEOUT``): past it the read is answered anyway
+and the late ``OK`` is consumed with the next command, so a main thread that happens to be blocked
+on the proxy at that moment costs a delay, never a deadlock. A broken qtest connection (QEMU gone)
+is logged once and the line goes quiet; nothing here raises into the device's event loop.
 """
 
 from __future__ import annotations
@@ -31,72 +37,127 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from virtwire.drive.qtest import QtestClient, QtestError
-
-__all__ = ["QtestIntx", "IOAPIC_PATH", "connect_qtest"]
+__all__ = ["QtestIntx", "QtestIrqError", "IOAPIC_PATH", "connect_qtest_socket"]
 
 log = logging.getLogger(__name__)
 
 IOAPIC_PATH = "/machine/i440fx/ioapic"
 IOAPIC_PINS = 24
+LOWER_TIMEOUT = 1.0
 
 
-def connect_qtest(path: str | Path, timeout: float = 10.0) -> QtestClient:
+class QtestIrqError(Exception):
+    """The qtest connection failed or QEMU refused a command."""
+
+
+def connect_qtest_socket(path: str | Path, timeout: float = 10.0) -> socket.socket:
     """Connect to QEMU's qtest chardev (server=on,wait=off), retrying until it exists."""
     deadline = time.monotonic() + timeout
     while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.connect(str(path))
-            return QtestClient(s, timeout=5.0)
+            return s
         except OSError as e:
             s.close()
             if time.monotonic() > deadline:
-                raise QtestError(f"qtest: cannot connect to {path}: {e}") from None
+                raise QtestIrqError(f"qtest: cannot connect to {path}: {e}") from None
             time.sleep(0.05)
 
 
 class QtestIntx:
     """An ``IntxLine`` (pci.device) that sets an IOAPIC input over qtest (module docstring)."""
 
-    def __init__(self, client: QtestClient, gsi: Callable[[], int],
+    def __init__(self, sock: socket.socket, gsi: Callable[[], int],
                  path: str = IOAPIC_PATH) -> None:
-        self.client = client
+        self.sock = sock
+        self.sock.setblocking(True)
         self.gsi = gsi
         self.path = path
         self.level = False
         self.raised_gsi: int | None = None
         self.dead = False
-        self.round_trips = 0
-        self.seconds = 0.0  # time spent in qtest round trips (for the per-access figures)
+        self.outstanding = 0  # commands whose OK has not been read yet
+        self._buf = bytearray()
+        self.counters = {"raises": 0, "lowers": 0, "lower_timeouts": 0, "round_trips": 0}
+        self.lower_seconds = 0.0  # total time spent waiting for lowers (per-access figures)
 
-    def _set(self, gsi: int, level: bool) -> None:
-        t0 = time.perf_counter()
-        self.client.set_irq_in(self.path, "unnamed-gpio-in", gsi, int(level))
-        self.seconds += time.perf_counter() - t0
-        self.round_trips += 1
+    @classmethod
+    def connect(cls, path: str | Path, gsi: Callable[[], int], timeout: float = 10.0
+                ) -> QtestIntx:
+        return cls(connect_qtest_socket(path, timeout), gsi)
 
+    # -- the line protocol -------------------------------------------------------------------
+    def _send(self, gsi: int, level: bool) -> None:
+        line = f"set_irq_in {self.path} unnamed-gpio-in {gsi} {int(level)}\n"
+        self.sock.sendall(line.encode("ascii"))
+        self.outstanding += 1
+        self.counters["round_trips"] += 1
+
+    def _collect(self, wait_all: bool, timeout: float = LOWER_TIMEOUT) -> bool:
+        """Consume replies: all outstanding (``wait_all``, bounded) or just what has arrived."""
+        deadline = time.monotonic() + timeout
+        while self.outstanding:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self._buf[:i]).strip()
+                del self._buf[: i + 1]
+                if line.startswith(b"OK"):
+                    self.outstanding -= 1
+                elif not line.startswith(b"IRQ"):
+                    raise QtestIrqError(f"qtest refused set_irq_in: {line[:80]!r}")
+                continue
+            left = deadline - time.monotonic() if wait_all else 0.0
+            if wait_all and left <= 0:
+                return False
+            self.sock.settimeout(left if wait_all else 0.0)
+            try:
+                chunk = self.sock.recv(4096)
+            except (BlockingIOError, TimeoutError):
+                if not wait_all:
+                    return True
+                continue
+            finally:
+                self.sock.settimeout(None)
+            if not chunk:
+                raise QtestIrqError("qtest: QEMU closed the connection")
+            self._buf += chunk
+        return True
+
+    # -- IntxLine ----------------------------------------------------------------------------
     def set_level(self, level: bool) -> None:
         if self.dead:
             return
-        gsi = self.gsi()
         try:
+            self._collect(wait_all=False)
             if level:
+                gsi = self.gsi()
                 if not 0 < gsi < IOAPIC_PINS:
                     log.warning("qtest INTx: no usable interrupt line (config 0x3c = %d); "
                                 "interrupt not delivered", gsi)
                     return
                 if self.raised_gsi is not None and self.raised_gsi != gsi:
-                    self._set(self.raised_gsi, False)  # the line was re-routed while high
-                self._set(gsi, True)
+                    self._send(self.raised_gsi, False)  # re-routed while high
+                self._send(gsi, True)
                 self.raised_gsi = gsi
+                self.counters["raises"] += 1
             elif self.raised_gsi is not None:
-                self._set(self.raised_gsi, False)
+                t0 = time.perf_counter()
+                self._send(self.raised_gsi, False)
                 self.raised_gsi = None
+                if not self._collect(wait_all=True):
+                    self.counters["lower_timeouts"] += 1
+                    log.warning("qtest INTx: no answer to a lower within %.1f s; going on",
+                                LOWER_TIMEOUT)
+                self.lower_seconds += time.perf_counter() - t0
+                self.counters["lowers"] += 1
             self.level = level
-        except QtestError as e:
+        except (OSError, QtestIrqError) as e:
             self.dead = True
             log.warning("qtest INTx: %s; interrupts stop", e)
 
     def close(self) -> None:
-        self.client.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
