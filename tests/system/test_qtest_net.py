@@ -19,10 +19,26 @@ from virtwire.virtio import spec
 pytestmark = pytest.mark.system
 
 
-def bring_up(h: QemuNetHarness, features: int = DEFAULT_NET_FEATURES) -> VirtioNetDriver:
+def bring_up(h: QemuNetHarness, features: int = DEFAULT_NET_FEATURES,
+             **cfg: object) -> VirtioNetDriver:
     t = probe_pci_transport(h.vm.qtest, legacy=h.transitional)
     alloc = DmaAllocator(0x100000, h.vm.ram_size - 0x100000)
-    return VirtioNetDriver(t, h.vm.mem, alloc, NetDriverConfig(features=features)).probe()
+    packed = "packed=on" in h.props
+    config = NetDriverConfig(features=features, packed=packed, **cfg)  # type: ignore[arg-type]
+    drv = VirtioNetDriver(t, h.vm.mem, alloc, config).probe()
+    assert drv.has(spec.VIRTIO_F_RING_PACKED) == packed
+    return drv
+
+
+def recv_out(h: QemuNetHarness, drv: VirtioNetDriver, timeout: float) -> bytes | None:
+    """The next frame the device sent to the peer, servicing the driver while waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        f = h.recv_from_device(0.002)
+        if f is not None:
+            return f
+        drv.service()
+    return None
 
 
 def exchange(drv: VirtioNetDriver, h: QemuNetHarness, n: int, lo: int, hi: int,
@@ -39,7 +55,7 @@ def exchange(drv: VirtioNetDriver, h: QemuNetHarness, n: int, lo: int, hi: int,
         for f in rx:
             h.send_to_device(f)
         for _ in tx:
-            f = h.recv_from_device(10)
+            f = recv_out(h, drv, 10)
             assert f is not None, f"device transmitted only {len(got_out)} of {n}"
             got_out.append(f)
         frames = drv.poll_receive(len(rx), timeout=10)
@@ -52,9 +68,11 @@ def exchange(drv: VirtioNetDriver, h: QemuNetHarness, n: int, lo: int, hi: int,
     assert got_in == inn  # peer -> QEMU -> driver, byte-exact, in order
 
 
-@pytest.fixture(params=["modern", "transitional"])
+@pytest.fixture(params=["modern", "transitional", "packed"])
 def harness(request: pytest.FixtureRequest):
-    with QemuNetHarness(transitional=request.param == "transitional", name="vwd") as h:
+    props = "packed=on" if request.param == "packed" else ""
+    with QemuNetHarness(transitional=request.param == "transitional", props=props,
+                        name="vwd") as h:
         yield h
 
 
@@ -96,10 +114,7 @@ def test_10000_frames_each_way_byte_exact(harness: QemuNetHarness) -> None:
 def test_other_rx_layouts(harness: QemuNetHarness, layout: str) -> None:
     """Without MRG_RXBUF: small buffers (header + 1518) or Linux's big-packet chains."""
     feats = DEFAULT_NET_FEATURES & ~spec.bit(spec.VIRTIO_NET_F_MRG_RXBUF)
-    t = probe_pci_transport(harness.vm.qtest, legacy=harness.transitional)
-    alloc = DmaAllocator(0x100000, harness.vm.ram_size - 0x100000)
-    drv = VirtioNetDriver(t, harness.vm.mem, alloc,
-                          NetDriverConfig(features=feats, rx_layout=layout)).probe()
+    drv = bring_up(harness, feats, rx_layout=layout)
     assert drv.rx_layout == layout
     assert drv.hdr_len == (10 if harness.transitional else 12)
     exchange(drv, harness, 500, 60, 9000 if layout == "big" else 1514, seed=7)

@@ -277,6 +277,19 @@ class QmpClient:
             self.sock.close()
 
 
+def _die_with_parent() -> None:
+    """preexec hook: QEMU gets SIGKILL when the process that started it dies (PR_SET_PDEATHSIG),
+    so a killed test run never leaves a qtest VM behind."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class QtestVMConfig:
     """What the qtest VM holds: RAM size and the ``-device``/``-netdev`` arguments under test."""
@@ -350,7 +363,8 @@ class QtestVM:
         err = open(self.stderr_path, "wb")
         try:
             self.proc = subprocess.Popen(self.argv(qtest_path, qmp_path, fw),
-                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         preexec_fn=_die_with_parent)
         finally:
             err.close()
         try:
@@ -426,6 +440,7 @@ class QemuNetHarness:
     def __init__(self, transitional: bool = False, props: str = "", name: str = "vwd",
                  ram_mb: int = 64, timeout: float = 15.0) -> None:
         self.transitional = transitional
+        self.props = props
         self._dir = tempfile.mkdtemp(prefix=f"{name}-net-")
         self.qemu_path = os.path.join(self._dir, "qemu.sock")
         self.peer_path = os.path.join(self._dir, "peer.sock")

@@ -217,6 +217,7 @@ class NetDriverConfig:
     interrupts: bool = False
     pairs: int = 1  # queue pairs to bring up (MQ)
     ctrl_timeout: float = 2.0
+    stall_kick_after: float = 0.05  # re-notify a queue whose buffers sit unconsumed this long
     rx_layout: str | None = None  # force "mergeable" | "big" | "small" (default: as Linux picks)
 
 
@@ -233,6 +234,7 @@ class _Queue:
     size: int
     kicks: int = 0
     posted: int = 0
+    last_progress: float = 0.0
 
 
 @dataclass
@@ -246,6 +248,9 @@ class DriverStats:
     tx_full: int = 0
     rx_errors: int = 0
     ctrl_cmds: int = 0
+    used_len_without_write: int = 0
+    stall_kicks: int = 0
+    rx_idle_kicks: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -465,6 +470,30 @@ class VirtioNetDriver:
             self._kick(rq)
         return n
 
+    def _get_used(self, qq: _Queue) -> tuple[Any, int] | None:
+        """``get_used``, tolerant as Linux is of a packed-ring device that omits WRITE.
+
+        §2.8.4: a used descriptor's length is reserved unless VIRTQ_DESC_F_WRITE is set, so the
+        packed queue reports 0 for one without it. QEMU 7.2 never sets WRITE in used
+        descriptors, and Linux reads the length regardless; so do we, bounded by what the
+        buffer offered, and count each case (``stats.used_len_without_write``) for ``conform``.
+        """
+        q = qq.q
+        if not self.has(spec.VIRTIO_F_RING_PACKED):
+            return q.get_used(self.mem)
+        at = q.desc_addr + q.last_used * spec.VIRTQ_PACKED_DESC_SIZE
+        raw_len = self.mem.read_u32(at + 8)
+        flags = self.mem.read_u16(at + 14)
+        got = q.get_used(self.mem)
+        if got is not None and not flags & spec.VIRTQ_DESC_F_WRITE and raw_len:
+            buf = got[0]
+            if isinstance(buf, _RxBuf):
+                if raw_len > buf.capacity:
+                    raise QueueError(f"used len {raw_len} > {buf.capacity} writable")
+                self.stats.used_len_without_write += 1
+                return buf, raw_len
+        return got
+
     def _read_buf(self, buf: _RxBuf, length: int) -> bytes:
         out = bytearray()
         left = length
@@ -487,7 +516,7 @@ class VirtioNetDriver:
         h = self.hdr_len
         while len(frames) < max_frames:
             try:
-                got = rq.q.get_used(self.mem)
+                got = self._get_used(rq)
             except QueueError as e:
                 raise DeviceFault(f"receiveq{queue}: {e}") from None
             if got is None:
@@ -550,6 +579,7 @@ class VirtioNetDriver:
             for gpa in got[0]:
                 self.alloc.free(gpa)
             tq.posted -= 1
+            tq.last_progress = time.monotonic()
             n += 1
 
     def send(
@@ -613,6 +643,8 @@ class VirtioNetDriver:
             self.stats.tx_frames += 1
             self.stats.tx_bytes += ln
         if n:
+            if not tq.posted - n:
+                tq.last_progress = time.monotonic()
             self._kick(tq)
         return n
 
@@ -679,6 +711,29 @@ class VirtioNetDriver:
         return self.ctrl(spec.VIRTIO_NET_CTRL_ANNOUNCE, spec.VIRTIO_NET_CTRL_ANNOUNCE_ACK)
 
     # -- polling helpers -------------------------------------------------------------------------
+    def service(self) -> None:
+        """Reap transmit completions; re-notify a queue that made no progress for a while.
+
+        A spec-following device asks for every notification it needs (EVENT_IDX / NO_NOTIFY),
+        so the driver kicks only when asked. A device that publishes a stale event position
+        stalls such a driver forever (seen: QEMU 7.2's packed ring after an asynchronous TX
+        completion leaves the device event offset behind what it consumed). A notification
+        is always allowed (§2.7.10 / §2.8.10 only let the driver *omit* it), so after
+        ``stall_kick_after`` seconds without progress we notify anyway and count it in
+        ``stats.stall_kicks``; ``conform`` reports any such kick as a device finding.
+        """
+        now = time.monotonic()
+        for i, tq in enumerate(self.txqs):
+            if self.reap_tx(i):
+                tq.last_progress = now
+            elif tq.posted and now - tq.last_progress > self.cfg.stall_kick_after:
+                self._stall_kick(tq, now)
+
+    def _stall_kick(self, qq: _Queue, now: float) -> None:
+        self.t.notify(qq.index)
+        qq.last_progress = now
+        self.stats.stall_kicks += 1
+
     def poll_receive(self, want: int, timeout: float, queue: int = 0) -> list[RxFrame]:
         """Receive until ``want`` frames arrived or ``timeout`` seconds passed."""
         out: list[RxFrame] = []
@@ -689,9 +744,19 @@ class VirtioNetDriver:
             if got:
                 out += got
                 idle = 0
+                self.rxqs[queue].last_progress = time.monotonic()
                 continue
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 break
+            self.service()
+            rq = self.rxqs[queue]
+            if now - rq.last_progress > max(self.cfg.stall_kick_after, 0.2):
+                # nothing arrived for a while: a (harmless) notification in case the device
+                # is holding frames back waiting for a kick it never asked for
+                self._stall_kick(rq, now)
+                self.stats.stall_kicks -= 1  # idle receive is normal, not a finding
+                self.stats.rx_idle_kicks += 1
             idle += 1
             time.sleep(0 if idle < 50 else 0.0002)
         return out
@@ -707,6 +772,7 @@ class VirtioNetDriver:
             if k == 0:
                 if time.monotonic() > deadline:
                     break
+                self.service()
                 time.sleep(0.0002)
         return i
 
