@@ -1,0 +1,1024 @@
+"""``VirtioNet``: the virtio-net device model (virtio 1.2 §5.1) over injected frame backends.
+
+Theory of operation
+-------------------
+Queues (§5.1.2): ``rx0, tx0, rx1, tx1, ..., rx(N-1), tx(N-1)`` then the control queue. The
+control queue's index is ``2N`` with N = max_virtqueue_pairs when MQ is negotiated, and ``2``
+otherwise (a driver without MQ sees one pair). Each pair has a ``NetBackend`` (one backend may
+serve every pair; its RX then arrives through pair 0).
+
+TX (one call per kick, batch-shaped): pop every available chain (up to ``budget``), check each
+guest header (``header.check_tx_header``: a bad one drops *that frame*, counted by reason), and
+hand the whole batch to the backend as iovec lists of zero-copy guest views -- with the header
+when the backend takes it (TAP), without it otherwise. Partial checksums for a backend without
+CSUM are finished in software on a private copy (the device must not write TX buffers). Then one
+``push`` per chain, one ``publish``, one interrupt decision. Frames the backend did not take
+(back-pressure) stay pending with their chains un-used and go first on the next call.
+
+RX: the backend is read only once buffers for a frame exist, so no frame is lost while the guest
+has none -- the device then enables notifications and waits for the RX kick (``rx_watch(pair,
+False)`` tells a host's event loop to stop watching the backend fd meanwhile, and ``True``
+again once buffers came). Chains popped for a frame but not consumed stay in a per-pair *stash*
+(in ring order) for the next frame. Buffers needed: with MRG_RXBUF (§5.1.6.4) as many chains as
+the frame needs, ``num_buffers`` written into the first; without it one chain must hold the
+whole frame (a frame that does not fit is dropped, counted ``rx_drop_too_big``, the chain kept).
+A backend that cannot tell the next frame's length (TAP) gets buffers for the largest frame the
+negotiated offloads allow, and the unused chains stay stashed.
+
+Stopping a ring (vhost-user GET_VRING_BASE, ``queue_stopped``) publishes what was used and
+rewinds the ring over stashed/pending chains, so a restarted back end offers them again.
+
+Control queue (§5.1.6.5): ``{u8 class, u8 command, data}`` readable, ``u8 ack`` writable; a
+table maps (class, command) to a handler returning VIRTIO_NET_OK/ERR. A malformed command is an
+ERR, a chain without room for the ack is returned with length 0; neither resets the device.
+
+RX filtering follows the control state (promiscuous, all-multi, MAC tables, VLAN table) when
+CTRL_RX/CTRL_VLAN were negotiated; a filtered frame is counted ``rx_filtered`` and its buffers
+reused.
+
+Driving without a status register (vhost-user): ``VirtioDeviceHost`` (hosts/vhost_user.py) walks
+the status machine itself and hands over started rings; the hooks here are ``queue_started``,
+``queue_stopped``, ``queue_enabled``, ``send_rarp`` and ``set_mtu``; a backend wake-up is
+``backend_ready(pair)``. ``start_direct(features, mem, interrupt)`` does the same walk for an
+in-process host (tests, benches).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from virtwire.backends.base import NetBackend
+from virtwire.memory import GuestMemory
+from virtwire.net.header import (
+    ETH_HLEN,
+    MAX_FRAME,
+    NUM_BUFFERS_OFFSET,
+    TX_DROP_REASONS,
+    VirtioNetHdr,
+    check_tx_header,
+    finish_checksum,
+    gather,
+    hdr_size,
+    scatter,
+    skip,
+)
+from virtwire.virtio import spec as s
+from virtwire.virtio.chain import DescriptorChain
+from virtwire.virtio.device import VirtioDevice
+from virtwire.virtio.errors import FeatureError
+
+__all__ = ["VirtioNet", "parse_options", "NET_OPTIONS", "random_mac"]
+
+log = logging.getLogger(__name__)
+
+# QEMU-style per-device switches (``-device virtio-net-pci,mrg_rxbuf=off``) -> feature bits.
+NET_OPTIONS: dict[str, tuple[int, ...]] = {
+    "csum": (s.VIRTIO_NET_F_CSUM,),
+    "guest_csum": (s.VIRTIO_NET_F_GUEST_CSUM,),
+    "gso": (s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_NET_F_HOST_TSO6, s.VIRTIO_NET_F_HOST_ECN),
+    "guest_tso4": (s.VIRTIO_NET_F_GUEST_TSO4,),
+    "guest_tso6": (s.VIRTIO_NET_F_GUEST_TSO6,),
+    "guest_ecn": (s.VIRTIO_NET_F_GUEST_ECN,),
+    "host_tso4": (s.VIRTIO_NET_F_HOST_TSO4,),
+    "host_tso6": (s.VIRTIO_NET_F_HOST_TSO6,),
+    "host_ecn": (s.VIRTIO_NET_F_HOST_ECN,),
+    "mrg_rxbuf": (s.VIRTIO_NET_F_MRG_RXBUF,),
+    "status": (s.VIRTIO_NET_F_STATUS,),
+    "ctrl_vq": (s.VIRTIO_NET_F_CTRL_VQ,),
+    "ctrl_rx": (s.VIRTIO_NET_F_CTRL_RX,),
+    "ctrl_vlan": (s.VIRTIO_NET_F_CTRL_VLAN,),
+    "ctrl_mac_addr": (s.VIRTIO_NET_F_CTRL_MAC_ADDR,),
+    "ctrl_guest_offloads": (s.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,),
+    "guest_announce": (s.VIRTIO_NET_F_GUEST_ANNOUNCE,),
+    "mq": (s.VIRTIO_NET_F_MQ,),
+}
+_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False,
+         "1": True, "0": False}
+_VALUE_OPTIONS = ("queues", "mac", "mtu", "host_mtu", "rx_queue_size", "tx_queue_size",
+                  "queue_size", "packed", "event_idx", "indirect_desc", "link")
+
+_HOST_OFFLOADS = (s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_NET_F_HOST_TSO6, s.VIRTIO_NET_F_HOST_ECN,
+                  s.VIRTIO_NET_F_HOST_UFO)
+_GUEST_OFFLOAD_MASK = s.bit(s.VIRTIO_NET_F_GUEST_CSUM, s.VIRTIO_NET_F_GUEST_TSO4,
+                            s.VIRTIO_NET_F_GUEST_TSO6, s.VIRTIO_NET_F_GUEST_ECN,
+                            s.VIRTIO_NET_F_GUEST_UFO)
+_GSO_RX_MASK = s.bit(s.VIRTIO_NET_F_GUEST_TSO4, s.VIRTIO_NET_F_GUEST_TSO6,
+                     s.VIRTIO_NET_F_GUEST_UFO)
+CONFIG_SIZE = 12  # mac[6], le16 status, le16 max_virtqueue_pairs, le16 mtu (§5.1.4)
+MAC_TABLE_MAX = 64  # entries per table kept; more means "accept all" of that kind (as QEMU)
+
+
+def parse_options(options: str | Mapping[str, Any] | None) -> dict[str, str]:
+    """``"mrg_rxbuf=off,queues=2"`` or a mapping -> ``{name: value}`` (names checked)."""
+    if options is None:
+        return {}
+    if isinstance(options, str):
+        items: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in options.split(","))):
+            k, _, v = part.partition("=")
+            items[k.strip()] = v.strip() if _ else "on"
+    else:
+        items = dict(options)
+    out: dict[str, str] = {}
+    for k, v in items.items():
+        key = k.replace("-", "_")
+        if key not in NET_OPTIONS and key not in _VALUE_OPTIONS:
+            raise ValueError(f"unknown virtio-net option {k!r} (known: "
+                             f"{', '.join(sorted([*NET_OPTIONS, *_VALUE_OPTIONS]))})")
+        val = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
+        if (key in NET_OPTIONS or key in ("packed", "event_idx", "indirect_desc", "link")) \
+                and val not in _BOOL:
+            raise ValueError(f"virtio-net option {k}={v!r}: expected on/off")
+        out[key] = val
+    return out
+
+
+def random_mac() -> bytes:
+    """A locally administered unicast MAC (52:54:00 is QEMU's; we use 02:76:77 = 'vw')."""
+    import os
+
+    return b"\x02\x76\x77" + os.urandom(3)
+
+
+def _mac_bytes(mac: str | bytes) -> bytes:
+    if isinstance(mac, bytes | bytearray):
+        b = bytes(mac)
+    else:
+        try:
+            b = bytes(int(x, 16) for x in mac.split(":"))
+        except ValueError:
+            raise ValueError(f"bad MAC address {mac!r}") from None
+    if len(b) != 6:
+        raise ValueError(f"bad MAC address {mac!r}")
+    return b
+
+
+def _rewind(q: Any, chains: Sequence[DescriptorChain]) -> None:
+    """Give ``chains`` (the last ones popped, none used) back to the ring: move next-avail back.
+
+    Split rings count chains (§2.7.13); packed rings count descriptors and may cross a wrap
+    (§2.8.1). Used positions are unchanged (``set_base`` would reset them, so restore).
+    """
+    if not chains:
+        return
+    if hasattr(q, "get_used_base"):
+        used = q.get_used_base()
+        base = q.get_base()
+        idx, wrap = base & 0x7FFF, base >> 15 & 1
+        idx -= sum(c.ring_descs for c in chains)
+        while idx < 0:
+            idx += q.size
+            wrap ^= 1
+        q.set_base(idx | wrap << 15)
+        q.set_used_base(used)
+    else:
+        q.set_base((q.get_base() - len(chains)) & 0xFFFF)
+
+
+class _Pair:
+    """Per-queue-pair data-path state."""
+
+    __slots__ = ("index", "backend", "rx_backend", "stash", "stash_cap", "tx_pending",
+                 "rx_waiting", "enabled")
+
+    def __init__(self, index: int, backend: NetBackend | None, rx_backend: bool) -> None:
+        self.index = index
+        self.backend = backend
+        self.rx_backend = rx_backend  # False: shared backend whose RX goes via pair 0
+        # RX chains popped but not yet used, with their writable views (ring order).
+        self.stash: deque[tuple[DescriptorChain, list[memoryview]]] = deque()
+        self.stash_cap = 0
+        # TX frames the backend did not take yet: (chain, iovec).
+        self.tx_pending: list[tuple[DescriptorChain, list[Any]]] = []
+        self.rx_waiting = False
+        self.enabled = True
+
+    def clear(self) -> None:
+        for _c, views in self.stash:
+            for v in views:
+                v.release()
+        self.stash.clear()
+        self.stash_cap = 0
+        self.tx_pending.clear()
+        self.rx_waiting = False
+
+
+def _qcounters() -> dict[str, int]:
+    return {"frames": 0, "bytes": 0, "drops": 0}
+
+
+class VirtioNet(VirtioDevice):
+    """virtio-net device (§5.1) with a ``NetBackend`` per queue pair (see module docstring)."""
+
+    device_id = s.VIRTIO_ID_NET
+
+    def __init__(
+        self,
+        backend: NetBackend | Sequence[NetBackend] | None = None,
+        *,
+        options: str | Mapping[str, Any] | None = None,
+        mac: str | bytes | None = None,
+        queues: int | None = None,
+        queue_size: int = 256,
+        mtu: int | None = None,
+        name: str | None = None,
+        legacy: bool = False,
+    ) -> None:
+        opts = parse_options(options)
+        self.options = opts
+        pairs = int(opts.get("queues", queues or 1))
+        if not 1 <= pairs <= s.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX:
+            raise ValueError(f"queues={pairs}: must be 1..{s.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX}")
+        self.max_pairs = pairs
+        self.mac = _mac_bytes(opts["mac"]) if "mac" in opts else (
+            _mac_bytes(mac) if mac is not None else random_mac())
+        self.perm_mac = self.mac
+        mtu_opt = opts.get("host_mtu", opts.get("mtu"))
+        self.mtu = int(mtu_opt) if mtu_opt is not None else mtu
+        if self.mtu is not None and not 68 <= self.mtu <= 65535:
+            raise ValueError(f"mtu={self.mtu}: must be 68..65535")
+        self.link_up = _BOOL.get(opts.get("link", "on"), True)
+        self.announce_pending = False
+        # Backends: one per pair, or one shared.
+        if backend is None:
+            backends: list[NetBackend | None] = [None] * pairs
+            shared = False
+        elif isinstance(backend, Sequence) and not isinstance(backend, str | bytes):
+            if len(backend) != pairs:
+                raise ValueError(f"{len(backend)} backends for {pairs} queue pairs")
+            backends = list(backend)
+            shared = False
+        else:
+            backends = [backend] * pairs  # type: ignore[list-item]
+            shared = pairs > 1
+        self.pairs = [_Pair(i, b, rx_backend=not shared or i == 0)
+                      for i, b in enumerate(backends)]
+        self._features = self._compute_features(opts)
+        rxq = int(opts.get("rx_queue_size", opts.get("queue_size", queue_size)))
+        txq = int(opts.get("tx_queue_size", opts.get("queue_size", queue_size)))
+        sizes = [rxq, txq] * pairs
+        if self._features >> s.VIRTIO_NET_F_CTRL_VQ & 1:
+            sizes.append(64)
+        super().__init__(
+            sizes,
+            event_idx=_BOOL[opts.get("event_idx", "on")],
+            indirect=_BOOL[opts.get("indirect_desc", "on")],
+            packed=_BOOL[opts.get("packed", "on")],
+            legacy=legacy,
+            name=name or "virtio-net",
+        )
+        for c in self.counters:
+            c.update(_qcounters())
+        self.hdr_len = 12
+        self.mrg_rxbuf = False
+        self.curr_pairs = 1
+        self.budget = 256  # chains per batch
+        self.max_batches = 4  # batches per call before yielding (``more_work``)
+        self.more_work: Callable[[int], None] | None = None
+        self.rx_watch: Callable[[int, bool], None] | None = None
+        self._reset_ctrl_state()
+        self._ctrl_table: dict[tuple[int, int], Callable[[bytes], int]] = {
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_PROMISC): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_ALLMULTI): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_ALLUNI): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_NOMULTI): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_NOUNI): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_NOBCAST): self._ctrl_rx_mode,
+            (s.VIRTIO_NET_CTRL_MAC, s.VIRTIO_NET_CTRL_MAC_TABLE_SET): self._ctrl_mac_table,
+            (s.VIRTIO_NET_CTRL_MAC, s.VIRTIO_NET_CTRL_MAC_ADDR_SET): self._ctrl_mac_addr,
+            (s.VIRTIO_NET_CTRL_VLAN, s.VIRTIO_NET_CTRL_VLAN_ADD): self._ctrl_vlan,
+            (s.VIRTIO_NET_CTRL_VLAN, s.VIRTIO_NET_CTRL_VLAN_DEL): self._ctrl_vlan,
+            (s.VIRTIO_NET_CTRL_ANNOUNCE, s.VIRTIO_NET_CTRL_ANNOUNCE_ACK): self._ctrl_announce,
+            (s.VIRTIO_NET_CTRL_MQ, s.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET): self._ctrl_mq,
+            (s.VIRTIO_NET_CTRL_GUEST_OFFLOADS, s.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET):
+                self._ctrl_offloads,
+        }
+        self.ctrl_counters = {"commands": 0, "ok": 0, "err": 0, "bad_chains": 0}
+
+    # -- features (§5.1.3) -------------------------------------------------------------------
+    def _compute_features(self, opts: Mapping[str, str]) -> int:
+        f = s.bit(
+            s.VIRTIO_NET_F_CSUM, s.VIRTIO_NET_F_GUEST_CSUM, s.VIRTIO_NET_F_GUEST_TSO4,
+            s.VIRTIO_NET_F_GUEST_TSO6, s.VIRTIO_NET_F_GUEST_ECN, s.VIRTIO_NET_F_MAC,
+            s.VIRTIO_NET_F_MRG_RXBUF, s.VIRTIO_NET_F_STATUS, s.VIRTIO_NET_F_CTRL_VQ,
+            s.VIRTIO_NET_F_CTRL_RX, s.VIRTIO_NET_F_CTRL_VLAN, s.VIRTIO_NET_F_CTRL_MAC_ADDR,
+            s.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, s.VIRTIO_NET_F_GUEST_ANNOUNCE,
+        )
+        # HOST_* segmentation offloads only when every backend takes them.
+        host = None
+        for p in self.pairs:
+            if p.backend is not None:
+                ho = p.backend.host_offloads
+                host = ho if host is None else host & ho
+        for b in _HOST_OFFLOADS:
+            if host is not None and host >> b & 1:
+                f |= 1 << b
+        if self.max_pairs > 1:
+            f |= 1 << s.VIRTIO_NET_F_MQ
+        if self.mtu is not None:
+            f |= 1 << s.VIRTIO_NET_F_MTU
+        for key, bits in NET_OPTIONS.items():
+            if key in opts and not _BOOL[opts[key]]:
+                for b in bits:
+                    f &= ~(1 << b)
+        # Drop whatever lost a requirement (e.g. csum=off removes HOST_TSO*, ctrl_vq=off MQ).
+        changed = True
+        while changed:
+            changed = False
+            for b in range(64):
+                if not f >> b & 1:
+                    continue
+                req = s.NET_FEATURE_REQUIRES.get(b, ())
+                anyof = s.NET_FEATURE_REQUIRES_ANY.get(b)
+                if any(not f >> r & 1 for r in req) or (anyof and not any(f >> r & 1
+                                                                            for r in anyof)):
+                    f &= ~(1 << b)
+                    changed = True
+        if not f >> s.VIRTIO_NET_F_MQ & 1 and self.max_pairs > 1:
+            log.warning("virtio-net: %d queue pairs need MQ (and CTRL_VQ); using 1",
+                        self.max_pairs)
+            self.max_pairs = 1
+            self.pairs = self.pairs[:1]
+            self.pairs[0].rx_backend = True
+        return f
+
+    def device_features(self) -> int:
+        return self._features
+
+    def validate_features(self, features: int) -> None:
+        """§5.1.3.1 Feature bit requirements (spec.NET_FEATURE_REQUIRES*)."""
+        for b in range(64):
+            if not features >> b & 1:
+                continue
+            for r in s.NET_FEATURE_REQUIRES.get(b, ()):
+                if not features >> r & 1:
+                    raise FeatureError(f"{s.FEATURE_NAMES.get(b, b)} requires "
+                                       f"{s.FEATURE_NAMES.get(r, r)}")
+            anyof = s.NET_FEATURE_REQUIRES_ANY.get(b)
+            if anyof and not any(features >> r & 1 for r in anyof):
+                names = " or ".join(s.FEATURE_NAMES.get(r, str(r)) for r in anyof)
+                raise FeatureError(f"{s.FEATURE_NAMES.get(b, b)} requires {names}")
+
+    # -- configuration space (§5.1.4) --------------------------------------------------------
+    def build_config(self) -> bytes:
+        cfg = bytearray(CONFIG_SIZE)
+        cfg[0:6] = self.mac
+        st = (s.VIRTIO_NET_S_LINK_UP if self.link_up else 0)
+        if self.announce_pending:
+            st |= s.VIRTIO_NET_S_ANNOUNCE
+        cfg[6:8] = st.to_bytes(2, "little")
+        cfg[8:10] = self.max_pairs.to_bytes(2, "little")
+        cfg[10:12] = (self.mtu or 1500).to_bytes(2, "little")
+        return bytes(cfg)
+
+    def config_write_hook(self, offset: int, data: bytes) -> bool:
+        """Only the MAC is writable, and only by a legacy driver or one without CTRL_MAC_ADDR
+        (§5.1.4 legacy note; Linux writes it when it sets a MAC without the control queue)."""
+        if offset + len(data) > 6:
+            return False
+        if self.has_feature(s.VIRTIO_NET_F_CTRL_MAC_ADDR) and not self.legacy:
+            return False
+        mac = bytearray(self.mac)
+        mac[offset : offset + len(data)] = data
+        self.mac = bytes(mac)
+        self.config[0:6] = self.mac
+        return True
+
+    def set_link(self, up: bool) -> None:
+        """Link status change (§5.1.4 status, VIRTIO_NET_S_LINK_UP) with a config interrupt."""
+        if up == self.link_up:
+            return
+        self.link_up = up
+        self.config_changed(self.build_config())
+
+    def announce(self) -> bool:
+        """Ask the guest to announce itself (§5.1.6.5.4, GUEST_ANNOUNCE)."""
+        if not self.has_feature(s.VIRTIO_NET_F_GUEST_ANNOUNCE):
+            return False
+        self.announce_pending = True
+        self.config_changed(self.build_config())
+        return True
+
+    # -- queue roles (§5.1.2) ----------------------------------------------------------------
+    def ctrl_index(self) -> int | None:
+        """§5.1.2: the control queue is 2N (N = max pairs with MQ, else 1); None if absent."""
+        if not self._features >> s.VIRTIO_NET_F_CTRL_VQ & 1:
+            return None
+        if self.status & (s.VIRTIO_CONFIG_S_FEATURES_OK | s.VIRTIO_CONFIG_S_DRIVER_OK):
+            if not self.has_feature(s.VIRTIO_NET_F_CTRL_VQ):
+                return None  # e.g. vhost-user: QEMU keeps the control queue for itself
+            if not self.has_feature(s.VIRTIO_NET_F_MQ):
+                return 2
+        return 2 * self.max_pairs
+
+    def queue_role(self, index: int) -> tuple[str, int]:
+        """``("rx"|"tx", pair)`` or ``("ctrl", -1)``; ``("none", -1)`` for an unused index."""
+        if index == self.ctrl_index():
+            return ("ctrl", -1)
+        if 0 <= index < 2 * self.max_pairs:
+            return ("tx" if index & 1 else "rx", index // 2)
+        return ("none", -1)
+
+    # -- activation --------------------------------------------------------------------------
+    def on_activate(self) -> None:
+        f = self.negotiated
+        self.hdr_len = hdr_size(f)
+        self.mrg_rxbuf = bool(f >> s.VIRTIO_NET_F_MRG_RXBUF & 1)
+        self.curr_pairs = 1 if f >> s.VIRTIO_NET_F_CTRL_VQ & 1 else self.max_pairs
+        self._reset_ctrl_state()
+        self._configure_backends(f)
+        for p in self.pairs:
+            p.clear()
+            p.enabled = p.index < self.curr_pairs
+            if p.backend is not None and p.rx_backend:
+                p.backend.set_enabled(p.enabled)
+
+    def _configure_backends(self, features: int) -> None:
+        seen: set[int] = set()
+        for p in self.pairs:
+            b = p.backend
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                # GUEST_OFFLOADS_SET may have turned some receive offloads off (§5.1.6.5.6).
+                b.configure(features & ~(_GUEST_OFFLOAD_MASK & ~self.guest_offloads),
+                            self.hdr_len)
+
+    def on_reset(self) -> None:
+        for p in self.pairs:
+            p.clear()
+        self.mac = self.perm_mac
+        self.announce_pending = False
+        self.config[:] = self.build_config()
+        self._reset_ctrl_state()
+
+    def start_direct(self, features: int, mem: GuestMemory, interrupt: Any = None) -> None:
+        """Walk §3.1.1 without a transport (in-process hosts): features, FEATURES_OK,
+        DRIVER_OK. Queue configuration must already be in ``queue_config``; raises
+        ``FeatureError`` when the features are refused."""
+        saved = [(q.size, q.desc, q.driver, q.device, q.ready) for q in self.queue_config]
+        self.reset()
+        for q, (size, desc, drv, dev, ready) in zip(self.queue_config, saved):
+            q.size, q.desc, q.driver, q.device, q.ready = size, desc, drv, dev, ready
+        self.attach(mem, interrupt)
+        A, D, F, K = (s.VIRTIO_CONFIG_S_ACKNOWLEDGE, s.VIRTIO_CONFIG_S_DRIVER,
+                      s.VIRTIO_CONFIG_S_FEATURES_OK, s.VIRTIO_CONFIG_S_DRIVER_OK)
+        self.write_status(A)
+        self.write_status(A | D)
+        self.set_driver_features(features)
+        if not self.write_status(A | D | F) or not self.status & F:
+            raise FeatureError(self.last_error or "features refused")
+        self.write_status(A | D | F | K)
+
+    # -- vhost-user host hooks (hosts/vhost_user.VirtioDeviceHost) ---------------------------
+    def queue_started(self, index: int) -> None:
+        role, pair = self.queue_role(index)
+        if role in ("rx", "tx"):
+            p = self.pairs[pair]
+            if role == "rx":
+                p.stash.clear()
+                p.stash_cap = 0
+                p.rx_waiting = False
+            else:
+                p.tx_pending.clear()
+
+    def queue_stopped(self, index: int) -> None:
+        """Publish what was used and give stashed/pending chains back (GET_VRING_BASE)."""
+        q = self.queues[index] if 0 <= index < len(self.queues) else None
+        role, pair = self.queue_role(index)
+        if q is None or role not in ("rx", "tx") or self.mem is None:
+            return
+        p = self.pairs[pair]
+        try:
+            q.publish(self.mem)
+        except Exception as e:  # guest memory may already be gone
+            log.debug("%s: publish at stop of queue %d: %s", self.name, index, e)
+        if role == "rx":
+            _rewind(q, [c for c, _v in p.stash])
+            p.clear()
+        else:
+            _rewind(q, [c for c, _i in p.tx_pending])
+            p.tx_pending.clear()
+
+    def queue_enabled(self, index: int, enabled: bool) -> None:
+        """vhost-user SET_VRING_ENABLE: a disabled pair discards TX and supplies no RX."""
+        role, pair = self.queue_role(index)
+        if role in ("rx", "tx"):
+            p = self.pairs[pair]
+            p.enabled = enabled
+            if p.backend is not None and p.rx_backend:
+                p.backend.set_enabled(enabled)
+
+    def set_mtu(self, mtu: int) -> None:
+        if 68 <= mtu <= 65535:
+            self.mtu = mtu
+            self.config[10:12] = mtu.to_bytes(2, "little")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """vhost-user SEND_RARP: inject a RARP announcement for ``mac`` into the backend."""
+        eth = b"\xff" * 6 + bytes(mac) + b"\x80\x35"
+        body = (b"\x00\x01\x08\x00\x06\x04\x00\x03" + bytes(mac) + b"\x00" * 4 + bytes(mac)
+                + b"\x00" * 4)
+        frame = (eth + body).ljust(60, b"\x00")
+        b = self.pairs[0].backend
+        if b is None:
+            return
+        if b.vnet_hdr:
+            b.send([[memoryview(VirtioNetHdr().pack(self.hdr_len) + frame)]])
+        else:
+            b.send([[memoryview(frame)]])
+
+    # -- queue dispatch ----------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        role, pair = self.queue_role(index)
+        if role == "rx":
+            self.process_rx(pair)
+        elif role == "tx":
+            self.process_tx(pair)
+        elif role == "ctrl":
+            self.process_ctrl(index)
+        else:
+            self._refuse(f"notify of unused queue {index}")
+
+    def backend_ready(self, pair: int) -> None:
+        """A backend has RX frames (or room for pending TX): serve both directions of ``pair``.
+
+        Guest faults become NEEDS_RESET (``run_guarded``), never exceptions."""
+        if not 0 <= pair < len(self.pairs) or not self.active:
+            return
+        p = self.pairs[pair]
+        if p.tx_pending and self.queues[2 * pair + 1] is not None:
+            self.run_guarded(2 * pair + 1, lambda i: self.process_tx(pair))
+        if p.rx_backend and self.queues[2 * pair] is not None:
+            self.run_guarded(2 * pair, lambda i: self.process_rx(pair))
+
+    # -- TX (§5.1.6.2) -----------------------------------------------------------------------
+    def process_tx(self, pair: int) -> bool:
+        """Drain the TX queue of ``pair`` in batches; returns True when work was left over."""
+        qi = 2 * pair + 1
+        q = self.queues[qi]
+        mem = self.mem
+        if q is None or mem is None:
+            return False
+        p = self.pairs[pair]
+        cnt = self.counters[qi]
+        be = p.backend
+        features = self.negotiated
+        hl = self.hdr_len
+        budget = self.budget
+        # Without a ``more_work`` hook nobody would call again: drain completely.
+        for _ in range(self.max_batches if self.more_work is not None else 1 << 62):
+            q.disable_notifications(mem)
+            batch = p.tx_pending
+            p.tx_pending = []
+            room = budget - len(batch)
+            chains = q.pop_batch(mem, room) if room > 0 else []
+            dropped: list[DescriptorChain] = []
+            for c in chains:
+                iov = self._tx_frame(c, mem, cnt, features, hl, be)
+                if iov is None:
+                    dropped.append(c)
+                else:
+                    batch.append((c, iov))
+            for c in dropped:
+                q.push(mem, c, 0)
+            taken = 0
+            if batch:
+                if be is None or not p.enabled:
+                    taken = len(batch)
+                    cnt["drops"] += taken
+                    cnt["tx_drop_no_backend"] = cnt.get("tx_drop_no_backend", 0) + taken
+                else:
+                    taken = be.send([iov for _c, iov in batch])
+                    while 0 < taken < len(batch):  # partial take: offer the rest while it moves
+                        more = be.send([iov for _c, iov in batch[taken:]])
+                        if not more:
+                            break
+                        taken += more
+                    frames = batch[:taken]
+                    cnt["frames"] += taken
+                    cnt["bytes"] += sum(c.readable_len for c, _i in frames) - hl * taken
+                for c, _i in batch[:taken]:
+                    q.push(mem, c, 0)
+                if taken < len(batch):
+                    p.tx_pending = batch[taken:]
+                    cnt["tx_backpressure"] = cnt.get("tx_backpressure", 0) + 1
+            cnt["chains"] += len(chains)
+            if q.publish(mem):
+                self.signal_used(qi)
+            if p.tx_pending:
+                return True  # the backend is full: retried on its wake-up or the next kick
+            if len(chains) < room:
+                if not q.enable_notifications(mem):
+                    return False
+        if self.more_work is not None:
+            self.more_work(qi)
+        return True
+
+    def _tx_frame(self, c: DescriptorChain, mem: GuestMemory, cnt: dict[str, int],
+                  features: int, hl: int, be: NetBackend | None) -> list[Any] | None:
+        """The iovec to hand the backend for chain ``c``, or None (dropped, counted)."""
+        views = list(c.readable(mem))
+        reason = None
+        if c.readable_len < hl:
+            reason = "short_header"
+            hdr = None
+        else:
+            v0 = views[0]
+            hb = v0[:hl] if len(v0) >= hl else gather(views, hl)
+            hdr = None
+            if hb[0] or hb[1]:  # flags or gso_type: the slow path with full checks
+                hdr = VirtioNetHdr.unpack(hb, hl)
+                reason = check_tx_header(hdr, c.readable_len - hl, features)
+            elif c.readable_len - hl < ETH_HLEN:
+                reason = "runt"
+            elif c.readable_len - hl > MAX_FRAME:
+                reason = "oversize"
+        if reason is not None:
+            key = "tx_drop_" + reason
+            cnt[key] = cnt.get(key, 0) + 1
+            cnt["drops"] += 1
+            n = cnt[key]
+            if n & (n - 1) == 0:
+                log.warning("%s: TX frame dropped: %s (%d so far)", self.name, reason, n)
+            return None
+        take_hdr = be is not None and be.vnet_hdr
+        if hdr is not None and hdr.needs_csum and (not take_hdr or not be.host_offloads >>
+                                                   s.VIRTIO_NET_F_CSUM & 1):
+            # Finish the checksum on a private copy (TX buffers are read-only to the device).
+            frame = bytearray(b"".join(skip(views, hl)))
+            finish_checksum(frame, hdr.csum_start, hdr.csum_offset)
+            cnt["tx_sw_csum"] = cnt.get("tx_sw_csum", 0) + 1
+            if take_hdr:
+                h = VirtioNetHdr(gso_type=hdr.gso_type, hdr_len=hdr.hdr_len,
+                                 gso_size=hdr.gso_size)
+                return [memoryview(h.pack(hl)), memoryview(frame)]
+            return [memoryview(frame)]
+        if take_hdr:
+            return views
+        return skip(views, hl)
+
+    # -- RX (§5.1.6.3, §5.1.6.4) -------------------------------------------------------------
+    def _max_rx_len(self) -> int:
+        """Buffers to prepare when the backend cannot tell the frame length."""
+        if self.negotiated & _GSO_RX_MASK & (self.guest_offloads | ~_GUEST_OFFLOAD_MASK):
+            return self.hdr_len + MAX_FRAME
+        return self.hdr_len + max(self.mtu or 1500, 1500) + ETH_HLEN + 4
+
+    def process_rx(self, pair: int) -> bool:
+        """Move frames from the backend into the guest's RX buffers (see module docstring).
+
+        Returns True when frames may be left in the backend (budget or buffers ran out)."""
+        qi = 2 * pair
+        q = self.queues[qi]
+        mem = self.mem
+        p = self.pairs[pair]
+        be = p.backend
+        if q is None or mem is None or be is None or not p.rx_backend:
+            return False
+        cnt = self.counters[qi]
+        hl = self.hdr_len
+        mrg = self.mrg_rxbuf
+        vnet = be.vnet_hdr
+        stash = p.stash
+        filt = self._filter_active
+        clear_flags = vnet and not self.has_feature(s.VIRTIO_NET_F_GUEST_CSUM)
+        drain = getattr(be, "drain_wakeup", None)
+        if drain is not None:
+            drain()
+        frames = 0
+        starved = False
+        limit = self.budget * self.max_batches if self.more_work is not None else 1 << 62
+        if not p.enabled:
+            return False
+        while frames < limit:
+            want = be.pending_len()
+            if want == 0:
+                break
+            need = (self._max_rx_len() if want is None else
+                    (want if vnet else want + hl))
+            # Collect buffers: enough for ``need`` (mergeable) or one chain (not mergeable).
+            if mrg:
+                while p.stash_cap < need:
+                    if not self._stash_one(q, mem, p, cnt, hl):
+                        break
+                if p.stash_cap < need and (want is not None or p.stash_cap < hl + 1514):
+                    starved = True
+                    break
+            elif not stash and not self._stash_one(q, mem, p, cnt, hl):
+                starved = True
+                break
+            if mrg:
+                views = [v for _c, vs in stash for v in vs]
+                cap = p.stash_cap
+            else:
+                views = stash[0][1]
+                cap = stash[0][0].writable_len
+                if want is not None and cap < need:
+                    self._drop_rx(be, cnt, "too_big")
+                    continue
+            if vnet:
+                n = be.recv(views)
+                total = n
+            else:
+                n = be.recv(skip(views, hl))
+                total = n + hl if n else 0
+            if n == 0:
+                break
+            if total > cap:
+                # tun reports the whole frame length even when our buffers cut it short.
+                cnt["drops"] += 1
+                cnt["rx_drop_truncated"] = cnt.get("rx_drop_truncated", 0) + 1
+                continue
+            if vnet and n < hl:
+                cnt["drops"] += 1
+                cnt["rx_drop_short"] = cnt.get("rx_drop_short", 0) + 1
+                continue
+            if filt and not self._rx_accept(gather(views, 18, hl)):
+                cnt["rx_filtered"] = cnt.get("rx_filtered", 0) + 1
+                continue
+            if not vnet:
+                views0 = stash[0][1]
+                scatter(views0, VirtioNetHdr().pack(hl))
+            elif clear_flags:
+                scatter(stash[0][1], b"\0")
+            # Hand the chains over: mergeable may span several.
+            used = 0
+            left = total
+            first = stash[0][1]
+            while stash and (left > 0 or used == 0):
+                c, vs = stash.popleft()
+                w = min(c.writable_len, left)
+                q.push(mem, c, w)
+                p.stash_cap -= c.writable_len
+                left -= w
+                used += 1
+                if not mrg:
+                    break
+            if hl == 12:
+                scatter(first, used.to_bytes(2, "little"), NUM_BUFFERS_OFFSET)
+            frames += 1
+            cnt["chains"] += used
+            cnt["frames"] += 1
+            cnt["bytes"] += total - hl
+        if q.publish(mem):  # frames, and chains returned unused (too small for a header)
+            self.signal_used(qi)
+        if starved:
+            cnt["rx_wait_buffers"] = cnt.get("rx_wait_buffers", 0) + 1
+            if q.enable_notifications(mem):
+                # Buffers arrived between our last pop and the re-enable: go round again.
+                return self.process_rx(pair) if frames else True
+            if not p.rx_waiting:
+                p.rx_waiting = True
+                if self.rx_watch is not None:
+                    self.rx_watch(pair, False)
+            return True
+        if p.rx_waiting:
+            p.rx_waiting = False
+            if self.rx_watch is not None:
+                self.rx_watch(pair, True)
+        if frames >= limit:
+            if self.more_work is not None:
+                self.more_work(qi)
+            return True
+        return False
+
+    def _stash_one(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
+                   hl: int) -> bool:
+        """Pop one RX chain into the stash; False when the ring is empty. A chain too small
+        for the header (§5.1.6.3.1) is returned unused and counted."""
+        while True:
+            c = q.pop(mem)
+            if c is None:
+                return False
+            if c.writable_len < hl:
+                q.push(mem, c, 0)
+                cnt["drops"] += 1
+                cnt["rx_bad_chain"] = cnt.get("rx_bad_chain", 0) + 1
+                continue
+            p.stash.append((c, list(c.writable(mem))))
+            p.stash_cap += c.writable_len
+            return True
+
+    def _drop_rx(self, be: NetBackend, cnt: dict[str, int], reason: str) -> None:
+        scratch = bytearray(self.hdr_len + MAX_FRAME)
+        be.recv([memoryview(scratch)])
+        key = "rx_drop_" + reason
+        cnt[key] = cnt.get(key, 0) + 1
+        cnt["drops"] += 1
+        if cnt[key] & (cnt[key] - 1) == 0:
+            log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
+
+    # -- RX filter (§5.1.6.5.1, §5.1.6.5.2, §5.1.6.5.3) --------------------------------------
+    def _reset_ctrl_state(self) -> None:
+        self.promisc = True  # §5.1.6.5.1: promiscuous until the driver says otherwise
+        self.allmulti = False
+        self.alluni = False
+        self.nomulti = False
+        self.nouni = False
+        self.nobcast = False
+        self.uc_table: set[bytes] = set()
+        self.mc_table: set[bytes] = set()
+        self.uc_overflow = False
+        self.mc_overflow = False
+        self.vlans: set[int] = set()
+        self.guest_offloads = _GUEST_OFFLOAD_MASK
+        self._filter_active = False
+
+    def _update_filter(self) -> None:
+        self._filter_active = (
+            (self.has_feature(s.VIRTIO_NET_F_CTRL_RX) and not self.promisc)
+            or self.has_feature(s.VIRTIO_NET_F_CTRL_VLAN)
+        )
+
+    def _rx_accept(self, head: bytes) -> bool:
+        """Would the guest's filter state accept a frame starting with ``head`` (18 bytes)?"""
+        if len(head) < ETH_HLEN:
+            return False
+        if self.has_feature(s.VIRTIO_NET_F_CTRL_VLAN) and head[12:14] == b"\x81\x00" \
+                and len(head) >= 16:
+            vid = int.from_bytes(head[14:16], "big") & 0x0FFF
+            if vid not in self.vlans:
+                return False
+        if self.promisc or not self.has_feature(s.VIRTIO_NET_F_CTRL_RX):
+            return True
+        dst = head[0:6]
+        if dst == b"\xff" * 6:
+            return not self.nobcast
+        if dst[0] & 1:
+            if self.nomulti:
+                return False
+            return self.allmulti or self.mc_overflow or dst in self.mc_table
+        if self.nouni:
+            return False
+        return self.alluni or self.uc_overflow or dst == self.mac or dst in self.uc_table
+
+    # -- control queue (§5.1.6.5) ------------------------------------------------------------
+    def process_ctrl(self, index: int) -> None:
+        q = self.queues[index]
+        mem = self.mem
+        if q is None or mem is None:
+            return
+        while True:
+            chains = q.pop_batch(mem, 64)
+            if not chains:
+                break
+            for c in chains:
+                self.counters[index]["chains"] += 1
+                if c.writable_len < 1 or c.readable_len < 2:
+                    self.ctrl_counters["bad_chains"] += 1
+                    log.warning("%s: control chain without class/command or ack byte",
+                                self.name)
+                    q.push(mem, c, 0)
+                    continue
+                data = gather(list(c.readable(mem)), min(c.readable_len, 4 + 2 * (
+                    4 + 6 * (MAC_TABLE_MAX * 64))))
+                ack = self.control_command(data[0], data[1], data[2:])
+                c.write(mem, bytes([ack]))
+                q.push(mem, c, 1)
+            if q.publish(mem):
+                self.signal_used(index)
+
+    def control_command(self, cls: int, cmd: int, data: bytes) -> int:
+        """Run one control command; VIRTIO_NET_OK or VIRTIO_NET_ERR (never raises)."""
+        self.ctrl_counters["commands"] += 1
+        handler = self._ctrl_table.get((cls, cmd))
+        try:
+            ok = handler is not None and handler(bytes([cls, cmd]) + data)
+        except (ValueError, IndexError) as e:
+            log.warning("%s: control command %d/%d: %s", self.name, cls, cmd, e)
+            ok = False
+        if ok:
+            self.ctrl_counters["ok"] += 1
+            return s.VIRTIO_NET_OK
+        self.ctrl_counters["err"] += 1
+        log.info("%s: control command class %d cmd %d -> ERR", self.name, cls, cmd)
+        return s.VIRTIO_NET_ERR
+
+    def _ctrl_rx_mode(self, d: bytes) -> bool:
+        cmd = d[1]
+        if not self.has_feature(s.VIRTIO_NET_F_CTRL_RX) or len(d) != 3:
+            return False
+        if cmd > s.VIRTIO_NET_CTRL_RX_ALLMULTI and not self.has_feature(
+                s.VIRTIO_NET_F_CTRL_RX_EXTRA):
+            return False
+        on = bool(d[2])
+        attr = {s.VIRTIO_NET_CTRL_RX_PROMISC: "promisc", s.VIRTIO_NET_CTRL_RX_ALLMULTI:
+                "allmulti", s.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", s.VIRTIO_NET_CTRL_RX_NOMULTI:
+                "nomulti", s.VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
+                s.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}[cmd]
+        setattr(self, attr, on)
+        self._update_filter()
+        return True
+
+    def _ctrl_mac_table(self, d: bytes) -> bool:
+        """§5.1.6.5.2: two ``{le32 entries; u8 macs[entries][6]}``: unicast, then multicast."""
+        if not self.has_feature(s.VIRTIO_NET_F_CTRL_RX):
+            return False
+        off = 2
+        tables: list[list[bytes]] = []
+        for _ in range(2):
+            if off + 4 > len(d):
+                return False
+            n = int.from_bytes(d[off : off + 4], "little")
+            off += 4
+            if n > (len(d) - off) // 6:
+                return False
+            tables.append([d[off + 6 * i : off + 6 * i + 6] for i in range(n)])
+            off += 6 * n
+        if off != len(d):
+            return False
+        uc, mc = tables
+        self.uc_overflow = len(uc) > MAC_TABLE_MAX
+        self.mc_overflow = len(mc) > MAC_TABLE_MAX
+        self.uc_table = set(uc[:MAC_TABLE_MAX])
+        self.mc_table = set(mc[:MAC_TABLE_MAX])
+        self._update_filter()
+        return True
+
+    def _ctrl_mac_addr(self, d: bytes) -> bool:
+        if not self.has_feature(s.VIRTIO_NET_F_CTRL_MAC_ADDR) or len(d) != 8:
+            return False
+        self.mac = bytes(d[2:8])
+        self.config[0:6] = self.mac
+        return True
+
+    def _ctrl_vlan(self, d: bytes) -> bool:
+        if not self.has_feature(s.VIRTIO_NET_F_CTRL_VLAN) or len(d) != 4:
+            return False
+        vid = int.from_bytes(d[2:4], "little")
+        if vid >= 4096:
+            return False
+        if d[1] == s.VIRTIO_NET_CTRL_VLAN_ADD:
+            self.vlans.add(vid)
+        else:
+            self.vlans.discard(vid)
+        self._update_filter()
+        return True
+
+    def _ctrl_announce(self, d: bytes) -> bool:
+        if not self.has_feature(s.VIRTIO_NET_F_GUEST_ANNOUNCE) or len(d) != 2:
+            return False
+        if self.announce_pending:
+            self.announce_pending = False
+            self.config[6:8] = (s.VIRTIO_NET_S_LINK_UP if self.link_up else 0).to_bytes(
+                2, "little")
+        return True
+
+    def _ctrl_mq(self, d: bytes) -> bool:
+        """§5.1.6.5.5: use queue pairs 0..n-1 (1 <= n <= max_virtqueue_pairs)."""
+        if not self.has_feature(s.VIRTIO_NET_F_MQ) or len(d) != 4:
+            return False
+        n = int.from_bytes(d[2:4], "little")
+        if not 1 <= n <= self.max_pairs:
+            return False
+        self.curr_pairs = n
+        for p in self.pairs:
+            en = p.index < n
+            if en != p.enabled:
+                p.enabled = en
+                if p.backend is not None and p.rx_backend:
+                    p.backend.set_enabled(en)
+        return True
+
+    def _ctrl_offloads(self, d: bytes) -> bool:
+        """§5.1.6.5.6: GUEST_OFFLOADS_SET: a subset of the negotiated GUEST_* offloads."""
+        if not self.has_feature(s.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) or len(d) != 10:
+            return False
+        bits = int.from_bytes(d[2:10], "little")
+        allowed = self.negotiated & _GUEST_OFFLOAD_MASK
+        if bits & ~allowed:
+            return False
+        self.guest_offloads = bits
+        self._configure_backends(self.negotiated)
+        return True
+
+    # -- reporting ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        d = super().stats()
+        names = []
+        for i in range(self.num_queues):
+            role, pair = self.queue_role(i)
+            names.append(f"{role}{pair}" if pair >= 0 else role)
+        for qd, n in zip(d["queues"], names):
+            qd["name"] = n
+        d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
+        d["link"] = "up" if self.link_up else "down"
+        d["queue_pairs"] = {"max": self.max_pairs, "current": self.curr_pairs}
+        d["hdr_len"] = self.hdr_len
+        d["mrg_rxbuf"] = self.mrg_rxbuf
+        d["ctrl"] = dict(self.ctrl_counters)
+        d["rx_mode"] = {"promisc": self.promisc, "allmulti": self.allmulti,
+                        "uc_table": len(self.uc_table), "mc_table": len(self.mc_table),
+                        "vlans": sorted(self.vlans)}
+        d["backends"] = [
+            {"pair": p.index, "name": p.backend.name, **p.backend.stats()}
+            if p.backend is not None and p.rx_backend else {"pair": p.index, "name": None}
+            for p in self.pairs
+        ]
+        return d
+
+
+__all__ += ["TX_DROP_REASONS"]

@@ -1,0 +1,293 @@
+"""``struct virtio_net_hdr`` (virtio 1.2 §5.1.6): pack, unpack, validate, finish checksums.
+
+Theory of operation
+-------------------
+Every frame on a virtio-net queue is preceded by a header::
+
+    u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size; le16 csum_start; le16 csum_offset;
+    le16 num_buffers;   /* only with VIRTIO_F_VERSION_1 or VIRTIO_NET_F_MRG_RXBUF */
+
+so the header is 12 bytes when VERSION_1 or MRG_RXBUF was negotiated and 10 bytes otherwise
+(§5.1.6 "Legacy Interface: Device Operation"). ``hdr_size(features)`` is that rule.
+
+The TX header comes from the guest and is hostile. ``check_tx_header`` returns ``None`` for an
+acceptable header or a short *reason* string (a counter name, e.g. ``"bad_csum_offset"``): the
+device then drops the frame, counts the reason and goes on -- a bad header is the guest's fault
+for that frame only, never a reason to reset the device (§5.1.6.2.1 driver requirements).
+
+When a backend cannot take checksum offload, ``finish_checksum`` computes the partial checksum a
+guest left (NEEDS_CSUM: sum everything from ``csum_start`` to the end, store the complement at
+``csum_start + csum_offset``; the guest already seeded that field with the pseudo-header sum).
+The ones' complement sum uses ``int.from_bytes(...) % 0xFFFF`` (2^16 = 1 mod 0xFFFF, so the big
+integer's residue is the folded 16-bit word sum) -- linear time in C, no per-byte Python loop.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from virtwire.virtio.spec import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_HOST_USO,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VIRTIO_NET_HDR_LEN,
+    VIRTIO_NET_HDR_MRG_RXBUF_LEN,
+)
+
+__all__ = [
+    "VirtioNetHdr",
+    "hdr_size",
+    "gather",
+    "scatter",
+    "check_tx_header",
+    "finish_checksum",
+    "inet_sum",
+    "ethertype",
+    "dst_mac",
+    "src_mac",
+    "is_multicast",
+    "MAX_FRAME",
+    "ETH_HLEN",
+]
+
+ETH_HLEN = 14
+# Largest frame (without the virtio header) a backend hands us or we hand it: 64 KiB GSO frames
+# plus an Ethernet header and a VLAN tag, as the tun driver allows.
+MAX_FRAME = 65535 + ETH_HLEN + 4
+NUM_BUFFERS_OFFSET = 10  # le16 num_buffers within the 12-byte header
+
+_HDR10 = struct.Struct("<BBHHHH")
+_HDR12 = struct.Struct("<BBHHHHH")
+
+# gso_type (without the ECN bit) -> the device feature that lets a driver send it (§5.1.6.2.1).
+GSO_FEATURE = {
+    VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_HDR_GSO_UDP: VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_HDR_GSO_UDP_L4: VIRTIO_NET_F_HOST_USO,
+}
+
+# The reasons ``check_tx_header`` may return (counter names, "tx_drop_<reason>").
+TX_DROP_REASONS = (
+    "short_header",
+    "runt",
+    "oversize",
+    "csum_not_negotiated",
+    "bad_csum_offset",
+    "bad_gso_type",
+    "gso_not_negotiated",
+    "ecn_not_negotiated",
+    "gso_without_csum",
+    "bad_gso_size",
+)
+
+
+def hdr_size(features: int) -> int:
+    """§5.1.6: 12 bytes with VERSION_1 or MRG_RXBUF, else the legacy 10."""
+    if features >> VIRTIO_F_VERSION_1 & 1 or features >> VIRTIO_NET_F_MRG_RXBUF & 1:
+        return VIRTIO_NET_HDR_MRG_RXBUF_LEN
+    return VIRTIO_NET_HDR_LEN
+
+
+@dataclass(slots=True)
+class VirtioNetHdr:
+    """One ``struct virtio_net_hdr`` (§5.1.6), host byte values."""
+
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+
+    def pack(self, size: int = VIRTIO_NET_HDR_MRG_RXBUF_LEN) -> bytes:
+        """The header's ``size`` (10 or 12) bytes."""
+        if size == VIRTIO_NET_HDR_MRG_RXBUF_LEN:
+            return _HDR12.pack(self.flags & 0xFF, self.gso_type & 0xFF, self.hdr_len & 0xFFFF,
+                               self.gso_size & 0xFFFF, self.csum_start & 0xFFFF,
+                               self.csum_offset & 0xFFFF, self.num_buffers & 0xFFFF)
+        if size == VIRTIO_NET_HDR_LEN:
+            return _HDR10.pack(self.flags & 0xFF, self.gso_type & 0xFF, self.hdr_len & 0xFFFF,
+                               self.gso_size & 0xFFFF, self.csum_start & 0xFFFF,
+                               self.csum_offset & 0xFFFF)
+        raise ValueError(f"virtio_net_hdr size {size} (must be 10 or 12)")
+
+    def pack_into(self, buf: memoryview | bytearray, offset: int = 0,
+                  size: int = VIRTIO_NET_HDR_MRG_RXBUF_LEN) -> None:
+        """Write the header into a (private, not concurrently read) buffer."""
+        buf[offset : offset + size] = self.pack(size)
+
+    @classmethod
+    def unpack(cls, data: bytes | bytearray | memoryview,
+               size: int = VIRTIO_NET_HDR_MRG_RXBUF_LEN) -> VirtioNetHdr:
+        """Parse ``size`` bytes; raises ``ValueError`` if ``data`` is shorter."""
+        if len(data) < size:
+            raise ValueError(f"virtio_net_hdr needs {size} bytes, got {len(data)}")
+        if size == VIRTIO_NET_HDR_MRG_RXBUF_LEN:
+            return cls(*_HDR12.unpack_from(data, 0))
+        if size == VIRTIO_NET_HDR_LEN:
+            return cls(*_HDR10.unpack_from(data, 0))
+        raise ValueError(f"virtio_net_hdr size {size} (must be 10 or 12)")
+
+    @property
+    def needs_csum(self) -> bool:
+        return bool(self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+
+    @property
+    def gso(self) -> int:
+        """The GSO type without the ECN bit."""
+        return self.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+
+    def to_dict(self) -> dict[str, int]:
+        return {"flags": self.flags, "gso_type": self.gso_type, "hdr_len": self.hdr_len,
+                "gso_size": self.gso_size, "csum_start": self.csum_start,
+                "csum_offset": self.csum_offset, "num_buffers": self.num_buffers}
+
+
+# --- scatter/gather over lists of views ---------------------------------------------------------
+def gather(views: Sequence[memoryview], n: int, offset: int = 0) -> bytes:
+    """Up to ``n`` bytes starting at ``offset`` across the concatenation of ``views``."""
+    out = []
+    need = n
+    for v in views:
+        ln = len(v)
+        if offset >= ln:
+            offset -= ln
+            continue
+        take = min(ln - offset, need)
+        out.append(bytes(v[offset : offset + take]))
+        need -= take
+        offset = 0
+        if not need:
+            break
+    return b"".join(out)
+
+
+def scatter(views: Sequence[memoryview], data: bytes | memoryview, offset: int = 0) -> int:
+    """Write ``data`` at ``offset`` across ``views``; returns the bytes written."""
+    src = memoryview(data)
+    done = 0
+    for v in views:
+        ln = len(v)
+        if offset >= ln:
+            offset -= ln
+            continue
+        take = min(ln - offset, len(src) - done)
+        v[offset : offset + take] = src[done : done + take]
+        done += take
+        offset = 0
+        if done == len(src):
+            break
+    return done
+
+
+def skip(views: Sequence[memoryview], n: int) -> list[memoryview]:
+    """The views with the first ``n`` bytes removed (zero-copy slices)."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+# --- TX header validation (§5.1.6.2) ------------------------------------------------------------
+def check_tx_header(hdr: VirtioNetHdr, frame_len: int, features: int) -> str | None:
+    """Why the guest's TX header is unacceptable (a reason from ``TX_DROP_REASONS``), or None.
+
+    ``frame_len`` is the Ethernet frame length after the header; ``features`` the negotiated
+    word. Unknown flag bits are ignored (§5.1.6.2.2: the device MUST ignore flag bits it does
+    not recognize).
+    """
+    if frame_len < ETH_HLEN:
+        return "runt"
+    gso = hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if frame_len > MAX_FRAME:
+        return "oversize"
+    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        if not features >> VIRTIO_NET_F_CSUM & 1:
+            return "csum_not_negotiated"
+        # The 16-bit checksum field must lie inside the frame.
+        if hdr.csum_start + hdr.csum_offset + 2 > frame_len:
+            return "bad_csum_offset"
+    if gso != VIRTIO_NET_HDR_GSO_NONE or hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN:
+        feat = GSO_FEATURE.get(gso)
+        if feat is None:
+            return "bad_gso_type"
+        if not features >> feat & 1:
+            return "gso_not_negotiated"
+        if hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN and not features >> VIRTIO_NET_F_HOST_ECN & 1:
+            return "ecn_not_negotiated"
+        if not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return "gso_without_csum"
+        if hdr.gso_size == 0:
+            return "bad_gso_size"
+    return None
+
+
+# --- checksums (RFC 1071) -----------------------------------------------------------------------
+def inet_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The 16-bit ones' complement sum of ``data`` (big-endian words, odd tail padded)."""
+    b = bytes(data)
+    if len(b) & 1:
+        b += b"\0"
+    r = (int.from_bytes(b, "big") + initial) % 0xFFFF
+    if r == 0 and (initial or any(b)):
+        return 0xFFFF
+    return r
+
+
+def finish_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
+    """Complete a NEEDS_CSUM partial checksum in place (§5.1.6.2 "csum_start/csum_offset").
+
+    The field at ``csum_start + csum_offset`` holds the pseudo-header sum the sender seeded;
+    the result is the complement of the sum over ``frame[csum_start:]`` including that field.
+    A UDP checksum (offset 6) of 0 is sent as 0xFFFF (RFC 768).
+    """
+    pos = csum_start + csum_offset
+    if csum_start < 0 or pos + 2 > len(frame):
+        raise ValueError(f"checksum field {csum_start}+{csum_offset} outside {len(frame)} bytes")
+    s = inet_sum(frame[csum_start:])
+    c = ~s & 0xFFFF
+    if c == 0 and csum_offset == 6:
+        c = 0xFFFF
+    frame[pos] = c >> 8
+    frame[pos + 1] = c & 0xFF
+
+
+# --- tiny Ethernet helpers (full decoding lives in net/frame.py) --------------------------------
+def dst_mac(frame: bytes | memoryview) -> bytes:
+    return bytes(frame[0:6])
+
+
+def src_mac(frame: bytes | memoryview) -> bytes:
+    return bytes(frame[6:12])
+
+
+def ethertype(frame: bytes | memoryview) -> int:
+    """The outer EtherType (or 802.3 length); -1 for a runt."""
+    if len(frame) < ETH_HLEN:
+        return -1
+    return (frame[12] << 8) | frame[13]
+
+
+def is_multicast(mac: bytes | memoryview) -> bool:
+    """Group bit of a MAC address (broadcast included)."""
+    return bool(mac[0] & 1)
