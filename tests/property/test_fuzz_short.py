@@ -8,7 +8,7 @@ from virtwire.cli import main
 from virtwire.virtio.fuzz import FuzzStats, run_case, run_range
 
 # Ring formats fuzzed here (the packed ring's owner adds "packed").
-FORMATS = ["split"]
+FORMATS = ["split", "packed"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -9,7 +9,7 @@ from virtwire.virtio.queue import QueueFull
 from virtwire.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, bit
 
 # Ring formats the pair tests run on (the packed ring's owner adds "packed" here).
-FORMATS = ["split"]
+FORMATS = ["split", "packed"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
