@@ -37,7 +37,7 @@ from typing import Any
 
 from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
-from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost, build_rarp
+from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
 from virtwire.loop import EventLoop
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,12 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
 
 
 def _make_device(cfg: PortConfig, backends: list[Any]) -> Any:
-    """The virtio-net device model for one port (N's ``net.device.VirtioNet``)."""
+    """The virtio-net device model for one port (``net.device.VirtioNet``), QEMU-style options."""
     from virtwire.net.device import VirtioNet
 
-    opts = {k: v for k, v in cfg.features.items() if k != "packed"}
-    return VirtioNet(backends=backends, mac=bytes.fromhex(cfg.mac.replace(":", "")),
-                     queue_size=cfg.queue_size, packed=cfg.packed, mtu=cfg.mtu,
-                     name=cfg.name, vhost_user=True, **opts)
+    opts = {k: ("on" if v else "off") for k, v in cfg.features.items()}
+    return VirtioNet(backends, options=opts, mac=cfg.mac, queues=cfg.queues,
+                     queue_size=cfg.queue_size, mtu=cfg.mtu, name=cfg.name)
 
 
 class Server:
@@ -127,11 +126,12 @@ class Server:
                                  max_queue_size=cfg.queue_size)
         host.on_ring_error = vhost.ring_error
         # An RX kick means the guest posted buffers: a paused backend is watched again.
-        host.on_kicked = lambda i, port_ref=None: self._rx_kicked(i, host)
+        host.on_kicked = lambda i: self._rx_kicked(i, host)
         port = Port(cfg, device, host, vhost, backends, [False] * cfg.queues)
-        # Device hooks the host cannot know about: RARP goes out of pair 0's backend.
-        if not hasattr(device, "send_rarp"):
-            device.send_rarp = lambda mac, b=backends[0], d=device: _send_raw(d, b, build_rarp(mac))
+        # The device tells us when a pair's RX ring ran dry (stop watching the backend fd, a
+        # level-triggered TAP would spin) and when a batch budget ran out (serve it again).
+        device.rx_watch = lambda pair, on: (self._resume_rx if on else self._pause_rx)(port, pair)
+        device.more_work = vhost.kick_ring
         for pair, be in enumerate(backends):
             fd = be.fileno()
             if fd is not None:
@@ -147,28 +147,18 @@ class Server:
                 self._resume_rx(p, index // 2)
 
     def _on_backend_readable(self, port: Port, pair: int) -> None:
-        """A backend has RX frames for ``pair``: fill the guest's RX ring (one batch)."""
-        be = port.backends[pair]
-        drain = getattr(be, "drain_wakeup", None)
-        if drain is not None:
-            drain()
+        """A backend has RX frames for ``pair`` (or room again): serve the pair (one batch)."""
         vr = port.vhost.vrings[2 * pair]
         if not vr.started or not vr.enabled:
             self._pause_rx(port, pair)  # nowhere to put frames; a ring start/kick resumes
             return
-        self.loop.defer(("rx", id(port), pair), self._fill_rx, port, pair)
+        self.loop.defer(("rx", id(port), pair), self._serve_backend, port, pair)
 
-    def _fill_rx(self, port: Port, pair: int) -> None:
-        vr = port.vhost.vrings[2 * pair]
-        if not vr.started:
+    def _serve_backend(self, port: Port, pair: int) -> None:
+        if not port.vhost.vrings[2 * pair].started or not port.device.active:
+            self._pause_rx(port, pair)  # a device that cannot take frames must not spin us
             return
-        port.host.queue_kicked(2 * pair)
-        q, mem = vr.queue, port.vhost.mem
-        starved = q is None or mem is None or not q.has_available(mem)
-        if starved:
-            self._pause_rx(port, pair)
-        else:
-            self._resume_rx(port, pair)
+        port.device.backend_ready(pair)
 
     def _pause_rx(self, port: Port, pair: int) -> None:
         fd = port.backends[pair].fileno()
@@ -269,12 +259,6 @@ class Server:
                 conn.sendall(json.dumps(self.stats()).encode() + b"\n")
             except OSError as e:
                 log.debug("control client went away: %s", e)
-
-
-def _send_raw(device: Any, backend: Any, frame: bytes) -> None:
-    """Send one frame out of ``backend`` as if the guest had sent it (header prepended)."""
-    hdr_len = getattr(backend, "hdr_len", 12) if getattr(backend, "vnet_hdr", False) else 0
-    backend.send([[memoryview(bytes(hdr_len) + frame)]])
 
 
 def build(configs: list[PortConfig], loop: EventLoop | None = None) -> Server:

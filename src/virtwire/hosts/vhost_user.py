@@ -844,6 +844,10 @@ class _RingInterrupts:
         log.debug("config interrupt dropped (no back-end channel)")
 
 
+_CTRL_VQ_DEPENDENTS = spec.bit(*(f for f, deps in spec.NET_FEATURE_REQUIRES.items()
+                                  if spec.VIRTIO_NET_F_CTRL_VQ in deps))
+
+
 class VirtioDeviceHost:
     """Hosts a ``virtio.device.VirtioDevice`` (e.g. ``net.device.VirtioNet``) behind vhost-user.
 
@@ -882,6 +886,10 @@ class VirtioDeviceHost:
         from virtwire.virtio import spec as s
 
         d = self.dev
+        if not features >> s.VIRTIO_NET_F_CTRL_VQ & 1 and getattr(d, "device_id", 0) == 1:
+            # QEMU keeps the control queue (and everything built on it) for itself, yet it
+            # forwards GUEST_ANNOUNCE in SET_FEATURES: drop what depends on CTRL_VQ here.
+            features &= ~_CTRL_VQ_DEPENDENTS
         if d.status & s.VIRTIO_CONFIG_S_FEATURES_OK and d.negotiated == features:
             return  # repeated SET_FEATURES (QEMU re-sends on start): nothing changes
         d.reset()
