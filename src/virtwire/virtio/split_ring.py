@@ -213,8 +213,7 @@ class SplitQueue:
         self.next_used = 0
         self._staged = 0
         self._in_flight = 0
-        self._signalled_used = 0
-        self._signalled_valid = False
+        self._signalled_used = 0  # used idx at the last notification decision
         self._mem: GuestMemory | None = None
         self._views: tuple[memoryview, ...] = ()
 
@@ -250,8 +249,7 @@ class SplitQueue:
         self.desc_addr = self.avail_addr = self.used_addr = 0
         self.next_avail = self.next_used = 0
         self._staged = self._in_flight = 0
-        self._signalled_used = 0
-        self._signalled_valid = False
+        self._signalled_used = 0  # used idx at the last notification decision
 
     def get_base(self) -> int:
         """VHOST_USER_GET_VRING_BASE: the next avail index the device will read."""
@@ -262,7 +260,7 @@ class SplitQueue:
         base &= 0xFFFF
         self.next_avail = self.next_used = base
         self._staged = self._in_flight = 0
-        self._signalled_valid = False
+        self._signalled_used = base
 
     # -- available ring ----------------------------------------------------------------------
     def _avail_pending(self, avail_h: memoryview) -> int:
@@ -381,16 +379,12 @@ class SplitQueue:
         unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT."""
         new = self.next_used
         old = self._signalled_used
-        valid = self._signalled_valid
         self._signalled_used = new
-        self._signalled_valid = True
-        if valid and new == old:
+        if new == old:
             return False
         avail_h = self._v(mem)[3]
         full_fence()  # used.idx store before the used_event / flags load
         if self.event_idx:
-            if not valid:
-                return True
             return vring_need_event(avail_h[2 + self.size], new, old)
         return not avail_h[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
