@@ -101,6 +101,8 @@ __all__ = [
     "read_events",
     "add_trace_arguments",
     "configure_from_args",
+    "configure_from_env",
+    "child_files",
 ]
 
 SCHEMA_VERSION = 1
@@ -137,6 +139,7 @@ _FLOW: dict[tuple[str, str] | str, tuple[str, str]] = {
 TRACE: Tracer | None = None
 FRAMES: Callable[[str, Any, int], None] | None = None
 _PCAP: Any = None  # the active virtwire.pcap.PcapWriter, if any
+_EXPORTED = False  # configure_from_args put our settings into os.environ
 
 
 class TraceError(Exception):
@@ -310,8 +313,13 @@ def start(
 
 
 def stop() -> None:
-    """Turn tracing and pcap capture off, writing the final lines."""
-    global TRACE, FRAMES, _PCAP
+    """Turn tracing and pcap capture off, writing the final lines (and withdraw exported
+    settings, so processes started later do not trace)."""
+    global TRACE, FRAMES, _PCAP, _EXPORTED
+    if _EXPORTED:
+        for k in (ENV_TRACE, ENV_PCAP, ENV_CATEGORIES, ENV_SAMPLE):
+            os.environ.pop(k, None)
+        _EXPORTED = False
     tr, pc = TRACE, _PCAP
     TRACE = None
     FRAMES = None
@@ -347,38 +355,79 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write every frame, both directions, to a pcapng file")
 
 
-def configure_from_args(args: argparse.Namespace) -> Tracer | None:
+ENV_TRACE = "VIRTWIRE_TRACE"
+ENV_PCAP = "VIRTWIRE_PCAP"
+ENV_CATEGORIES = "VIRTWIRE_TRACE_CATEGORIES"
+ENV_SAMPLE = "VIRTWIRE_TRACE_SAMPLE"
+
+
+def configure_from_args(args: argparse.Namespace, export: bool = True) -> Tracer | None:
     """Start tracing as the options of ``add_trace_arguments`` ask (no-op when none given).
 
-    Raises ``virtwire.errors.CliError`` for a bad option value.
+    With ``export`` the settings also go into the environment (``VIRTWIRE_TRACE`` ...), so
+    virtwire processes this one starts (a ``serve`` sidecar, a PCI proxy remote) trace too, each
+    to ``FILE.<command>.<pid>`` beside ours (``configure_from_env``); ``virtwire explain FILE``
+    merges those files. Raises ``virtwire.errors.CliError`` for a bad option value.
     """
     from virtwire.errors import CliError
 
     path = getattr(args, "trace", None)
     pcap = getattr(args, "pcap", None)
     if path is None and pcap is None:
-        return None
+        return configure_from_env(getattr(args, "command", None) or "virtwire")
     sample = getattr(args, "trace_sample", 1)
     sample = 1 if sample is None else sample
+    cat_text = getattr(args, "trace_categories", None)
     try:
-        cats = _parse_categories(getattr(args, "trace_categories", None))
+        cats = _parse_categories(cat_text)
         if sample < 1:
             raise TraceError(f"--trace-sample must be >= 1, not {sample}")
-        return start(path, cats, sample, pcap=pcap)
+        tr = start(path, cats, sample, pcap=pcap)
     except TraceError as e:
         raise CliError(str(e)) from None
+    if export:
+        global _EXPORTED
+        _EXPORTED = True
+        for k, v in ((ENV_TRACE, path), (ENV_PCAP, pcap), (ENV_CATEGORIES, cat_text),
+                     (ENV_SAMPLE, str(sample) if sample != 1 else None)):
+            if v:
+                os.environ[k] = os.fspath(v)
+            else:
+                os.environ.pop(k, None)
+    return tr
 
 
-def child_arguments(args: argparse.Namespace, suffix: str) -> list[str]:
-    """Options to pass a child virtwire process so it traces to ``FILE.suffix`` beside ours."""
-    out: list[str] = []
-    if getattr(args, "trace", None):
-        out += ["--trace", f"{args.trace}.{suffix}"]
-        if getattr(args, "trace_categories", None):
-            out += ["--trace-categories", args.trace_categories]
-        if getattr(args, "trace_sample", 1) not in (None, 1):
-            out += ["--trace-sample", str(args.trace_sample)]
-    return out
+def configure_from_env(command: str = "virtwire") -> Tracer | None:
+    """In a child virtwire process: trace if a parent exported ``VIRTWIRE_TRACE``/``_PCAP``.
+
+    The child writes ``<parent file>.<command>.<pid>`` (JSON lines / pcapng). A no-op when this
+    process already traces or nothing was exported; a bad exported value is ignored (logged).
+    """
+    if TRACE is not None or _PCAP is not None:
+        return TRACE
+    path, pcap = os.environ.get(ENV_TRACE), os.environ.get(ENV_PCAP)
+    if not path and not pcap:
+        return None
+    suffix = f".{command}.{os.getpid()}"
+    try:
+        sample = int(os.environ.get(ENV_SAMPLE, "1") or 1)
+        cats = _parse_categories(os.environ.get(ENV_CATEGORIES))
+        return start(path + suffix if path else None, cats, sample,
+                     pcap=pcap + suffix if pcap else None)
+    except (TraceError, ValueError) as e:
+        import logging
+
+        logging.getLogger(__name__).warning("inherited trace settings ignored: %s", e)
+        return None
+
+
+def child_files(path: str | os.PathLike[str]) -> list[str]:
+    """Traces that child processes wrote beside ``path`` (``path.<command>.<pid>``), sorted."""
+    import glob
+
+    p = os.fspath(path)
+    return sorted(f for f in glob.glob(glob.escape(p) + ".*.*")
+                  if f.rsplit(".", 1)[-1].isdigit())
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -196,3 +196,18 @@ def test_merge_two_processes_by_wall_clock(tmp_path: Path) -> None:
     kicks = [(round(e["t"], 3), e["q"]) for e in evs if e["cat"] == "kick"]
     assert kicks == [(0.3, 0), (0.5, 1)]
     assert src == [str(a_path), str(b_path)]
+
+
+def test_cli_merges_child_process_traces(tmp_path: Path, capsys) -> None:
+    parent = tmp_path / "t.jsonl"
+    parent.write_text('{"t":0,"cat":"trace","ev":"start","wall":1000.0}\n'
+                      '{"t":0.1,"cat":"host","ev":"start","kind":"vm"}\n')
+    child = tmp_path / "t.jsonl.serve.4242"
+    buf = io.StringIO()
+    vhost_user_session(buf)
+    child.write_text(buf.getvalue())
+    assert cli.main(["explain", str(parent), "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["sources"] == [str(parent), str(child)] and j["in_order"] is True
+    assert cli.main(["explain", str(parent), "--json", "--no-children"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_order"] is False

@@ -171,8 +171,27 @@ def test_read_events_skips_torn_last_line_and_rejects_garbage(tmp_path: Path) ->
         list(trace.read_events(p))
 
 
-def test_child_arguments(tmp_path: Path) -> None:
-    args = _parser().parse_args(["--trace", "x.jsonl", "--trace-sample", "8"])
-    assert trace.child_arguments(args, "serve") == ["--trace", "x.jsonl.serve",
-                                                    "--trace-sample", "8"]
-    assert trace.child_arguments(_parser().parse_args([]), "serve") == []
+def test_settings_are_inherited_by_child_processes(tmp_path: Path, monkeypatch) -> None:
+    for k in (trace.ENV_TRACE, trace.ENV_PCAP, trace.ENV_CATEGORIES, trace.ENV_SAMPLE):
+        monkeypatch.delenv(k, raising=False)
+    parent = tmp_path / "t.jsonl"
+    args = _parser().parse_args(["--trace", str(parent), "--trace-categories", "kick,status",
+                                 "--trace-sample", "3"])
+    trace.configure_from_args(args)
+    import os
+    import subprocess
+    import sys
+
+    code = ("import argparse; from virtwire import trace; p = argparse.ArgumentParser(); "
+            "trace.add_trace_arguments(p); a = p.parse_args([]); a.command = 'serve'; "
+            "tr = trace.configure_from_args(a); print(tr.sample, ','.join(sorted(tr.categories)));"
+            " tr.emit('kick', 'kick', q=1); trace.stop()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.split() == ["3", "kick,status"]
+    kids = trace.child_files(parent)
+    assert len(kids) == 1 and kids[0].startswith(str(parent) + ".serve.")
+    assert [e["cat"] for e in trace.read_events(kids[0])] == ["trace", "kick", "trace"]
+    trace.stop()
+    assert trace.ENV_TRACE not in os.environ  # withdrawn: later children do not trace
+    assert trace.configure_from_args(_parser().parse_args([])) is None

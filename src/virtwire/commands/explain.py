@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--example", choices=("pci-proxy", "vhost-user"),
                         help="explain a built-in synthetic trace (shows the format)")
     parser.add_argument("--width", type=int, default=100, help="text width (default 100)")
+    parser.add_argument("--no-children", action="store_true",
+                        help="do not merge traces child processes wrote beside TRACE "
+                             "(TRACE.<command>.<pid>)")
 
 
 def summary(a) -> dict:  # type: ignore[no-untyped-def]
@@ -68,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         paths = [tmp]
     if not paths:
         raise CliError("explain needs a TRACE file (or --example pci-proxy|vhost-user)")
+    if not args.no_children and not args.example:
+        from virtwire.trace import child_files
+
+        paths += [c for p in list(paths) for c in child_files(p) if c not in paths]
     try:
         events, sources = load(paths)
     except TraceError as e:
