@@ -561,3 +561,30 @@ def test_start_direct_without_transport() -> None:
         d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_HOST_TSO4), mem)
     with pytest.raises(FeatureError, match="requires"):
         d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_GUEST_TSO4), mem)
+
+
+# --- two devices on one switch ------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+def test_two_devices_on_a_switch(packed: bool) -> None:
+    from virtwire.backends.switch import L2Switch
+    from virtwire.net.frame import decode, icmp_echo
+
+    sw = L2Switch("t")
+    a = NetPair(backends=[sw.port("a")], packed=packed)
+    b = NetPair(backends=[sw.port("b")], packed=packed, options="mrg_rxbuf=off",
+                rx_layout="small")
+    a.dev.mac, b.dev.mac = bytes.fromhex("02000000000a"), bytes.fromhex("02000000000b")
+    ping = icmp_echo("02:00:00:00:00:0a", "ff:ff:ff:ff:ff:ff", "10.0.0.1", "10.0.0.2", 7, 1)
+    assert a.drv.send([ping]) == 1
+    (got,) = b.drv.poll_receive(1, timeout=1.0)
+    assert got.data == ping
+    pong = icmp_echo("02:00:00:00:00:0b", "02:00:00:00:00:0a", "10.0.0.2", "10.0.0.1", 7, 1,
+                     reply=True)
+    assert b.drv.send([pong]) == 1
+    (got,) = a.drv.poll_receive(1, timeout=1.0)
+    assert decode(got.data)["icmp"]["name"] == "echo reply"
+    assert sw.counters["forwarded"] == 1 and sw.counters["flooded"] == 1
+    big = [_frame(1514, i)[:6].replace(b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x0b")
+           + _frame(1514, i)[6:] for i in range(200)]
+    assert a.drv.send_all(big, timeout=2.0) == 200
+    assert [g.data for g in b.drv.poll_receive(200, timeout=2.0)] == big

@@ -1,0 +1,268 @@
+"""``switch`` backend: a learning L2 switch inside one process joining several device ports.
+
+Theory of operation
+-------------------
+``L2Switch`` owns a forwarding database (FDB: source MAC -> port, with a last-seen time) and a
+set of ports. Each ``SwitchPort`` is the ``NetBackend`` of one virtio-net device (a vhost-user
+port of ``virtwire serve``); an optional TAP uplink joins the host's network (IEEE 802.1D
+learning bridge behaviour, without spanning tree -- a single switch cannot loop by itself).
+
+Forwarding, per TX batch of a port: learn each frame's source MAC on the ingress port (never a
+group address); look the destination up; a known unicast goes to its port unless that is the
+ingress port (then it is filtered); unknown unicast, multicast and broadcast are flooded to every
+other port. FDB entries older than ``aging`` seconds are ignored and replaced (lazy aging; 300 s
+as 802.1D's default). A frame is copied once out of the sender's guest memory (its buffers are
+returned to the guest right after); the copy is queued on each egress port (bounded by
+``queue_limit``; overflow is a counted drop) and each egress port is woken once per batch.
+
+Offloads: a port accepts checksum offload from its guest (CSUM) but no segmentation offload, so
+no GSO frame ever enters the switch. A NEEDS_CSUM frame is delivered as such to a guest that
+negotiated GUEST_CSUM and completed in software for one that did not (and for the uplink TAP,
+whose kernel side takes partial checksums anyway, it is passed as is).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from virtwire.backends.base import BackendBase, Frame
+from virtwire.net.header import (
+    ETH_HLEN,
+    MAX_FRAME,
+    VirtioNetHdr,
+    finish_checksum,
+    scatter,
+)
+from virtwire.virtio.spec import (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    bit,
+)
+
+__all__ = ["L2Switch", "SwitchPort"]
+
+log = logging.getLogger(__name__)
+
+# A queued frame: (flags, csum_start, csum_offset, frame bytes). No GSO ever enters the switch.
+_Item = tuple[int, int, int, bytes]
+
+
+class SwitchPort(BackendBase):
+    """One port of an ``L2Switch``: the backend of one device (see module docstring)."""
+
+    vnet_hdr = True
+    host_offloads = bit(VIRTIO_NET_F_CSUM)
+
+    def __init__(self, switch: L2Switch, name: str) -> None:
+        super().__init__(f"switch:{switch.name}:{name}")
+        self.port_name = name
+        self.switch = switch
+        self.rx: deque[_Item] = deque()
+        self.counters.update({"rx_queue_drops": 0, "tx_bad": 0})
+        self.guest_csum = False
+
+    def configure(self, features: int, hdr_len: int) -> None:
+        super().configure(features, hdr_len)
+        self.guest_csum = bool(features >> VIRTIO_NET_F_GUEST_CSUM & 1)
+
+    def send(self, frames: Sequence[Frame]) -> int:
+        hl = self.hdr_len
+        items: list[_Item] = []
+        c = self.counters
+        for f in frames:
+            data = b"".join(f)
+            if len(data) < hl + ETH_HLEN:
+                c["tx_bad"] += 1
+                continue
+            flags = data[0]
+            cs = int.from_bytes(data[6:8], "little")
+            co = int.from_bytes(data[8:10], "little")
+            items.append((flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, cs, co, data[hl:]))
+            c["tx_frames"] += 1
+            c["tx_bytes"] += len(data) - hl
+        self.switch.forward(self, items)
+        return len(frames)
+
+    def enqueue(self, item: _Item) -> bool:
+        if len(self.rx) >= self.switch.queue_limit:
+            self.counters["rx_queue_drops"] += 1
+            self.counters["drops"] += 1
+            return False
+        self.rx.append(item)
+        return True
+
+    def pending_len(self) -> int | None:
+        return self.hdr_len + len(self.rx[0][3]) if self.rx else 0
+
+    def recv(self, bufs: Sequence[memoryview]) -> int:
+        if not self.rx:
+            return 0
+        flags, cs, co, frame = self.rx.popleft()
+        if flags and not self.guest_csum:
+            fb = bytearray(frame)
+            try:
+                finish_checksum(fb, cs, co)
+            except ValueError:
+                self.counters["drops"] += 1
+                return 0
+            frame = bytes(fb)
+            flags = 0
+        hdr = VirtioNetHdr(flags=flags, csum_start=cs if flags else 0,
+                           csum_offset=co if flags else 0, num_buffers=1).pack(self.hdr_len)
+        n = scatter(bufs, hdr) + scatter(bufs, frame, self.hdr_len)
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += len(frame)
+        return n
+
+    def close(self) -> None:
+        self.switch.remove_port(self)
+        super().close()
+
+
+class _Uplink:
+    """The TAP side of the switch: frames out with ``writev``, frames in by ``poll_uplink``."""
+
+    def __init__(self, tap: Any) -> None:
+        self.tap = tap
+        self.port_name = "uplink"
+        self.counters = {"tx_frames": 0, "rx_frames": 0, "drops": 0}
+        tap.configure(0, 12)  # the kernel finishes checksums and segments before handing over
+        self._scratch = bytearray(12 + MAX_FRAME)
+
+    def enqueue(self, item: _Item) -> bool:
+        flags, cs, co, frame = item
+        hdr = VirtioNetHdr(flags=flags, csum_start=cs if flags else 0,
+                           csum_offset=co if flags else 0).pack(12)
+        if self.tap.send([[memoryview(hdr), memoryview(frame)]]):
+            self.counters["tx_frames"] += 1
+            return True
+        self.counters["drops"] += 1
+        return False
+
+    def wake(self) -> None:
+        pass
+
+
+class L2Switch:
+    """A learning switch (see module docstring). ``clock`` is injectable for aging tests."""
+
+    def __init__(self, name: str = "sw0", *, aging: float = 300.0, queue_limit: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.aging = aging
+        self.queue_limit = queue_limit
+        self.clock = clock
+        self.ports: dict[str, SwitchPort] = {}
+        self.uplink: _Uplink | None = None
+        self.fdb: dict[bytes, tuple[Any, float]] = {}
+        self.counters = {"forwarded": 0, "flooded": 0, "filtered": 0, "learned": 0,
+                         "moved": 0, "aged": 0}
+
+    def port(self, name: str) -> SwitchPort:
+        """A new port (the backend for one device)."""
+        if name in self.ports or name == "uplink":
+            raise ValueError(f"switch {self.name}: port {name!r} exists")
+        p = SwitchPort(self, name)
+        self.ports[name] = p
+        return p
+
+    def remove_port(self, port: SwitchPort) -> None:
+        if self.ports.get(port.port_name) is port:
+            del self.ports[port.port_name]
+            self.fdb = {m: e for m, e in self.fdb.items() if e[0] is not port}
+
+    def attach_uplink(self, tap: Any) -> None:
+        """Join a ``TapBackend`` as the uplink; serve ``poll_uplink`` when its fd is readable."""
+        self.uplink = _Uplink(tap)
+
+    def uplink_fileno(self) -> int | None:
+        return self.uplink.tap.fileno() if self.uplink is not None else None
+
+    def poll_uplink(self, limit: int = 256) -> int:
+        """Read up to ``limit`` frames from the uplink TAP and forward them; returns the count."""
+        up = self.uplink
+        if up is None:
+            return 0
+        items: list[_Item] = []
+        view = memoryview(up._scratch)
+        for _ in range(limit):
+            n = up.tap.recv([view])
+            if n == 0:
+                break
+            if n < 12 + ETH_HLEN or n > len(view):
+                up.counters["drops"] += 1
+                continue
+            flags = view[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM
+            cs = int.from_bytes(view[6:8], "little")
+            co = int.from_bytes(view[8:10], "little")
+            items.append((flags, cs, co, bytes(view[12:n])))
+            up.counters["rx_frames"] += 1
+        if items:
+            self.forward(up, items)
+        return len(items)
+
+    # -- forwarding --------------------------------------------------------------------------
+    def _egress(self, ingress: Any) -> list[Any]:
+        out: list[Any] = [p for p in self.ports.values() if p is not ingress and p.enabled]
+        if self.uplink is not None and self.uplink is not ingress:
+            out.append(self.uplink)
+        return out
+
+    def lookup(self, mac: bytes) -> Any | None:
+        e = self.fdb.get(mac)
+        if e is None:
+            return None
+        if self.clock() - e[1] > self.aging:
+            del self.fdb[mac]
+            self.counters["aged"] += 1
+            return None
+        return e[0]
+
+    def forward(self, ingress: Any, items: Sequence[_Item]) -> None:
+        """Learn, look up and queue a batch of frames from ``ingress``; wake egress ports once."""
+        now = self.clock()
+        fdb = self.fdb
+        woken: dict[int, Any] = {}
+        flood: list[Any] | None = None
+        for item in items:
+            frame = item[3]
+            src, dst = frame[6:12], frame[0:6]
+            if not src[0] & 1:
+                old = fdb.get(src)
+                if old is None:
+                    self.counters["learned"] += 1
+                elif old[0] is not ingress:
+                    self.counters["moved"] += 1
+                fdb[src] = (ingress, now)
+            out = None if dst[0] & 1 else self.lookup(dst)
+            if out is None:
+                if flood is None:
+                    flood = self._egress(ingress)
+                self.counters["flooded"] += 1
+                for p in flood:
+                    if p.enqueue(item):
+                        woken[id(p)] = p
+            elif out is ingress:
+                self.counters["filtered"] += 1
+            else:
+                self.counters["forwarded"] += 1
+                if out.enqueue(item):
+                    woken[id(out)] = out
+        for p in woken.values():
+            p.wake()
+
+    def stats(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "switch": self.name,
+            **self.counters,
+            "fdb": [{"mac": ":".join(f"{b:02x}" for b in m), "port": e[0].port_name,
+                     "age": round(now - e[1], 3)} for m, e in self.fdb.items()],
+            "ports": {n: p.stats() for n, p in self.ports.items()},
+            "uplink": dict(self.uplink.counters) if self.uplink is not None else None,
+        }
