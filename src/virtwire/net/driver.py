@@ -344,7 +344,7 @@ class VirtioNetDriver:
             self.ctrlq = self._make_queue(ctrl_index, size_cap=64)
             self._ctrl_buf = self.alloc.alloc(4096, 64)
         for rq in self.rxqs:
-            self.refill(rq)
+            self.refill(rq, kick=False)  # no notification before DRIVER_OK (§3.1.1)
         self._status_add(spec.VIRTIO_CONFIG_S_DRIVER_OK)
         st = t.get_status()
         if st & spec.VIRTIO_CONFIG_S_NEEDS_RESET or not st & spec.VIRTIO_CONFIG_S_DRIVER_OK:
@@ -448,7 +448,7 @@ class VirtioNetDriver:
         any_layout = self.has(spec.VIRTIO_F_VERSION_1) or self.has(spec.VIRTIO_F_ANY_LAYOUT)
         return [h + frame_room] if any_layout else [h, frame_room]
 
-    def refill(self, rq: _Queue, limit: int | None = None) -> int:
+    def refill(self, rq: _Queue, limit: int | None = None, kick: bool = True) -> int:
         """Post receive buffers until the queue is full (or ``limit``); publish + kick."""
         geom = self._rx_geometry()
         want = self.cfg.rx_fill if self.cfg.rx_fill is not None else rq.size
@@ -466,7 +466,7 @@ class VirtioNetDriver:
                 break
             rq.posted += 1
             n += 1
-        if n:
+        if n and kick:
             self._kick(rq)
         return n
 
