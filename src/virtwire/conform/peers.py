@@ -1,0 +1,163 @@
+"""Peers the conformance suite and system tests exchange frames with, one per target kind.
+
+- ``VirtwireServe``: ``virtwire serve`` (our own vhost-user back end, a separate process) inside a
+  network namespace we create, its port on a TAP there; the peer is an AF_PACKET socket bound to
+  that TAP, opened *inside* the namespace (the calling thread enters it with ``setns`` only for
+  the ``socket()`` call; a socket stays in the namespace it was created in).
+
+Frames the suite sends carry the IEEE local-experimental EtherType 0x88B5 and a magic, so the
+namespace's own kernel traffic (IPv6 neighbour discovery on the TAP) is told apart and ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from virtwire.errors import UserFacingError
+
+__all__ = ["packet_socket_in_netns", "VirtwireServe", "ETH_P_EXPERIMENTAL", "MAGIC",
+           "is_test_frame"]
+
+ETH_P_ALL = 0x0003
+ETH_P_EXPERIMENTAL = 0x88B5
+MAGIC = b"VWD!"
+CLONE_NEWNET = 0x40000000
+
+
+def is_test_frame(f: bytes) -> bool:
+    return len(f) >= 18 and f[12:14] == ETH_P_EXPERIMENTAL.to_bytes(2, "big") and f[14:18] == MAGIC
+
+
+def packet_socket_in_netns(ns: str, ifname: str) -> socket.socket:
+    """A raw AF_PACKET socket on ``ifname`` in network namespace ``ns`` (see module docstring)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            s.bind((ifname, 0))
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover - cannot happen
+                raise OSError(ctypes.get_errno(), "setns back to our namespace failed")
+    finally:
+        os.close(target)
+        os.close(home)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    return s
+
+
+class VirtwireServe:
+    """``virtwire serve`` with one vhost-user port on a TAP in our namespace, plus its peer."""
+
+    def __init__(self, name: str = "vwd", queues: int = 1, extra: str = "") -> None:
+        self.name = name
+        self.queues = queues
+        self.extra = extra
+        self.dir = tempfile.mkdtemp(prefix=f"{name}-serve-")
+        self.sock_path = os.path.join(self.dir, "vhost.sock")
+        self.log_path = os.path.join(self.dir, "serve.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.peer: socket.socket | None = None
+        self._stack = contextlib.ExitStack()
+
+    def start(self, timeout: float = 20.0) -> VirtwireServe:
+        from virtwire.testing.netns import netns_with_tap
+
+        try:
+            ns, tap = self._stack.enter_context(netns_with_tap(self.name))
+            self.ns, self.tap = ns, tap
+            # no IPv6 chatter on the TAP (the namespace is ours)
+            ns.run(["sysctl", "-qw", f"net.ipv6.conf.{tap}.disable_ipv6=1"], check=False)
+            port = f"vhost-user,path={self.sock_path},backend=tap,ifname={tap}"
+            if self.queues > 1:
+                port += f",queues={self.queues}"
+            if self.extra:
+                port += "," + self.extra
+            argv = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "virtwire", "serve",
+                    "-q", "--port", port]
+            r, w = os.pipe()
+            env = dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w))
+            with open(self.log_path, "ab") as f:
+                self.proc = subprocess.Popen(argv, stdout=f, stderr=f, pass_fds=(w,), env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            os.close(w)
+            try:
+                ready, _, _ = select.select([r], [], [], timeout)
+                if not ready or os.read(r, 1) != b"1":
+                    raise UserFacingError(f"virtwire serve did not start: {self.log_tail()}")
+            finally:
+                os.close(r)
+            self.peer = packet_socket_in_netns(ns.name, tap)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def log_tail(self, n: int = 1500) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def send_to_device(self, frame: bytes) -> None:
+        assert self.peer is not None
+        self.peer.settimeout(5.0)
+        self.peer.send(frame)
+
+    def recv_from_device(self, timeout: float = 5.0) -> bytes | None:
+        """The next test frame the device transmitted (kernel chatter skipped)."""
+        assert self.peer is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.peer.settimeout(left)
+            try:
+                data, addr = self.peer.recvfrom(1 << 17)
+            except (TimeoutError, BlockingIOError):
+                return None
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue  # our own transmission, looped back to the packet socket
+            if is_test_frame(data):
+                return data
+
+    def frames(self) -> Iterator[bytes]:
+        while (f := self.recv_from_device(0.001)) is not None:
+            yield f
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        self._stack.close()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> VirtwireServe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
