@@ -24,13 +24,16 @@ the kernel cannot queue now is back-pressure (``send`` returns the frames taken 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from virtwire.backends.base import BackendError, Frame
 from virtwire.virtio.spec import (
@@ -46,7 +49,7 @@ from virtwire.virtio.spec import (
     bit,
 )
 
-__all__ = ["TapBackend", "TapError", "tun_offload_flags"]
+__all__ = ["TapBackend", "TapError", "tun_offload_flags", "in_netns"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 IFNAMSIZ = 16
+CLONE_NEWNET = 0x40000000
+
+_T = TypeVar("_T")
 
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags (union, 24 bytes)
 
@@ -107,12 +113,54 @@ def _set_link_up(ifname: str) -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, _IFREQ.pack(ifname.encode(), flags | IFF_UP))
 
 
+def in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` inside network namespace ``netns`` (``/run/netns/NAME``), or here if None.
+
+    # SAFETY: setns(CLONE_NEWNET) changes only the calling thread's namespace, so ``fn`` runs on
+    # a short-lived thread of its own; fds it opens (a tun fd, a socket) keep the namespace they
+    # were opened in after the thread is gone. libc's setns is reached through ctypes (Python
+    # 3.11 has no os.setns).
+    """
+    if netns is None:
+        return fn()
+    if "/" in netns or netns in (".", ".."):
+        raise TapError(f"bad network namespace name {netns!r}")
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            nsfd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            box["e"] = TapError(f"network namespace {netns!r}: {e.strerror}")
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                box["e"] = TapError(f"cannot enter network namespace {netns!r}: "
+                                    f"{os.strerror(err)}")
+                return
+            box["v"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["e"] = e
+        finally:
+            os.close(nsfd)
+
+    t = threading.Thread(target=run, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]  # type: ignore[misc]
+    return box["v"]  # type: ignore[return-value]
+
+
 class TapBackend:
     """One queue of a TAP interface (see module docstring).
 
     ``multi_queue`` must be the same for every fd of one interface (the kernel refuses a mix).
     ``up`` brings the link up after creating it. ``fd`` adopts an already-open TAP fd (e.g.
-    passed by libvirt) instead of opening one.
+    passed by libvirt) instead of opening one. ``netns`` names a network namespace
+    (``ip netns``) to create or attach the TAP in.
     """
 
     vnet_hdr = True
@@ -120,12 +168,13 @@ class TapBackend:
                         VIRTIO_NET_F_HOST_ECN)
 
     def __init__(self, ifname: str, *, multi_queue: bool = False, up: bool = True,
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, netns: str | None = None) -> None:
         if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname:
             raise TapError(f"bad interface name {ifname!r} (1..15 bytes, no '/')")
         self.ifname = ifname
         self.name = f"tap:{ifname}"
         self.multi_queue = multi_queue
+        self.netns = netns
         self.hdr_len = 12
         self.offload_flags = 0
         self.enabled = True
@@ -137,13 +186,13 @@ class TapBackend:
             os.set_blocking(fd, False)
             self._check_adopted()
         else:
-            self.fd = self._open()
+            self.fd = in_netns(netns, self._open)
         try:
             self._ioctl_int(TUNSETVNETHDRSZ, self.hdr_len, "TUNSETVNETHDRSZ")
             self._ioctl_int(TUNSETOFFLOAD, 0, "TUNSETOFFLOAD")
             if up:
                 try:
-                    _set_link_up(ifname)
+                    in_netns(netns, lambda: _set_link_up(ifname))
                 except OSError as e:
                     raise TapError(f"cannot bring {ifname} up: {e.strerror}") from None
         except TapError:
