@@ -430,6 +430,327 @@ def child_files(path: str | os.PathLike[str]) -> list[str]:
                   if f.rsplit(".", 1)[-1].isdigit())
 
 
+# --- hook-site helpers -------------------------------------------------------------------------
+# Each is called from one line at a hook site, only after the site saw tracing on, so none of this
+# runs when tracing is off. They decode with names (spec, PCI, vhost-user) and never raise into the
+# caller: a failure to decode is an event field ("error"), not an exception.
+
+_PCI_HEADER: tuple[tuple[int, int, str], ...] = (
+    (0x00, 2, "vendor_id"), (0x02, 2, "device_id"), (0x04, 2, "command"), (0x06, 2, "status"),
+    (0x08, 1, "revision_id"), (0x09, 1, "prog_if"), (0x0A, 2, "class"),
+    (0x0C, 1, "cache_line_size"), (0x0D, 1, "latency_timer"), (0x0E, 1, "header_type"),
+    (0x0F, 1, "bist"), (0x10, 4, "bar0"), (0x14, 4, "bar1"), (0x18, 4, "bar2"), (0x1C, 4, "bar3"),
+    (0x20, 4, "bar4"), (0x24, 4, "bar5"), (0x28, 4, "cardbus_cis"),
+    (0x2C, 2, "subsystem_vendor_id"), (0x2E, 2, "subsystem_id"), (0x30, 4, "rom_address"),
+    (0x34, 1, "cap_ptr"), (0x3C, 1, "interrupt_line"), (0x3D, 1, "interrupt_pin"),
+    (0x3E, 1, "min_gnt"), (0x3F, 1, "max_lat"),
+)
+# virtio 1.2 §4.1.4: struct virtio_pci_cap (+ notify_off_multiplier / pci_cfg_data at 16)
+_VIRTIO_CAP_FIELDS: tuple[tuple[int, str], ...] = (
+    (0, "cap_vndr"), (1, "cap_next"), (2, "cap_len"), (3, "cfg_type"), (4, "bar"), (5, "id"),
+    (6, "padding"), (8, "offset"), (12, "length"), (16, "extra"),
+)
+_CFG_TYPE_NAMES = {1: "common_cfg", 2: "notify_cfg", 3: "isr_cfg", 4: "device_cfg",
+                   5: "pci_cfg", 8: "shared_memory_cfg", 9: "vendor_cfg"}
+_CAP_ID_NAMES = {0x01: "pm", 0x05: "msi", 0x09: "vendor", 0x10: "pcie", 0x11: "msix"}
+# virtio 1.2 §5.1.4 struct virtio_net_config
+_NET_CONFIG: tuple[tuple[int, str], ...] = (
+    (0, "mac"), (6, "status"), (8, "max_virtqueue_pairs"), (10, "mtu"), (12, "speed"),
+    (16, "duplex"), (17, "rss_max_key_size"), (18, "rss_max_indirection_table_length"),
+    (20, "supported_hash_types"),
+)
+
+
+def _field(table: Iterable[tuple[int, str]], off: int) -> str:
+    best = None
+    for start, name in table:
+        if start <= off:
+            best = (start, name)
+    if best is None:
+        return f"+{off:#x}"
+    return best[1] if best[0] == off else f"{best[1]}+{off - best[0]}"
+
+
+def pci_config_name(dev: Any, off: int, width: int = 1) -> str:
+    """Name of config-space offset ``off`` of a ``VirtioPciDevice`` ("vendor_id",
+    "cap.common_cfg.bar", "cap.msix+2", ...); a wide access over several header fields names
+    them all ("revision_id|prog_if|class")."""
+    if off < 0x40:
+        hit = [name if start >= off else f"{name}+{off - start}"
+               for start, size, name in _PCI_HEADER
+               if start < off + max(width, 1) and off < start + size]
+        return "|".join(hit) if hit else f"header+{off:#x}"
+    pci = getattr(dev, "pci", None)
+    try:
+        caps = sorted(pci.capabilities) if pci is not None else []
+    except Exception:  # noqa: BLE001 - naming must never fail the access
+        caps = []
+    for i, at in enumerate(caps):
+        end = caps[i + 1] if i + 1 < len(caps) else 0x100
+        if at <= off < end:
+            cid = pci.get(at, 1)
+            if cid == 0x09:
+                cap = "cap." + _CFG_TYPE_NAMES.get(pci.get(at + 3, 1), f"vendor{at:#x}")
+                fld = _field(_VIRTIO_CAP_FIELDS, off - at)
+                if fld.startswith("extra"):
+                    kind = cap.split(".", 1)[1]
+                    fld = fld.replace("extra", {"notify_cfg": "notify_off_multiplier",
+                                                "pci_cfg": "pci_cfg_data"}.get(kind, "extra"))
+                return f"{cap}.{fld}"
+            name = _CAP_ID_NAMES.get(cid, f"cap{cid:#x}")
+            return f"cap.{name}" + (f"+{off - at}" if off != at else "")
+    return f"config+{off:#x}"
+
+
+def pci_config_access(dev: Any, off: int, width: int, value: int, write: bool) -> None:
+    """A guest config-space access: ``pci.cfg_read``/``cfg_write``, plus ``pci.bar_size`` or
+    ``pci.bar_map`` when a write sized or placed a BAR (PCI Local Bus 3.0 §6.2.5.1)."""
+    tr = TRACE
+    if tr is None:
+        return
+    reg = pci_config_name(dev, off, width)
+    tr.emit("pci", "cfg_write" if write else "cfg_read", off=off, size=width, val=value, reg=reg)
+    if not write or not 0x10 <= off < 0x28 or width != 4:
+        return
+    bar = getattr(getattr(dev, "pci", None), "bars", {}).get((off - 0x10) // 4)
+    if bar is None:
+        return
+    kind = getattr(getattr(bar, "kind", None), "value", str(getattr(bar, "kind", "?")))
+    if value & 0xFFFFFFF0 == 0xFFFFFFF0:
+        tr.emit("pci", "bar_size", bar=bar.index, size=bar.size, kind=kind)
+    elif getattr(bar, "base", 0):
+        tr.emit("pci", "bar_map", bar=bar.index, addr=bar.base, size=bar.size, kind=kind)
+
+
+def pci_bar_name(dev: Any, bar: int, off: int) -> str:
+    """Name of offset ``off`` in BAR ``bar`` of a ``VirtioPciDevice`` ("common_cfg.queue_desc_lo",
+    "notify.q1", "isr", "device_cfg.mac+2", "legacy.queue_pfn")."""
+    from virtwire.pci import device as pd
+
+    if bar == pd.MODERN_BAR:
+        block, rel = off & ~(pd.BLOCK_SIZE - 1), off & (pd.BLOCK_SIZE - 1)
+        if block == pd.COMMON_OFFSET:
+            reg = getattr(dev, "_common", {}).get(rel)
+            return f"common_cfg.{reg.name}" if reg is not None else f"common_cfg+{rel:#x}"
+        if block == pd.ISR_OFFSET:
+            return "isr" if rel == 0 else f"isr+{rel:#x}"
+        if block == pd.DEVICE_OFFSET:
+            return "device_cfg." + _field(_NET_CONFIG, rel)
+        if block == pd.NOTIFY_OFFSET:
+            q, r = divmod(rel, pd.NOTIFY_OFF_MULTIPLIER)
+            return f"notify.q{q}" + (f"+{r}" if r else "")
+        return f"bar{bar}+{off:#x}"
+    if bar == pd.LEGACY_BAR and getattr(dev, "legacy_bar", None) is not None:
+        reg = getattr(dev, "_legacy", {}).get(off)
+        if reg is not None:
+            return f"legacy.{reg.name}"
+        cfg = off - (24 if getattr(dev, "msix", False) else 20)
+        return "legacy.device_cfg." + _field(_NET_CONFIG, cfg) if cfg >= 0 else f"legacy+{off}"
+    return f"bar{bar}+{off:#x}"
+
+
+def pci_bar_access(dev: Any, addr: int, width: int, value: int, memory: bool,
+                   write: bool) -> None:
+    """A guest BAR access (absolute address, as the PCI proxy sends it): ``pci.bar_read`` /
+    ``bar_write`` with the register's name; a device-feature read also yields ``feature.offer``."""
+    tr = TRACE
+    if tr is None:
+        return
+    pci = getattr(dev, "pci", None)
+    hit = pci.bar_at(addr, width, memory) if pci is not None else None
+    if hit is None:
+        tr.emit("pci", "bar_write" if write else "bar_read", addr=addr, size=width, val=value,
+                reg="unmapped")
+        return
+    bar, off = hit[0].index, hit[1]
+    reg = pci_bar_name(dev, bar, off)
+    tr.emit("pci", "bar_write" if write else "bar_read", bar=bar, off=off, size=width,
+            val=value, reg=reg)
+    if not write and (reg == "common_cfg.device_feature" and getattr(dev, "dfselect", 0) == 0
+                      or reg == "legacy.host_features"):
+        d = getattr(dev, "device", None)
+        feats = int(getattr(d, "offered_features", 0))
+        from virtwire.virtio.spec import feature_names
+
+        tr.emit("feature", "offer", features=hexmask(feats), names=feature_names(feats))
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """A decoded protocol payload as JSON-able data (dataclasses to dicts, bytes to hex)."""
+    import dataclasses
+
+    if depth > 4:
+        return repr(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name), depth + 1) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, depth + 1) for x in v[:64]]
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v[:256]).hex()
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+_VHOST_FEATURE_REQS = {"GET_FEATURES", "SET_FEATURES"}
+_VHOST_PROTO_REQS = {"GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES"}
+
+
+def _vhost_payload(name: str, payload: Any) -> Any:
+    short = name[len("VHOST_USER_"):] if name.startswith("VHOST_USER_") else name
+    if isinstance(payload, int) and not isinstance(payload, bool):
+        if short in _VHOST_FEATURE_REQS:
+            from virtwire.virtio.spec import feature_names
+
+            return {"features": hexmask(payload), "names": feature_names(payload)}
+        if short in _VHOST_PROTO_REQS:
+            try:
+                from virtwire.hosts.vhost_user_proto import protocol_feature_names
+
+                names = protocol_feature_names(payload)
+            except ImportError:
+                names = []
+            return {"features": hexmask(payload), "names": names}
+        return {"value": payload}
+    p = _plain(payload)
+    return p if isinstance(p, dict) else ({} if p is None else {"value": p})
+
+
+def vhost_message(name: str, code: int, size: int, fds: int, payload: Any) -> None:
+    """A vhost-user request from the front end, decoded (``vhost.msg``)."""
+    tr = TRACE
+    if tr is None:
+        return
+    if not name.startswith("VHOST_USER_"):
+        name = "VHOST_USER_" + name
+    tr.emit("vhost", "msg", req=name, code=code, size=size, fds=fds,
+            payload=_vhost_payload(name, payload))
+
+
+def vhost_reply(name: str, code: int, result: Any) -> None:
+    """Our reply to a vhost-user request (``vhost.reply``); GET_FEATURES also logs the offer."""
+    tr = TRACE
+    if tr is None:
+        return
+    if not name.startswith("VHOST_USER_"):
+        name = "VHOST_USER_" + name
+    pl = _vhost_payload(name, result)
+    tr.emit("vhost", "reply", req=name, code=code, payload=pl)
+    if name == "VHOST_USER_GET_FEATURES" and isinstance(pl, dict) and "names" in pl:
+        tr.emit("feature", "offer", features=pl["features"], names=pl["names"])
+
+
+def status_change(old: int, new: int) -> None:
+    """A device status write that took effect (``status.set``); 0 is a reset."""
+    tr = TRACE
+    if tr is None:
+        return
+    from virtwire.virtio.spec import STATUS_NAMES
+
+    tr.emit("status", "set", old=old, new=new,
+            old_names=[n for b, n in STATUS_NAMES.items() if old & b],
+            new_names=[n for b, n in STATUS_NAMES.items() if new & b])
+
+
+def features_event(ev: str, features: int, **extra: Any) -> None:
+    """``feature.offer`` / ``ack`` / ``negotiated`` with bit names (virtio 1.2 §2.2)."""
+    tr = TRACE
+    if tr is None:
+        return
+    from virtwire.virtio.spec import feature_names
+
+    tr.emit("feature", ev, features=hexmask(features), names=feature_names(features), **extra)
+
+
+def queue_setup(index: int, ring: Any, packed: bool | None = None) -> None:
+    """A ring the device starts using (``queue.setup``): size and its three areas' GPAs."""
+    tr = TRACE
+    if tr is None:
+        return
+    if packed is None:
+        packed = type(ring).__name__.lower().startswith("packed")
+    fields: dict[str, Any] = {"q": index, "size": getattr(ring, "size", None), "packed": packed}
+    for k, names in (("desc", ("desc_addr",)), ("avail", ("avail_addr", "driver_addr")),
+                     ("used", ("used_addr", "device_addr"))):
+        for n in names:
+            v = getattr(ring, n, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                fields[k] = v
+                break
+    tr.emit("queue", "setup", **fields)
+
+
+def _chain_event(tr: Tracer, q: int, c: Any) -> None:
+    segs = getattr(c, "segments", ())
+    n = len(segs)
+    descs = [[gpa, ln, (2 if w else 0) | (1 if i + 1 < n else 0)]
+             for i, (gpa, ln, w) in enumerate(segs[:64])]
+    tr.emit("chain", "chain", q=q, head=getattr(c, "head", None), descs=descs,
+            rlen=getattr(c, "readable_len", 0), wlen=getattr(c, "writable_len", 0),
+            indirect=bool(getattr(c, "indirect", False)))
+
+
+class TracedQueue:
+    """A device queue that reports ``chain``, ``used`` and ``used.publish`` events, delegating
+    everything to the ring it wraps. Hosts wrap a ring only while tracing is on
+    (``wrap_queue``), so an untraced data path never pays for the indirection."""
+
+    __slots__ = ("_vw_ring", "_vw_index")
+
+    def __init__(self, ring: Any, index: int) -> None:
+        object.__setattr__(self, "_vw_ring", ring)
+        object.__setattr__(self, "_vw_index", index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_vw_ring"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._vw_ring, name, value)
+
+    @property
+    def traced_ring(self) -> Any:
+        return self._vw_ring
+
+    def pop(self, mem: Any) -> Any:
+        c = self._vw_ring.pop(mem)
+        tr = TRACE
+        if c is not None and tr is not None:
+            _chain_event(tr, self._vw_index, c)
+        return c
+
+    def pop_batch(self, mem: Any, limit: int) -> Any:
+        cs = self._vw_ring.pop_batch(mem, limit)
+        tr = TRACE
+        if tr is not None:
+            for c in cs:
+                _chain_event(tr, self._vw_index, c)
+        return cs
+
+    def push(self, mem: Any, chain: Any, written: int) -> Any:
+        r = self._vw_ring.push(mem, chain, written)
+        tr = TRACE
+        if tr is not None:
+            tr.emit("used", "used", q=self._vw_index, id=getattr(chain, "head", None),
+                    len=written)
+        return r
+
+    def publish(self, mem: Any) -> Any:
+        n = self._vw_ring.publish(mem)
+        tr = TRACE
+        if tr is not None and n:
+            tr.emit("used", "publish", q=self._vw_index, n=n)
+        return n
+
+
+def wrap_queue(ring: Any, index: int) -> Any:
+    """``ring`` wrapped in a ``TracedQueue`` when tracing is on (else ``ring`` itself), after
+    emitting its ``queue.setup``. Call where a host installs a ring for the device."""
+    if TRACE is None or ring is None or isinstance(ring, TracedQueue):
+        return ring
+    queue_setup(index, ring)
+    return TracedQueue(ring, index)
+
+
 # --- reading ----------------------------------------------------------------------------------
 def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """The events of a trace file, in file order; a torn last line (a killed writer) is skipped.

@@ -527,8 +527,13 @@ def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> No
         if cat == "pci" and ev == "cfg_read":
             reads += 1
             reg = str(e.get("reg", ""))
+            val = e.get("val")
             if reg in ("vendor_id", "device_id", "subsystem_id", "class", "revision_id"):
-                ids[reg] = e.get("val")
+                ids[reg] = val
+            elif reg == "vendor_id|device_id" and isinstance(val, int):
+                ids["vendor_id"], ids["device_id"] = val & 0xFFFF, val >> 16
+            elif reg == "revision_id|prog_if|class" and isinstance(val, int):
+                ids["class"] = val >> 8
             if reg.startswith("cap.") and reg.endswith(".cap_vndr"):
                 pass
             if reg.startswith("cap.") and (reg.endswith(".cfg_type") or reg.endswith(".id")):
