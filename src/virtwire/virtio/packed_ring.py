@@ -54,18 +54,20 @@ nested indirect, empty or oversized indirect tables. Each raises ``QueueError`` 
 On the driver side the device is equally untrusted: a used id out of range or not in flight, or a
 length larger than the buffer's writable part, raises ``QueueError``.
 
-Hot path. Each public call takes one ``mem.view`` of the descriptor ring and casts it to typed
-u16/u32/u64 views (descriptor ``i``: addr ``u64[2i]``, len ``u32[4i+2]``, id ``u16[8i+6]``, flags
-``u16[8i+7]``), so a descriptor costs a few item reads; nothing is cached across calls because a
-vhost-user memory table can be replaced between them.
+Hot path. After ``validate(mem)`` the queue holds typed views over the ring (descriptor ``i``:
+addr ``u64[2i]``, len ``u32[4i+2]``, id ``u16[8i+6]``, flags ``u16[8i+7]``; each event structure
+as one u32), so a descriptor costs a few item loads and a flag publish is one aligned u16 store.
+As in the split ring, views are rebuilt when a different ``GuestMemory`` object is passed; a host
+that remaps regions of the same object calls ``release_views`` (or ``validate``) first.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from virtwire.memory import GuestMemory
+from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.chain import ChainBuilder, DescriptorChain
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, packed_need_event
@@ -85,6 +87,9 @@ from virtwire.virtio.spec import (
 
 if TYPE_CHECKING:
     from virtwire.virtio.split_ring import TableAllocator
+
+if sys.byteorder != "little":  # pragma: no cover - the typed views assume it
+    raise ImportError("virtwire's ring views assume a little-endian host")
 
 __all__ = [
     "PackedQueue",
@@ -175,12 +180,30 @@ def _event_decision(
     return packed_need_event(event & 0xFFFF, new_idx, new_idx - advanced, new_wrap, size)
 
 
+_NO_VIEWS: tuple[memoryview, ...] = ()
+
+
 def _ring_views(
-    mem: GuestMemory, desc: int, size: int
-) -> tuple[memoryview, memoryview, memoryview]:
-    """Typed (u16, u32, u64) views over the descriptor ring (little-endian host assumed)."""
-    v = mem.view(desc, size * VIRTQ_PACKED_DESC_SIZE)
-    return v.cast("H"), v.cast("I"), v.cast("Q")
+    mem: GuestMemory, desc: int, size: int, driver: int, device: int
+) -> tuple[memoryview, ...]:
+    """Typed views: descriptor ring as (u16, u32, u64), then each event structure as one u32.
+
+    Descriptor ``i``: addr ``u64[2i]``, len ``u32[4i+2]``, id ``u16[8i+6]``, flags ``u16[8i+7]``.
+    An event structure read or written through its u32 view is one aligned 32-bit access
+    (off_wrap in the low half, flags in the high half; little-endian host, checked at import).
+    """
+    try:
+        d = mem.view(desc, size * VIRTQ_PACKED_DESC_SIZE)
+        drv = mem.view(driver, PVIRTQ_EVENT_SIZE)
+        dev = mem.view(device, PVIRTQ_EVENT_SIZE)
+    except GuestMemoryError as e:
+        raise QueueError(f"packed ring areas not in guest RAM: {e}") from None
+    return d.cast("H"), d.cast("I"), d.cast("Q"), drv.cast("I"), dev.cast("I")
+
+
+def _release(views: tuple[memoryview, ...]) -> None:
+    for v in views:
+        v.release()
 
 
 class PackedQueue:
@@ -193,11 +216,14 @@ class PackedQueue:
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        self._mem: GuestMemory | None = None
+        self._views = _NO_VIEWS
         self.reset()
 
     # -- configuration ------------------------------------------------------------------------
     def reset(self) -> None:
         """Back to the state after device reset (§2.1.2): not ready, counters at 0/wrap 1."""
+        self.release_views()
         self.ready = False
         self.desc_addr = 0
         self.driver_addr = 0
@@ -217,7 +243,15 @@ class PackedQueue:
         self._since_signal = 0
 
     def release_views(self) -> None:
-        """Nothing cached (views are taken per call); kept for parity with the split ring."""
+        """Drop the cached ring views (before the memory they point into is unmapped)."""
+        _release(self._views)
+        self._views = _NO_VIEWS
+        self._mem = None
+
+    def _v(self, mem: GuestMemory) -> tuple[memoryview, ...]:
+        if mem is not self._mem:
+            self.validate(mem)
+        return self._views
 
     @property
     def in_flight(self) -> int:
@@ -226,12 +260,14 @@ class PackedQueue:
 
     def set_addresses(self, desc: int, driver: int, device: int) -> None:
         """Descriptor Ring, Driver Event Suppression, Device Event Suppression (§2.8)."""
+        self.release_views()
         self.desc_addr = desc
         self.driver_addr = driver
         self.device_addr = device
 
     def set_size(self, size: int) -> None:
         """Queue size as the driver programmed it (checked in ``validate``)."""
+        self.release_views()
         self.size = size
         self._mark_signalled()
 
@@ -257,6 +293,9 @@ class PackedQueue:
             raise QueueError(
                 f"packed ring base avail {self.next_avail} / used {self.next_used} beyond size {n}"
             )
+        self.release_views()
+        self._views = _ring_views(mem, self.desc_addr, n, self.driver_addr, self.device_addr)
+        self._mem = mem
 
     # -- vhost-user ring base (VHOST_USER_GET/SET_VRING_BASE) ----------------------------------
     def get_base(self) -> int:
@@ -306,16 +345,14 @@ class PackedQueue:
     # -- available side ---------------------------------------------------------------------
     def has_available(self, mem: GuestMemory) -> bool:
         """Is the descriptor at ``next_avail`` available for our wrap counter? (§2.8.1)."""
-        flags = mem.read_u16(
-            self.desc_addr + self.next_avail * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS
-        )
+        flags = self._v(mem)[0][self.next_avail * 8 + 7]
         return flags & _AU == (VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED)
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain or None; ``QueueError`` for a malformed ring."""
         if not self.ready:
             return None
-        u16, u32, u64 = _ring_views(mem, self.desc_addr, self.size)
+        u16, u32, u64 = self._v(mem)[:3]
         return self._pop(mem, u16, u32, u64)
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
@@ -323,7 +360,7 @@ class PackedQueue:
         out: list[DescriptorChain] = []
         if not self.ready or limit <= 0:
             return out
-        u16, u32, u64 = _ring_views(mem, self.desc_addr, self.size)
+        u16, u32, u64 = self._v(mem)[:3]
         pop = self._pop
         append = out.append
         while len(out) < limit:
@@ -420,15 +457,15 @@ class PackedQueue:
                 f"push of buffer {chain.head} ({n} slots) with {self.inflight} in flight"
             )
         slot = self.next_used
-        v = mem.view(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE, VIRTQ_PACKED_DESC_SIZE)
-        u16 = v.cast("H")
-        v.cast("I")[2] = written
-        u16[6] = chain.head
+        views = self._v(mem)
+        u16 = views[0]
+        views[1][slot * 4 + 2] = written
+        u16[slot * 8 + 6] = chain.head
         flags = (_AU if self.used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
         if self._staged_first is None:
             self._staged_first = (slot, flags)
         else:
-            u16[7] = flags  # not polled by the driver until the first element is published
+            u16[slot * 8 + 7] = flags  # the driver polls the first element's slot, not this
         self._staged += 1
         slot += n
         if slot >= self.size:
@@ -442,14 +479,15 @@ class PackedQueue:
         if not items:
             return
         size = self.size
-        u16, u32, _ = _ring_views(mem, self.desc_addr, size)
+        u16, u32 = self._v(mem)[:2]
         slot, uw, inflight = self.next_used, self.used_wrap, self.inflight
         first = self._staged_first
-        for chain, written in items:
+        for k, (chain, written) in enumerate(items):
             n = chain.ring_descs
             if not 0 <= written <= chain.writable_len or n > inflight:
                 self.next_used, self.used_wrap, self.inflight = slot, uw, inflight
                 self._staged_first = first
+                self._staged += k
                 return self.push(mem, chain, written)  # raises the precise ValueError
             u32[slot * 4 + 2] = written
             u16[slot * 8 + 6] = chain.head
@@ -473,9 +511,8 @@ class PackedQueue:
         if first is None:
             return 0
         slot, flags = first
-        mem.write_u16(
-            self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS, flags
-        )
+        # x86 TSO: the element stores in push are visible before this single u16 store.
+        self._v(mem)[0][slot * 8 + 7] = flags
         n = self._staged
         self._staged_first = None
         self._staged = 0
@@ -498,9 +535,10 @@ class PackedQueue:
         self._since_signal = 0
         if advanced == 0:
             return False
+        drv_event = self._v(mem)[3]
         full_fence()  # the used flags store before the event structure load
         return _event_decision(
-            mem.read_u32(self.driver_addr),  # one load: off_wrap (low half) and flags (high)
+            drv_event[0],  # one load: off_wrap (low half) and flags (high half)
             self.event_idx,
             self._pub_idx,
             self._pub_wrap,
@@ -513,17 +551,18 @@ class PackedQueue:
 
         With EVENT_IDX: DESC at our next avail position (§2.8.10), otherwise ENABLE.
         """
+        dev_event = self._v(mem)[4]
         if self.event_idx:
             off_wrap = self.next_avail | self.avail_wrap << PVIRTQ_EVENT_WRAP_SHIFT
-            mem.write_u32(self.device_addr, off_wrap | RING_EVENT_FLAGS_DESC << 16)
+            dev_event[0] = off_wrap | RING_EVENT_FLAGS_DESC << 16  # one 32-bit store
         else:
-            mem.write_u32(self.device_addr, RING_EVENT_FLAGS_ENABLE << 16)
+            dev_event[0] = RING_EVENT_FLAGS_ENABLE << 16
         full_fence()  # the event store before re-reading the next descriptor's flags
         return self.has_available(mem)
 
     def disable_notifications(self, mem: GuestMemory) -> None:
         """RING_EVENT_FLAGS_DISABLE in the Device Event Suppression structure."""
-        mem.write_u32(self.device_addr, RING_EVENT_FLAGS_DISABLE << 16)
+        self._v(mem)[4][0] = RING_EVENT_FLAGS_DISABLE << 16
 
 
 class PackedDriverQueue:
@@ -564,6 +603,8 @@ class PackedDriverQueue:
         self.desc_addr, self.driver_addr, self.device_addr = base + d, base + drv, base + dev
         self.indirect_addr = base + ((total + 15) & ~15)
         self.end = base + self.ring_bytes(size, self.indirect_max)
+        self._mem: GuestMemory | None = None
+        self._views = _NO_VIEWS
         self._reset_state(0, 1)
 
     @staticmethod
@@ -626,7 +667,7 @@ class PackedDriverQueue:
         mem.write(self.driver_addr, bytes(PVIRTQ_EVENT_SIZE))
         mem.write(self.device_addr, bytes(PVIRTQ_EVENT_SIZE))
         if (idx, wrap) != (0, 1):
-            u16, _, _ = _ring_views(mem, self.desc_addr, self.size)
+            u16 = self._v(mem)[0]
             this_lap = _AU if wrap else 0
             prev_lap = 0 if wrap else _AU
             for s in range(self.size):
@@ -636,6 +677,21 @@ class PackedDriverQueue:
     def layout(self) -> tuple[int, int, int]:
         """(descriptor ring, driver event suppression, device event suppression)."""
         return self.desc_addr, self.driver_addr, self.device_addr
+
+    def _v(self, mem: GuestMemory) -> tuple[memoryview, ...]:
+        if mem is not self._mem:
+            _release(self._views)
+            self._views = _ring_views(
+                mem, self.desc_addr, self.size, self.driver_addr, self.device_addr
+            )
+            self._mem = mem
+        return self._views
+
+    def release_views(self) -> None:
+        """Drop the cached ring views (before the memory they point into is unmapped)."""
+        _release(self._views)
+        self._views = _NO_VIEWS
+        self._mem = None
 
     @property
     def num_free(self) -> int:
@@ -679,7 +735,7 @@ class PackedDriverQueue:
             capacity += ln
         slot = self.next_avail
         wrap = self.avail_wrap
-        u16, u32, u64 = _ring_views(mem, self.desc_addr, size)
+        u16, u32, u64 = self._v(mem)[:3]
         buf_id = self._free_ids.pop()
         head_slot = slot
         if use_indirect:
@@ -741,8 +797,8 @@ class PackedDriverQueue:
         if staged is None:
             return 0
         slot, flags = staged
-        # x86 TSO: every descriptor store above is visible before this flags store.
-        mem.write_u16(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS, flags)
+        # x86 TSO: every descriptor store in add is visible before this single u16 store.
+        self._v(mem)[0][slot * 8 + 7] = flags
         n = self._staged
         self._staged_head = None
         self._staged = 0
@@ -764,9 +820,10 @@ class PackedDriverQueue:
         self._since_kick = 0
         if advanced == 0:
             return False
+        dev_event = self._v(mem)[4]
         full_fence()  # the flags store before the event structure load
         return _event_decision(
-            mem.read_u32(self.device_addr),
+            dev_event[0],
             self.event_idx,
             self._pub_idx,
             self._pub_wrap,
@@ -777,23 +834,21 @@ class PackedDriverQueue:
     # -- collecting used buffers (§2.8.22) -----------------------------------------------------
     def has_used(self, mem: GuestMemory) -> bool:
         """Is the descriptor at ``last_used`` used for our wrap counter? (§2.8.1)."""
-        flags = mem.read_u16(
-            self.desc_addr + self.last_used * VIRTQ_PACKED_DESC_SIZE + PVIRTQ_DESC_OFF_FLAGS
-        )
+        flags = self._v(mem)[0][self.last_used * 8 + 7]
         return flags & _AU == (_AU if self.used_wrap else 0)
 
     def get_used(self, mem: GuestMemory) -> tuple[Any, int] | None:
         """The next used buffer's (token, written length), or None. The device is untrusted."""
         size = self.size
         slot = self.last_used
-        v = mem.view(self.desc_addr + slot * VIRTQ_PACKED_DESC_SIZE, VIRTQ_PACKED_DESC_SIZE)
-        u16 = v.cast("H")
-        flags = u16[7]
+        views = self._v(mem)
+        u16 = views[0]
+        flags = u16[slot * 8 + 7]
         if flags & _AU != (_AU if self.used_wrap else 0):
             return None
-        buf_id = u16[6]
+        buf_id = u16[slot * 8 + 6]
         # §2.8.4: len is reserved (ignored by drivers) in a used descriptor without WRITE.
-        length = v.cast("I")[2] if flags & VIRTQ_DESC_F_WRITE else 0
+        length = views[1][slot * 4 + 2] if flags & VIRTQ_DESC_F_WRITE else 0
         if buf_id >= size:
             raise QueueError(f"used descriptor at slot {slot}: id {buf_id} >= queue size {size}")
         token = self._token[buf_id]
@@ -821,17 +876,15 @@ class PackedDriverQueue:
         With EVENT_IDX: DESC at the next used position, otherwise ENABLE (off_wrap and flags in
         one 32-bit store).
         """
+        drv_event = self._v(mem)[3]
         if self.event_idx:
             off_wrap = self.last_used | self.used_wrap << PVIRTQ_EVENT_WRAP_SHIFT
-            mem.write_u32(self.driver_addr, off_wrap | RING_EVENT_FLAGS_DESC << 16)
+            drv_event[0] = off_wrap | RING_EVENT_FLAGS_DESC << 16  # one 32-bit store
         else:
-            mem.write_u32(self.driver_addr, RING_EVENT_FLAGS_ENABLE << 16)
+            drv_event[0] = RING_EVENT_FLAGS_ENABLE << 16
         full_fence()  # the event store before re-reading the used flags
         return self.has_used(mem)
 
     def disable_callbacks(self, mem: GuestMemory) -> None:
         """RING_EVENT_FLAGS_DISABLE in the Driver Event Suppression structure."""
-        mem.write_u32(self.driver_addr, RING_EVENT_FLAGS_DISABLE << 16)
-
-    def release_views(self) -> None:
-        """Nothing cached (views are taken per call); kept for parity with the split ring."""
+        self._v(mem)[3][0] = RING_EVENT_FLAGS_DISABLE << 16
