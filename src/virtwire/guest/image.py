@@ -162,7 +162,8 @@ def resolve_packages() -> dict[str, str]:
     out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE], what="apt-cache depends")
     kernel_pkgs = re.findall(r"^\s*Depends:\s*(linux-image-\S+)", out, re.M)
     if not kernel_pkgs:
-        raise ImageError(f"cannot resolve {KERNEL_METAPACKAGE} to a versioned kernel package")
+        raise ImageError(f"cannot resolve {KERNEL_METAPACKAGE} to a versioned kernel package "
+                         "(no package lists? run apt-get update)")
     wanted = {kernel_pkgs[0], *USER_PACKAGES}
     info: dict[str, dict[str, str]] = {}
     todo = set(wanted)
