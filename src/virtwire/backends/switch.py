@@ -15,6 +15,11 @@ as 802.1D's default). A frame is copied once out of the sender's guest memory (i
 returned to the guest right after); the copy is queued on each egress port (bounded by
 ``queue_limit``; overflow is a counted drop) and each egress port is woken once per batch.
 
+Readiness: each port's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
+an uplink, the uplink TAP's fd, so a host's event loop that watches every port fd (as
+``virtwire serve`` does) also learns when the uplink has frames: serving any port first drains
+the uplink (``drain_wakeup`` -> ``poll_uplink``), which queues those frames on their ports.
+
 Offloads: a port accepts checksum offload from its guest (CSUM) but no segmentation offload, so
 no GSO frame ever enters the switch. A NEEDS_CSUM frame is delivered as such to a guest that
 negotiated GUEST_CSUM and completed in software for one that did not (and for the uplink TAP,
@@ -24,6 +29,7 @@ whose kernel side takes partial checksums anyway, it is passed as is).
 from __future__ import annotations
 
 import logging
+import select
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -44,7 +50,7 @@ from virtwire.virtio.spec import (
     bit,
 )
 
-__all__ = ["L2Switch", "SwitchPort"]
+__all__ = ["L2Switch", "SwitchPort", "Switch"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,27 @@ class SwitchPort(BackendBase):
         self.rx: deque[_Item] = deque()
         self.counters.update({"rx_queue_drops": 0, "tx_bad": 0})
         self.guest_csum = False
+        self._ep: select.epoll | None = None
+
+    def fileno(self) -> int | None:
+        """An epoll fd: this port's wake-up eventfd plus the uplink TAP (module docstring)."""
+        if self._ep is None:
+            efd = super().fileno()
+            self._ep = select.epoll()
+            self._ep.register(efd, select.EPOLLIN)
+            up = self.switch.uplink_fileno()
+            if up is not None:
+                self._ep.register(up, select.EPOLLIN)
+        return self._ep.fileno()
+
+    def watch_uplink(self, fd: int) -> None:
+        if self._ep is not None:
+            self._ep.register(fd, select.EPOLLIN)
+
+    def drain_wakeup(self) -> None:
+        super().drain_wakeup()
+        if self.switch.uplink is not None:
+            self.switch.poll_uplink(skip_wake=self)
 
     def configure(self, features: int, hdr_len: int) -> None:
         super().configure(features, hdr_len)
@@ -121,6 +148,9 @@ class SwitchPort(BackendBase):
 
     def close(self) -> None:
         self.switch.remove_port(self)
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
         super().close()
 
 
@@ -171,19 +201,31 @@ class L2Switch:
         self.ports[name] = p
         return p
 
+    add_port = port
+
+    def add_uplink(self, ifname: str, *, netns: str | None = None) -> None:
+        """Create or attach TAP ``ifname`` (link up) and join it as the uplink."""
+        from virtwire.backends.tap import TapBackend
+
+        self.attach_uplink(TapBackend(ifname, netns=netns))
+
     def remove_port(self, port: SwitchPort) -> None:
         if self.ports.get(port.port_name) is port:
             del self.ports[port.port_name]
             self.fdb = {m: e for m, e in self.fdb.items() if e[0] is not port}
 
     def attach_uplink(self, tap: Any) -> None:
-        """Join a ``TapBackend`` as the uplink; serve ``poll_uplink`` when its fd is readable."""
+        """Join a ``TapBackend`` as the uplink (its frames are read by ``poll_uplink``)."""
+        if self.uplink is not None:
+            raise ValueError(f"switch {self.name} already has an uplink")
         self.uplink = _Uplink(tap)
+        for p in self.ports.values():
+            p.watch_uplink(tap.fileno())
 
     def uplink_fileno(self) -> int | None:
         return self.uplink.tap.fileno() if self.uplink is not None else None
 
-    def poll_uplink(self, limit: int = 256) -> int:
+    def poll_uplink(self, limit: int = 256, skip_wake: Any = None) -> int:
         """Read up to ``limit`` frames from the uplink TAP and forward them; returns the count."""
         up = self.uplink
         if up is None:
@@ -203,7 +245,7 @@ class L2Switch:
             items.append((flags, cs, co, bytes(view[12:n])))
             up.counters["rx_frames"] += 1
         if items:
-            self.forward(up, items)
+            self.forward(up, items, skip_wake=skip_wake)
         return len(items)
 
     # -- forwarding --------------------------------------------------------------------------
@@ -223,7 +265,7 @@ class L2Switch:
             return None
         return e[0]
 
-    def forward(self, ingress: Any, items: Sequence[_Item]) -> None:
+    def forward(self, ingress: Any, items: Sequence[_Item], skip_wake: Any = None) -> None:
         """Learn, look up and queue a batch of frames from ``ingress``; wake egress ports once."""
         now = self.clock()
         fdb = self.fdb
@@ -254,7 +296,14 @@ class L2Switch:
                 if out.enqueue(item):
                     woken[id(out)] = out
         for p in woken.values():
-            p.wake()
+            if p is not skip_wake:
+                p.wake()
+
+    def close(self) -> None:
+        """Close the uplink TAP (ports are closed by their owners)."""
+        if self.uplink is not None:
+            self.uplink.tap.close()
+            self.uplink = None
 
     def stats(self) -> dict[str, Any]:
         now = self.clock()
@@ -266,3 +315,6 @@ class L2Switch:
             "ports": {n: p.stats() for n, p in self.ports.items()},
             "uplink": dict(self.uplink.counters) if self.uplink is not None else None,
         }
+
+
+Switch = L2Switch  # the name ``virtwire serve`` uses
