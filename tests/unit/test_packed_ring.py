@@ -569,3 +569,28 @@ def test_enable_callbacks_reports_pending_used():
     assert drv.enable_callbacks(mem) is True
     drv.get_used(mem)
     assert drv.enable_callbacks(mem) is False
+
+
+# -- cached ring views -----------------------------------------------------------------------
+
+
+def test_views_follow_a_new_guest_memory_object():
+    mem, drv, dev = make(4)
+    drv.add(mem, [(DATA, 1)], [], "a")
+    drv.publish(mem)
+    # A host that replaced its memory table hands the queue a new GuestMemory with the same
+    # contents: the queue rebuilds its views from the new object (split ring convention).
+    mem2 = BytearrayGuestMemory(MEM)
+    mem2.write(0, mem.read(0, MEM))
+    c = dev.pop(mem2)
+    assert c is not None and c.head == 0
+    assert dev.pop(mem) is None  # the old object: views rebuilt again, slot 1 is empty there
+    dev.release_views()
+    assert dev.has_available(mem) is False
+
+
+def test_views_on_memory_without_the_ring_raise_queue_error():
+    mem, drv, dev = make(4)
+    small = BytearrayGuestMemory(0x800)  # the ring at 0x1000 is not in it
+    with pytest.raises(QueueError, match="outside guest RAM"):
+        dev.pop(small)

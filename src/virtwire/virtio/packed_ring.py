@@ -124,6 +124,11 @@ PVIRTQ_EVENT_WRAP_SHIFT = 15
 PACKED_MAX_INDIRECT = VIRTQ_MAX_SIZE
 
 _AU = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+_F_AVAIL = VIRTQ_DESC_F_AVAIL
+_F_USED = VIRTQ_DESC_F_USED
+_F_NEXT = VIRTQ_DESC_F_NEXT
+_F_WRITE = VIRTQ_DESC_F_WRITE
+_F_INDIRECT = VIRTQ_DESC_F_INDIRECT
 _BASE_MASK = 0x7FFF
 
 
@@ -350,95 +355,100 @@ class PackedQueue:
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain or None; ``QueueError`` for a malformed ring."""
-        if not self.ready:
-            return None
-        u16, u32, u64 = self._v(mem)[:3]
-        return self._pop(mem, u16, u32, u64)
+        got = self.pop_batch(mem, 1)
+        return got[0] if got else None
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        """Up to ``limit`` available chains (one ring view for the whole batch)."""
+        """Up to ``limit`` available chains, in ring order (§2.8.11: the device MUST start
+        processing driver descriptors in the order in which they appear in the ring).
+
+        ``QueueError`` for a malformed ring; chains popped before the bad one stay popped.
+        """
         out: list[DescriptorChain] = []
         if not self.ready or limit <= 0:
             return out
         u16, u32, u64 = self._v(mem)[:3]
-        pop = self._pop
-        append = out.append
-        while len(out) < limit:
-            c = pop(mem, u16, u32, u64)
-            if c is None:
-                break
-            append(c)
-        return out
-
-    def _pop(
-        self, mem: GuestMemory, u16: memoryview, u32: memoryview, u64: memoryview
-    ) -> DescriptorChain | None:
         size = self.size
+        indirect_ok = self.indirect
         slot = self.next_avail
         wrap = self.avail_wrap
-        flags = u16[slot * 8 + 7]
-        if flags & _AU != (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED):
-            return None
-        head_slot = slot
-        b = ChainBuilder(mem, head_slot, size, self.indirect)
-        n = 0
-        while True:
-            n += 1
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                # §2.8.7: the table's own descriptor; WRITE on it is reserved and ignored.
-                length = u32[slot * 4 + 2]
-                if length > PACKED_MAX_INDIRECT * VIRTQ_PACKED_DESC_SIZE:
-                    raise QueueError(
-                        f"packed slot {head_slot}: indirect table of {length} bytes exceeds "
-                        f"{PACKED_MAX_INDIRECT} descriptors"
-                    )
-                addr = u64[slot * 2]
-                entries = b.enter_indirect(addr, length, flags & ~VIRTQ_DESC_F_WRITE)
-                t = mem.view(addr, length)
-                t16, t32, t64 = t.cast("H"), t.cast("I"), t.cast("Q")
-                add = b.add
-                check = b.check_table_flags
-                for k in range(entries):
-                    tf = t16[k * 8 + 7]
-                    check(tf)
-                    # Only WRITE is valid in a table entry; NEXT and the id are ignored (§2.8.7).
-                    add(t64[k * 2], t32[k * 4 + 2], tf & VIRTQ_DESC_F_WRITE)
-                break
-            b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
-            if not flags & VIRTQ_DESC_F_NEXT:
-                break
-            if n >= size:
+        inflight = self.inflight
+        append = out.append
+        while len(out) < limit:
+            flags = u16[slot * 8 + 7]
+            if flags & _AU != (_F_AVAIL if wrap else _F_USED):
+                break  # §2.8.1: not available for our wrap counter
+            head_slot = slot
+            b = ChainBuilder(mem, head_slot, size, indirect_ok)
+            n = 1
+            if flags & _F_INDIRECT:
+                self._walk_indirect(mem, b, head_slot, u32[slot * 4 + 2], u64[slot * 2], flags)
+            else:
+                b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
+                while flags & _F_NEXT:  # §2.8.6: the list continues in the next ring slot
+                    if n >= size:
+                        raise QueueError(
+                            f"packed slot {head_slot}: chain longer than the queue size {size}"
+                        )
+                    n += 1
+                    slot += 1
+                    if slot == size:
+                        slot = 0
+                        wrap ^= 1
+                    flags = u16[slot * 8 + 7]
+                    if flags & _AU != (_F_AVAIL if wrap else _F_USED):
+                        raise QueueError(
+                            f"packed slot {head_slot}: chain descriptor at slot {slot} is not "
+                            f"available (flags {flags:#06x}, wrap counter {wrap})"
+                        )
+                    if flags & _F_INDIRECT:
+                        # §2.8.20: no INDIRECT inside a NEXT-linked list (ChainBuilder words it)
+                        b.enter_indirect(u64[slot * 2], u32[slot * 4 + 2], flags)
+                    b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
+            buf_id = u16[slot * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
+            if buf_id >= size:
                 raise QueueError(
-                    f"packed slot {head_slot}: chain longer than the queue size {size}"
+                    f"packed slot {head_slot}: buffer id {buf_id} >= queue size {size}"
                 )
+            if inflight + n > size:
+                raise QueueError(
+                    f"packed slot {head_slot}: driver made more than {size} descriptors "
+                    f"available (in flight {inflight} + {n})"
+                )
+            chain = b.finish(n)
+            chain.head = buf_id
             slot += 1
             if slot == size:
                 slot = 0
                 wrap ^= 1
-            flags = u16[slot * 8 + 7]
-            if flags & _AU != (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED):
-                raise QueueError(
-                    f"packed slot {head_slot}: chain descriptor at slot {slot} is not available "
-                    f"(flags {flags:#06x}, wrap counter {wrap})"
-                )
-        buf_id = u16[slot * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
-        if buf_id >= size:
-            raise QueueError(f"packed slot {head_slot}: buffer id {buf_id} >= queue size {size}")
-        if self.inflight + n > size:
+            inflight += n
+            self.next_avail = slot
+            self.avail_wrap = wrap
+            self.inflight = inflight
+            append(chain)
+        return out
+
+    @staticmethod
+    def _walk_indirect(
+        mem: GuestMemory, b: ChainBuilder, head_slot: int, length: int, addr: int, flags: int
+    ) -> None:
+        """§2.8.7: a ring descriptor naming a table of sequential ``pvirtq_desc`` entries."""
+        if length > PACKED_MAX_INDIRECT * VIRTQ_PACKED_DESC_SIZE:
             raise QueueError(
-                f"packed slot {head_slot}: driver made more than {size} descriptors available "
-                f"(in flight {self.inflight} + {n})"
+                f"packed slot {head_slot}: indirect table of {length} bytes exceeds "
+                f"{PACKED_MAX_INDIRECT} descriptors"
             )
-        chain = b.finish(n)
-        chain.head = buf_id
-        slot += 1
-        if slot == size:
-            slot = 0
-            wrap ^= 1
-        self.next_avail = slot
-        self.avail_wrap = wrap
-        self.inflight += n
-        return chain
+        # WRITE on the INDIRECT descriptor itself is reserved and ignored by the device.
+        entries = b.enter_indirect(addr, length, flags & ~_F_WRITE)
+        t = mem.view(addr, length)
+        t16, t32, t64 = t.cast("H"), t.cast("I"), t.cast("Q")
+        add = b.add
+        check = b.check_table_flags
+        for k in range(entries):
+            tf = t16[k * 8 + 7]
+            check(tf)
+            # Only WRITE is valid in a table entry; NEXT and the id are ignored (§2.8.7).
+            add(t64[k * 2], t32[k * 4 + 2], tf & _F_WRITE)
 
     # -- used side ----------------------------------------------------------------------------
     def push(self, mem: GuestMemory, chain: DescriptorChain, written: int) -> None:
