@@ -124,10 +124,15 @@ def test_disabled_port_gets_nothing_and_closed_port_forgotten(sw) -> None:
 
 def test_wakeup_fd_signalled_once_per_batch(sw) -> None:
     import os
+    import select
 
     sw, pa, pb, pc, _ = sw
-    fd = pb.fileno()
+    fd = pb.fileno()  # an epoll fd over the port's eventfd (and an uplink, if any)
+    assert select.select([fd], [], [], 0)[0] == []
     h = memoryview(VirtioNetHdr().pack(12))
     pa.send([[h, memoryview(frame(BCAST, A, fill=i))] for i in range(10)])
-    assert os.eventfd_read(fd) == 1
+    assert select.select([fd], [], [], 0)[0] == [fd]
+    assert os.eventfd_read(pb._efd) == 1  # one wake-up for the whole batch
+    pb.drain_wakeup()
+    assert select.select([fd], [], [], 0)[0] == []
     assert len(rx_all(pb)) == 10
