@@ -200,6 +200,7 @@ class Tracer:
         self._close_out = close_out
         self._clock = clock
         self._t0 = clock()
+        self._flushed = self._t0
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {}
         self.closed = False
@@ -226,9 +227,15 @@ class Tracer:
                 if (n - 1) % self.sample:
                     return
                 fields["sample"] = self.sample
-            rec = {"t": round(self._clock() - self._t0, 9), "cat": cat, "ev": ev}
+            now = self._clock()
+            rec = {"t": round(now - self._t0, 9), "cat": cat, "ev": ev}
             rec.update(fields)
             self._write(rec)
+            # A reader (or a crash) should not wait for a full buffer: flush control-plane
+            # events at once and data-path ones at least every half second.
+            if cat not in DATA_PATH or now - self._flushed > 0.5:
+                self._flushed = now
+                self._out.flush()
 
     def _write(self, rec: dict[str, Any]) -> None:
         self._out.write(json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n")

@@ -211,3 +211,11 @@ def test_cli_merges_child_process_traces(tmp_path: Path, capsys) -> None:
     assert j["sources"] == [str(parent), str(child)] and j["in_order"] is True
     assert cli.main(["explain", str(parent), "--json", "--no-children"]) == 0
     assert json.loads(capsys.readouterr().out)["in_order"] is False
+
+
+def test_a_vmm_reset_before_discovery_does_not_start_negotiation() -> None:
+    evs = _events(pci_proxy_session)
+    evs.insert(1, {"t": 0.00001, "cat": "status", "ev": "reset"})
+    evs.insert(1, {"t": 0.000005, "cat": "pci", "ev": "reset"})
+    a = analyze(evs)
+    assert a.in_order(), [p.id for p in a.phases]

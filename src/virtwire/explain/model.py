@@ -12,8 +12,8 @@ phase                 triggered by
 ====================  =========================================================================
 discovery             PCI config-space access (not a BAR register), a vhost-user message
 bars                  BAR sizing or programming; vhost-user SET_OWNER (QEMU's device set-up)
-negotiation           driver feature ack / negotiated features, a status write (reset,
-                      ACKNOWLEDGE, DRIVER, FEATURES_OK)
+negotiation           driver feature ack / negotiated features, a driver status write
+                      (0, ACKNOWLEDGE, DRIVER, FEATURES_OK); not a reset by the VMM
 queues                queue set-up (size and ring addresses); vhost-user SET_MEM_TABLE
 first_tx              the first frame the guest sends (or the first chain on a transmit queue)
 first_rx              the first frame delivered to the guest (or first used push on an rx queue)
@@ -185,7 +185,7 @@ def _trigger(e: dict[str, Any]) -> str | None:
         return "discovery"
     if cat == "feature" and ev in ("ack", "negotiated"):
         return "negotiation"
-    if cat == "status" and ev in ("set", "reset"):
+    if cat == "status" and ev == "set":  # a driver write; ``reset`` may be the VMM's
         new = e.get("new", 0)
         if isinstance(new, int) and new & 4:  # DRIVER_OK closes queue set-up
             return "queues"
