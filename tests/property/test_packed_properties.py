@@ -137,6 +137,8 @@ def test_round_trip_random_sg_lists(size, data, event_idx, indirect, seed):
                 break
             expect[token] = (region, payload, ins)
             token += 1
+        # Batched publish (§2.8.21.1): nothing of the batch is visible before the head flags.
+        assert dev.pop_batch(mem, 1 << 16) == [] and not dev.has_available(mem)
         drv.publish(mem)
         # Device: pop everything, complete a random subset in random order, publish.
         chains = dev.pop_batch(mem, 1 << 16)
@@ -152,6 +154,7 @@ def test_round_trip_random_sg_lists(size, data, event_idx, indirect, seed):
             c.write(mem, bytes([tok & 0xFF]) * written)
             dev.push(mem, c, written)
             expect[tok] = expect[tok] + (written,)
+        assert drv.get_used(mem) is None  # §2.8.9: the batch appears only when published
         dev.publish(mem)
         for c in held:  # complete the rest in a second batch
             tok = drv._token[c.head]

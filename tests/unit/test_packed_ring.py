@@ -594,3 +594,23 @@ def test_views_on_memory_without_the_ring_raise_queue_error():
     small = BytearrayGuestMemory(0x800)  # the ring at 0x1000 is not in it
     with pytest.raises(QueueError, match="outside guest RAM"):
         dev.pop(small)
+
+
+def test_implements_the_queue_protocols():
+    from virtwire.virtio.queue import DeviceQueue, DriverQueue
+
+    def members(proto):
+        return {
+            m
+            for k in proto.__mro__
+            if k not in (object,) and k.__name__ != "Protocol" and k.__name__ != "Generic"
+            for m in vars(k)
+            if not m.startswith("_")
+        } | set(getattr(proto, "__annotations__", {}))
+
+    mem, drv, dev = make(4)
+    assert members(DeviceQueue) and members(DriverQueue)
+    for m in members(DeviceQueue):
+        assert hasattr(dev, m), m
+    for m in members(DriverQueue):
+        assert hasattr(drv, m), m
