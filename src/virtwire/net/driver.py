@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtwire.memory import GuestMemory
+from virtwire.net.header import VirtioNetHdr, hdr_size
 from virtwire.virtio import spec
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.queue import QueueFull
@@ -187,8 +188,6 @@ def resolve_features(offered: int, wanted: int, legacy: bool = False) -> int:
 # virtio_net_hdr (§5.1.6)
 # ------------------------------------------------------------------------------------------------
 
-_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-
 
 @dataclass
 class RxFrame:
@@ -250,6 +249,7 @@ class DriverStats:
     ctrl_cmds: int = 0
     used_len_without_write: int = 0
     stall_kicks: int = 0
+    tx_used_len_nonzero: int = 0
     rx_idle_kicks: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -319,10 +319,7 @@ class VirtioNetDriver:
                 self.fail()
                 raise DeviceFault("device refused FEATURES_OK for "
                                   f"{spec.feature_names(self.features)}")
-        if self.has(spec.VIRTIO_F_VERSION_1) or self.has(spec.VIRTIO_NET_F_MRG_RXBUF):
-            self.hdr_len = spec.VIRTIO_NET_HDR_MRG_RXBUF_LEN
-        else:
-            self.hdr_len = spec.VIRTIO_NET_HDR_LEN
+        self.hdr_len = hdr_size(self.features)
         self.read_config()
         if self.has(spec.VIRTIO_NET_F_MRG_RXBUF):
             self.rx_layout = "mergeable"
@@ -555,7 +552,7 @@ class VirtioNetDriver:
         h = self.hdr_len
         first, flen = parts[0]
         raw = self._read_buf(first, flen)
-        flags, gso_type, hdr_len, gso_size, cs, co = _HDR.unpack_from(raw, 0)
+        hd = VirtioNetHdr.unpack(raw, h)
         data = bytearray(raw[h:])
         for buf, ln in parts[1:]:
             data += self._read_buf(buf, ln)
@@ -563,7 +560,8 @@ class VirtioNetDriver:
             self._free_buf(buf)
         self.stats.rx_frames += 1
         self.stats.rx_bytes += len(data)
-        return RxFrame(bytes(data), flags, gso_type, hdr_len, gso_size, cs, co, len(parts), queue)
+        return RxFrame(bytes(data), hd.flags, hd.gso_type, hd.hdr_len, hd.gso_size, hd.csum_start,
+                       hd.csum_offset, len(parts), queue)
 
     # -- transmit (§5.1.6.2) ---------------------------------------------------------------------
     def reap_tx(self, queue: int = 0) -> int:
@@ -576,6 +574,8 @@ class VirtioNetDriver:
                 raise DeviceFault(f"transmitq{queue}: {e}") from None
             if got is None:
                 return n
+            if got[1]:
+                self.stats.tx_used_len_nonzero += 1  # §2.7.8: nothing was written
             for gpa in got[0]:
                 self.alloc.free(gpa)
             tq.posted -= 1
@@ -611,8 +611,7 @@ class VirtioNetDriver:
         tq = self.txqs[queue]
         self.reap_tx(queue)
         h = self.hdr_len
-        hdr = _HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
-        hdr += bytes(h - len(hdr))
+        hdr = VirtioNetHdr(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset).pack(h)
         split_hdr = not (self.has(spec.VIRTIO_F_VERSION_1) or self.has(spec.VIRTIO_F_ANY_LAYOUT))
         n = 0
         for fr in frames:
