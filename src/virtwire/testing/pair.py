@@ -154,6 +154,8 @@ def make_ring_pair(
     """A ``RingPair`` with rings at ``RING_BASE`` and a buffer heap after them."""
     if mem_size is None:
         ring_bytes = size * (16 + 2 + 8) + 64
+        if fmt == "packed" and indirect:
+            ring_bytes += size * 64 * 16  # the packed driver reserves a table per buffer id
         mem_size = RING_BASE + ring_bytes + 16 * 4096 + size * 512
         mem_size = (mem_size + 0xFFFF) & ~0xFFFF
     mem = BytearrayGuestMemory(mem_size)
