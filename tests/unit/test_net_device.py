@@ -588,3 +588,27 @@ def test_two_devices_on_a_switch(packed: bool) -> None:
            + _frame(1514, i)[6:] for i in range(200)]
     assert a.drv.send_all(big, timeout=2.0) == 200
     assert [g.data for g in b.drv.poll_receive(200, timeout=2.0)] == big
+
+
+def test_unknown_length_backend_with_few_buffers_holds_frame_no_loss() -> None:
+    """TAP-like backend, guest offers fewer buffers than a 64 KiB frame needs: the frame is read
+    aside and delivered when enough buffers exist, never truncated or lost."""
+
+    class Blind(MemoryBackend):
+        def pending_len(self) -> int | None:
+            return None if self.rx else 0
+
+    b = Blind("blind")
+    p = NetPair(backends=[b], rx_fill=4)  # 4 x 2048 bytes: below the 64 KiB maximum
+    big = _frame(20000, 3)
+    b.inject(big)
+    assert p.drv.receive() == []
+    assert p.dev.pairs[0].held == big and p.dev.counters[0]["rx_held"] == 1
+    p.drv.cfg.rx_fill = None
+    p.drv.refill(p.drv.rxqs[0])
+    (g,) = p.drv.poll_receive(1, timeout=1.0)
+    assert g.data == big and g.num_buffers == -(-(20000 + 12) // 2048)
+    b.inject(_frame(100, 4))
+    (g,) = p.drv.poll_receive(1, timeout=1.0)
+    assert g.data == _frame(100, 4)
+    assert p.dev.counters[0]["drops"] == 0

@@ -182,7 +182,7 @@ class _Pair:
     """Per-queue-pair data-path state."""
 
     __slots__ = ("index", "backend", "rx_backend", "stash", "stash_cap", "tx_pending",
-                 "rx_waiting", "enabled")
+                 "rx_waiting", "enabled", "held")
 
     def __init__(self, index: int, backend: NetBackend | None, rx_backend: bool) -> None:
         self.index = index
@@ -195,6 +195,7 @@ class _Pair:
         self.tx_pending: list[tuple[DescriptorChain, list[Any]]] = []
         self.rx_waiting = False
         self.enabled = True
+        self.held: bytes | None = None  # a frame read aside, waiting for buffers
 
     def clear(self) -> None:
         for _c, views in self.stash:
@@ -204,6 +205,7 @@ class _Pair:
         self.stash_cap = 0
         self.tx_pending.clear()
         self.rx_waiting = False
+        self.held = None
 
 
 def _qcounters() -> dict[str, int]:
@@ -279,6 +281,7 @@ class VirtioNet(VirtioDevice):
         self.max_batches = 4  # batches per call before yielding (``more_work``)
         self.more_work: Callable[[int], None] | None = None
         self.rx_watch: Callable[[int, bool], None] | None = None
+        self._bounce: bytearray | None = None
         self._reset_ctrl_state()
         self._ctrl_table: dict[tuple[int, int], Callable[[bytes], int]] = {
             (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_PROMISC): self._ctrl_rx_mode,
@@ -454,6 +457,20 @@ class VirtioNet(VirtioDevice):
         self.config[:] = self.build_config()
         self._reset_ctrl_state()
 
+    def attach(self, mem: GuestMemory, interrupt: Any = None) -> None:
+        """New guest memory (vhost-user re-sends the table on every map change): views cached
+        for stashed RX chains and pending TX frames are rebuilt against it."""
+        super().attach(mem, interrupt)
+        for p in self.pairs:
+            if p.stash:
+                p.stash = deque((c, list(c.writable(mem))) for c, _vs in p.stash)
+            if p.tx_pending:
+                scratch: dict[str, int] = {"drops": 0}
+                p.tx_pending = [(c, iov) for c, iov in (
+                    (c, self._tx_frame(c, mem, scratch, self.negotiated, self.hdr_len,
+                                       p.backend)) for c, _old in p.tx_pending)
+                    if iov is not None]
+
     def start_direct(self, features: int, mem: GuestMemory, interrupt: Any = None) -> None:
         """Walk §3.1.1 without a transport (in-process hosts): features, FEATURES_OK,
         DRIVER_OK. Queue configuration must already be in ``queue_config``; raises
@@ -497,7 +514,9 @@ class VirtioNet(VirtioDevice):
             log.debug("%s: publish at stop of queue %d: %s", self.name, index, e)
         if role == "rx":
             _rewind(q, [c for c, _v in p.stash])
+            held = p.held  # a frame already read from the backend survives the restart
             p.clear()
+            p.held = held
         else:
             _rewind(q, [c for c, _i in p.tx_pending])
             p.tx_pending.clear()
@@ -671,13 +690,21 @@ class VirtioNet(VirtioDevice):
         """Move frames from the backend into the guest's RX buffers (see module docstring).
 
         Returns True when frames may be left in the backend (budget or buffers ran out)."""
+        for _ in range(64):
+            state = self._rx_round(pair)
+            if state != "retry":
+                return state == "more"
+        return True
+
+    def _rx_round(self, pair: int) -> str:
+        """One RX pass: "done" (backend empty), "more" (waiting or budget), "retry"."""
         qi = 2 * pair
         q = self.queues[qi]
         mem = self.mem
         p = self.pairs[pair]
         be = p.backend
-        if q is None or mem is None or be is None or not p.rx_backend:
-            return False
+        if q is None or mem is None or be is None or not p.rx_backend or not p.enabled:
+            return "done"
         cnt = self.counters[qi]
         hl = self.hdr_len
         mrg = self.mrg_rxbuf
@@ -691,65 +718,79 @@ class VirtioNet(VirtioDevice):
         frames = 0
         starved = False
         limit = self.budget * self.max_batches if self.more_work is not None else 1 << 62
-        if not p.enabled:
-            return False
         while frames < limit:
-            want = be.pending_len()
+            held = p.held
+            want = len(held) if held is not None else be.pending_len()
             if want == 0:
                 break
             need = (self._max_rx_len() if want is None else
                     (want if vnet else want + hl))
             # Collect buffers: enough for ``need`` (mergeable) or one chain (not mergeable).
             if mrg:
-                while p.stash_cap < need:
-                    if not self._stash_one(q, mem, p, cnt, hl):
-                        break
-                if p.stash_cap < need and (want is not None or p.stash_cap < hl + 1514):
+                while p.stash_cap < need and self._stash_one(q, mem, p, cnt, hl):
+                    pass
+                cap = p.stash_cap
+                if cap < need and (want is not None or cap < hl + ETH_HLEN):
                     starved = True
                     break
-            elif not stash and not self._stash_one(q, mem, p, cnt, hl):
-                starved = True
-                break
-            if mrg:
-                views = [v for _c, vs in stash for v in vs]
-                cap = p.stash_cap
             else:
-                views = stash[0][1]
+                if not stash and not self._stash_one(q, mem, p, cnt, hl):
+                    starved = True
+                    break
                 cap = stash[0][0].writable_len
                 if want is not None and cap < need:
-                    self._drop_rx(be, cnt, "too_big")
+                    # §5.1.6.3: without MRG_RXBUF one buffer must hold the frame.
+                    if held is not None:
+                        p.held = None
+                        self._count_rx_drop(cnt, "too_big")
+                    else:
+                        self._drop_rx(be, cnt, "too_big")
                     continue
-            if vnet:
-                n = be.recv(views)
-                total = n
+            if cap < need:
+                # Unknown length and fewer buffers than the largest frame: read it aside (one
+                # copy) so its length is known; it waits there until buffers suffice.
+                if self._bounce is None:
+                    self._bounce = bytearray(hl + MAX_FRAME + 64)
+                n = be.recv([memoryview(self._bounce)])
+                if n == 0:
+                    break
+                p.held = bytes(self._bounce[:n])
+                cnt["rx_held"] = cnt.get("rx_held", 0) + 1
+                continue
+            views = [v for _c, vs in stash for v in vs] if mrg else stash[0][1]
+            target = views if vnet else skip(views, hl)
+            if held is not None:
+                p.held = None
+                n = scatter(target, held)
             else:
-                n = be.recv(skip(views, hl))
-                total = n + hl if n else 0
+                n = be.recv(target)
             if n == 0:
                 break
+            total = n if vnet else n + hl
             if total > cap:
                 # tun reports the whole frame length even when our buffers cut it short.
-                cnt["drops"] += 1
-                cnt["rx_drop_truncated"] = cnt.get("rx_drop_truncated", 0) + 1
+                self._count_rx_drop(cnt, "truncated")
                 continue
             if vnet and n < hl:
-                cnt["drops"] += 1
-                cnt["rx_drop_short"] = cnt.get("rx_drop_short", 0) + 1
+                self._count_rx_drop(cnt, "short")
                 continue
             if filt and not self._rx_accept(gather(views, 18, hl)):
                 cnt["rx_filtered"] = cnt.get("rx_filtered", 0) + 1
                 continue
+            first = stash[0][1]
             if not vnet:
-                views0 = stash[0][1]
-                scatter(views0, VirtioNetHdr().pack(hl))
-            elif clear_flags:
-                scatter(stash[0][1], b"\0")
-            # Hand the chains over: mergeable may span several.
+                scatter(first, VirtioNetHdr().pack(hl))
+            else:
+                v0 = first[0]
+                if len(v0) >= 2 and v0[1]:
+                    cnt["rx_gso"] = cnt.get("rx_gso", 0) + 1
+                if clear_flags:
+                    v0[0] = 0
+            # Hand the chains over: mergeable may span several (§5.1.6.4).
             used = 0
             left = total
-            first = stash[0][1]
             while stash and (left > 0 or used == 0):
-                c, vs = stash.popleft()
+                c, _vs = stash.popleft()
                 w = min(c.writable_len, left)
                 q.push(mem, c, w)
                 p.stash_cap -= c.writable_len
@@ -768,13 +809,12 @@ class VirtioNet(VirtioDevice):
         if starved:
             cnt["rx_wait_buffers"] = cnt.get("rx_wait_buffers", 0) + 1
             if q.enable_notifications(mem):
-                # Buffers arrived between our last pop and the re-enable: go round again.
-                return self.process_rx(pair) if frames else True
+                return "retry"  # buffers arrived between our last pop and the re-enable
             if not p.rx_waiting:
                 p.rx_waiting = True
                 if self.rx_watch is not None:
                     self.rx_watch(pair, False)
-            return True
+            return "more"
         if p.rx_waiting:
             p.rx_waiting = False
             if self.rx_watch is not None:
@@ -782,8 +822,15 @@ class VirtioNet(VirtioDevice):
         if frames >= limit:
             if self.more_work is not None:
                 self.more_work(qi)
-            return True
-        return False
+            return "more"
+        return "done"
+
+    def _count_rx_drop(self, cnt: dict[str, int], reason: str) -> None:
+        key = "rx_drop_" + reason
+        cnt[key] = cnt.get(key, 0) + 1
+        cnt["drops"] += 1
+        if cnt[key] & (cnt[key] - 1) == 0:
+            log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
 
     def _stash_one(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
                    hl: int) -> bool:
@@ -803,13 +850,10 @@ class VirtioNet(VirtioDevice):
             return True
 
     def _drop_rx(self, be: NetBackend, cnt: dict[str, int], reason: str) -> None:
-        scratch = bytearray(self.hdr_len + MAX_FRAME)
-        be.recv([memoryview(scratch)])
-        key = "rx_drop_" + reason
-        cnt[key] = cnt.get(key, 0) + 1
-        cnt["drops"] += 1
-        if cnt[key] & (cnt[key] - 1) == 0:
-            log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
+        if self._bounce is None:
+            self._bounce = bytearray(self.hdr_len + MAX_FRAME + 64)
+        be.recv([memoryview(self._bounce)])
+        self._count_rx_drop(cnt, reason)
 
     # -- RX filter (§5.1.6.5.1, §5.1.6.5.2, §5.1.6.5.3) --------------------------------------
     def _reset_ctrl_state(self) -> None:
