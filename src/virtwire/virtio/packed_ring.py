@@ -359,7 +359,7 @@ class PackedQueue:
         return got[0] if got else None
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        """Up to ``limit`` available chains, in ring order (§2.8.11: the device MUST start
+        """Up to ``limit`` available chains, in ring order (§2.8.12: the device MUST start
         processing driver descriptors in the order in which they appear in the ring).
 
         ``QueueError`` for a malformed ring; chains popped before the bad one stay popped.
@@ -402,7 +402,7 @@ class PackedQueue:
                             f"available (flags {flags:#06x}, wrap counter {wrap})"
                         )
                     if flags & _F_INDIRECT:
-                        # §2.8.20: no INDIRECT inside a NEXT-linked list (ChainBuilder words it)
+                        # §2.8.19: no INDIRECT inside a NEXT-linked list (ChainBuilder refuses it)
                         b.enter_indirect(u64[slot * 2], u32[slot * 4 + 2], flags)
                     b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
             buf_id = u16[slot * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
