@@ -166,3 +166,13 @@ def test_legacy_driver_may_kick_before_driver_ok_and_is_served_at_activation():
     d.driver_ok()
     assert q.get_used(pair.mem) == ("t", 5)
     assert pair.device.status == ACK | DRV | DOK
+
+
+def test_tables_render_as_markdown():
+    from virtwire.virtio.device import render_tables
+
+    md = render_tables()
+    assert "| ACKNOWLEDGE+DRIVER | ACKNOWLEDGE+DRIVER, ACKNOWLEDGE+DRIVER+FEATURES_OK" in md
+    assert "legacy also: ACKNOWLEDGE+DRIVER+DRIVER_OK" in md
+    assert all(line.count("|") in (3, 4) for line in md.splitlines() if line)
+    assert "| queue_notify | DRIVER_OK |" in md

@@ -130,6 +130,27 @@ def status_str(status: int) -> str:
     return "|".join(names)
 
 
+def render_tables() -> str:
+    """The status machine and the register table as Markdown (for docs, like h11's); status
+    bits are joined with ``+`` so they do not split table cells."""
+
+    def st(v: int) -> str:
+        return status_str(v).replace("|", "+")
+
+    lines = ["| status | driver may write |", "|---|---|"]
+    for cur, nxt in VALID_TRANSITIONS.items():
+        extra = LEGACY_TRANSITIONS.get(cur, frozenset()) - nxt
+        cell = ", ".join(st(n) for n in sorted(nxt))
+        if extra:
+            cell += " (legacy also: " + ", ".join(st(n) for n in sorted(extra)) + ")"
+        lines.append(f"| {st(cur)} | {cell} |")
+    lines.append("")
+    lines += ["| operation | status bits required | status bits forbidden |", "|---|---|---|"]
+    for reg, (req, forbid) in WRITABLE_IN_STATUS.items():
+        lines.append(f"| {reg} | {st(req) if req else '-'} | {st(forbid)} |")
+    return "\n".join(lines) + "\n"
+
+
 def check_transition(old: int, new: int, legacy: bool = False) -> None:
     """Raise ``StatusError`` unless a driver may write ``new`` while status is ``old``."""
     if new == 0:
