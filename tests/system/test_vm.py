@@ -49,6 +49,19 @@ def test_run_output_and_status(vm):
                   timeout=20).output.count("\n") == 2
 
 
+def test_write_file_and_qmp(vm):
+    data = bytes(range(256)) * 20 + b"tail"
+    vm.write_file("/tmp/blob", data, mode=0o755)
+    r = vm.run("sha256sum /tmp/blob; stat -c %a /tmp/blob", timeout=20, check=True)
+    assert r.output.split() == [hashlib.sha256(data).hexdigest(), "/tmp/blob", "755"]
+    # A command longer than the guest line editor takes goes as a script.
+    long = "echo " + "y" * 3000 + " | wc -c"
+    assert vm.run(long, timeout=30).output == "3001\n"
+    assert vm.qmp("query-status")["status"] == "running"
+    devs = vm.qmp("query-pci")[0]["devices"]
+    assert any(d["id"]["device"] == 0x1237 for d in devs)  # i440fx host bridge
+
+
 def test_timeout_raises_with_console_tail_and_guest_survives(vm):
     t0 = time.monotonic()
     with pytest.raises(GuestTimeout) as ei:

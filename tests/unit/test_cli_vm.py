@@ -174,5 +174,7 @@ def test_frame_command_markers_are_not_in_the_echo():
     b = begin.search(out)
     e = end.search(out, b.end())
     assert out[b.end():e.start()] == "hi\n" and e.group(1) == "7"
-    with pytest.raises(ValueError):
-        frame_command("x" * 5000)
+    with pytest.raises(ValueError, match="longer than"):
+        frame_command("x" * 1000)
+    with pytest.raises(ValueError, match="control character"):
+        frame_command("echo \x1b[A")

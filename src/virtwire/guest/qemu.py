@@ -19,6 +19,8 @@ failure; ``shutdown()`` asks the guest to power off, then terminates and finally
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import secrets
@@ -36,6 +38,7 @@ from types import TracebackType
 from virtwire.errors import CliError, UserFacingError
 from virtwire.guest import nics
 from virtwire.guest.console import (
+    MAX_LINE,
     ConsoleClosed,
     RunResult,
     SerialConsole,
@@ -364,6 +367,11 @@ class GuestVM:
             raise GuestError("guest not started")
         if self.ready_seconds is None:
             self.wait_ready()
+        if any(len(ln.encode()) > MAX_LINE - 100 for ln in command.split("\n")):
+            # Too long to type: ship it as a script (in short lines) and run that.
+            script = f"/tmp/.vw-cmd-{secrets.token_hex(6)}"
+            self.write_file(script, command.encode() + b"\n", timeout=timeout)
+            command = f"sh {script}; rc=$?; rm -f {script}; exit $rc"
         line, begin, end = frame_command(command)
         with self._lock:
             start = len(self.console.text)
@@ -383,6 +391,48 @@ class GuestVM:
         if check and result.status != 0:
             raise CommandFailed(result)
         return result
+
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o644,
+                   timeout: float = 30.0) -> None:
+        """Write ``data`` to ``path`` in the guest (base64 over the console; small files only)."""
+        if not re.fullmatch(r"/[A-Za-z0-9_./-]+", path):
+            raise ValueError(f"unsupported guest path {path!r}")
+        self.run(f": > {path}", timeout=timeout, check=True)
+        enc = base64.b64encode(data).decode()
+        step = MAX_LINE - 200
+        for i in range(0, len(enc), step):
+            self.run(f"echo {enc[i:i + step]} | base64 -d >> {path}", timeout=timeout,
+                     check=True)
+        self.run(f"chmod {mode:o} {path}", timeout=timeout, check=True)
+
+    def qmp(self, command: str, arguments: dict | None = None, timeout: float = 10.0) -> dict:
+        """One QMP command on the VM's monitor socket; returns its ``return`` value."""
+        if not self.is_running():
+            raise GuestError("guest not running")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.qmp_path))
+            f = s.makefile("rwb")
+
+            def call(cmd: str, args: dict | None) -> dict:
+                msg: dict = {"execute": cmd}
+                if args:
+                    msg["arguments"] = args
+                f.write(json.dumps(msg).encode() + b"\n")
+                f.flush()
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise GuestError("QMP connection closed")
+                    reply = json.loads(line)
+                    if "return" in reply:
+                        return reply["return"]
+                    if "error" in reply:
+                        raise GuestError(f"QMP {cmd}: {reply['error'].get('desc', reply)}")
+
+            f.readline()  # greeting
+            call("qmp_capabilities", None)
+            return call(command, arguments)
 
     def interact(self) -> None:
         """Attach the terminal to the guest console until Ctrl-] or the guest powers off."""
