@@ -277,42 +277,52 @@ class SplitQueue:
         return self._v(mem)[3][1] != self.next_avail
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
-        views = self._v(mem)
-        if not self._avail_pending(views[3]):
-            return None
-        return self._pop_one(mem, views)
+        chains = self.pop_batch(mem, 1)
+        return chains[0] if chains else None
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        views = self._v(mem)
-        n = min(self._avail_pending(views[3]), limit)
-        pop_one = self._pop_one
-        return [pop_one(mem, views) for _ in range(n)]
+        """§2.7.13 (device side): up to ``limit`` chains, one read of ``avail.idx``.
 
-    def _pop_one(self, mem: GuestMemory, views: tuple[memoryview, ...]) -> DescriptorChain:
+        Each head and ``next`` is checked against the queue size here, each descriptor value in
+        ``ChainBuilder``. ``next_avail`` advances only past chains that were accepted."""
+        views = self._v(mem)
         dq, di, dh, avail_h = views[0], views[1], views[2], views[3]
+        n = min(self._avail_pending(avail_h), limit)
+        out: list[DescriptorChain] = []
+        if n <= 0:
+            return out
         size = self.size
-        head = avail_h[2 + (self.next_avail & (size - 1))]
-        if head >= size:
-            raise QueueError(
-                f"avail ring entry {self.next_avail}: head {head} >= queue size {size}"
-            )
-        b = ChainBuilder(mem, head, size, self.indirect)
-        i = head
-        while True:
-            flags = dh[8 * i + 6]
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                self._walk_indirect(mem, b, dq[2 * i], di[4 * i + 2], flags)
-                break
-            b.add(dq[2 * i], di[4 * i + 2], flags)
-            if not flags & VIRTQ_DESC_F_NEXT:
-                break
-            i = dh[8 * i + 7]
-            if i >= size:
-                raise QueueError(f"chain at head {head}: next {i} >= queue size {size}")
-        chain = b.finish(1)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        self._in_flight += 1
-        return chain
+        mask = size - 1
+        indirect_ok = self.indirect
+        append = out.append
+        start = self.next_avail
+        try:
+            for k in range(n):
+                head = avail_h[2 + ((start + k) & mask)]
+                if head >= size:
+                    raise QueueError(
+                        f"avail ring entry {(start + k) & 0xFFFF}: head {head} >= queue size "
+                        f"{size}"
+                    )
+                b = ChainBuilder(mem, head, size, indirect_ok)
+                add = b.add
+                i = head
+                while True:
+                    flags = dh[(i << 3) + 6]
+                    if flags & VIRTQ_DESC_F_INDIRECT:
+                        self._walk_indirect(mem, b, dq[i << 1], di[(i << 2) + 2], flags)
+                        break
+                    add(dq[i << 1], di[(i << 2) + 2], flags)
+                    if not flags & VIRTQ_DESC_F_NEXT:
+                        break
+                    i = dh[(i << 3) + 7]
+                    if i >= size:
+                        raise QueueError(f"chain at head {head}: next {i} >= queue size {size}")
+                append(b.finish(1))
+        finally:
+            self.next_avail = (start + len(out)) & 0xFFFF
+            self._in_flight += len(out)
+        return out
 
     @staticmethod
     def _walk_indirect(
