@@ -30,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         elif not args.quiet:
-            state = "cached" if result["cached"] else "built"
-            sys.stderr.write(f"image: {state}: kernel {result['kernel_release']}\n")
             print(result["kernel"])
             print(result["initramfs"])
         return 0

@@ -119,7 +119,7 @@ def netns_exists(name: str) -> bool:
 @contextmanager
 def netns(prefix: str = "vw", name: str | None = None) -> Iterator[Netns]:
     """A fresh network namespace (loopback up), deleted on exit even if the body fails."""
-    name = name or unique_name(prefix, maxlen=64)
+    name = name or f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
         raise NetnsError(f"bad network namespace name {name!r}")
     _ip(["netns", "add", name], f"cannot create network namespace {name!r}")
