@@ -236,3 +236,25 @@ def _check_qemu_tap(spec: NicSpec) -> None:
 register_nic_kind("qemu-tap", _build_qemu_tap, keys={"ifname"}, check=_check_qemu_tap,
                   help="QEMU's own virtio-net-pci on a TAP (ifname=, mac=)")
 register_nic_kind("none", _build_none, help="no NIC")
+
+
+def _build_pci(spec: NicSpec, ctx: NicContext) -> NicPlan:
+    from virtwire.guest.nic_pci import build_pci_nic  # X's PCI proxy NIC (lazy: heavy imports)
+
+    return build_pci_nic(spec, ctx)
+
+
+def _check_pci(spec: NicSpec) -> None:
+    from virtwire.guest.nic_pci import check_pci_nic
+
+    check_pci_nic(spec)
+
+
+register_nic_kind("pci", _build_pci, check=_check_pci,
+                  keys={"backend", "ifname", "transitional", "queue_size", "csum", "guest_csum",
+                        "gso", "guest_tso4", "guest_tso6", "guest_ecn", "host_tso4", "host_tso6",
+                        "host_ecn", "mrg_rxbuf", "status", "ctrl_vq", "ctrl_rx", "ctrl_vlan",
+                        "ctrl_mac_addr", "ctrl_guest_offloads", "guest_announce", "packed",
+                        "event_idx", "indirect_desc"},
+                  help="virtwire's whole virtio-net PCI device via QEMU's PCI proxy "
+                       "(backend=tap|null, ifname=, transitional=on)")

@@ -54,10 +54,11 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from virtwire.memory import GuestMemoryError, MmapGuestMemory
 
@@ -80,6 +81,7 @@ __all__ = [
     "IrqfdIntx",
     "encode",
     "encode_ret",
+    "PciProxyServer",
 ]
 
 log = logging.getLogger(__name__)
@@ -278,6 +280,7 @@ class PciProxyRemote:
         self.on_irqfd: Callable[[IrqfdIntx], None] | None = None
         self.after_reply: list[Callable[[], None]] = []
         self.counts: dict[str, int] = {}
+        self.service_seconds: dict[str, float] = {}  # time from message read to reply, per name
         self.refused = 0
         self.closed = False
         self._handlers: dict[int, Callable[[ProxyMessage], int | None]] = {
@@ -379,13 +382,14 @@ class PciProxyRemote:
             return True
         assert spec is not None
         self.counts[name] = self.counts.get(name, 0) + 1
+        t0 = time.perf_counter()
         try:
             value = self._handlers[msg.cmd](msg)
         except ProxyProtocolError as e:
             self._refuse(msg.cmd, f"{name}: {e}", counted=True)
             return True
         if spec.reply:
-            self._send_ret(value or 0)
+            self._send_ret(value or 0, t0, name)
         return True
 
     def _refuse(self, cmd: int | None, reason: str, counted: bool = False) -> None:
@@ -396,13 +400,16 @@ class PciProxyRemote:
         if cmd is not None and (spec is None or spec.reply):
             self._send_ret(0)
 
-    def _send_ret(self, value: int) -> None:
+    def _send_ret(self, value: int, t0: float | None = None, name: str = "") -> None:
         try:
             self.sock.sendall(encode_ret(value))
         except OSError as e:
             log.warning("proxy: cannot send RET: %s", e)
             self.closed = True
             return
+        if t0 is not None:
+            self.service_seconds[name] = (self.service_seconds.get(name, 0.0)
+                                          + time.perf_counter() - t0)
         for fn in self.after_reply:
             fn()
 
@@ -544,3 +551,148 @@ class PciProxyRemote:
             self.sock.close()
         except OSError:
             pass
+
+
+class PciProxyServer:
+    """One proxied PCI device and its frame backends, served by one ``EventLoop``.
+
+    ``transport`` is the ``pci.device.VirtioPciDevice`` (the proxy target); its ``device`` may be
+    a ``net.device.VirtioNet`` whose hooks are wired here: a backend fd becoming readable calls
+    ``device.backend_ready(pair)``; ``rx_watch(pair, on)`` starts/stops watching that fd (while the
+    guest has no RX buffers a level-triggered TAP would spin the loop); ``more_work(index)``
+    reschedules a queue whose batch budget ran out. Notifications from the guest are run after the
+    proxy has answered the access (``transport.flush`` deferred to the end of the iteration).
+
+    ``start_thread()`` serves in a daemon thread (the sidecar of ``virtwire vm --net pci``);
+    ``stop()`` ends it from any thread. The loop also ends when QEMU closes its end.
+    """
+
+    def __init__(self, sock: socket.socket, transport: Any, backends: Sequence[Any] = (),
+                 loop: Any = None) -> None:
+        from virtwire.loop import EventLoop  # the one loop of a serving process
+
+        self.loop = loop or EventLoop()
+        self.transport = transport
+        self.device = transport.device
+        self.backends = list(backends)
+        self.remote = PciProxyRemote(sock, transport)
+        transport.defer_notify = True
+        self.remote.after_reply.append(self._after_reply)
+        self.remote.on_irqfd = self._on_irqfd
+        self._watched: dict[int, bool] = {}
+        self._parked: set[int] = set()
+        self.thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.loop.add_reader(self._wake_r, self._on_wake)
+        self.loop.add_reader(self.remote.sock, self._on_proxy)
+        if hasattr(self.device, "rx_watch"):
+            self.device.rx_watch = self._rx_watch
+        if hasattr(self.device, "more_work"):
+            self.device.more_work = self._more_work
+        for pair in range(len(self.backends)):
+            self._rx_watch(pair, True)
+        self.stopped = threading.Event()
+
+    # -- loop callbacks ----------------------------------------------------------------------
+    def _on_proxy(self) -> None:
+        if not self.remote.handle_one() or self.remote.closed:
+            log.info("proxy: QEMU closed the connection; stopping")
+            self.loop.stop()
+
+    def _after_reply(self) -> None:
+        if self.transport.pending:
+            self.loop.defer(("pci-flush", id(self)), self.transport.flush)
+        if self._parked and getattr(self.device, "active", False):
+            for pair in self._parked:
+                self._rx_watch(pair, True)
+            self._parked.clear()
+
+    def _on_backend(self, pair: int) -> None:
+        ready = getattr(self.device, "backend_ready", None)
+        if ready is None or not getattr(self.device, "active", False):
+            # Nothing to deliver to before DRIVER_OK: stop watching (a level-triggered TAP would
+            # spin the loop) until the device is active, checked after each proxy reply.
+            self._rx_watch(pair, False)
+            self._parked.add(pair)
+            return
+        self.loop.defer(("pci-rx", id(self), pair), ready, pair)
+
+    def _rx_watch(self, pair: int, on: bool) -> None:
+        if not 0 <= pair < len(self.backends):
+            return
+        fd = self.backends[pair].fileno()
+        if fd is None or fd < 0 or self._watched.get(pair) == on:
+            return
+        if on:
+            self.loop.add_reader(fd, self._on_backend, pair)
+        else:
+            self.loop.remove_reader(fd)
+        self._watched[pair] = on
+
+    def _more_work(self, index: int) -> None:
+        dev = self.device
+        self.loop.defer(("pci-more", id(self), index), dev.run_guarded, index, dev.process_queue)
+
+    def _on_irqfd(self, irqfd: IrqfdIntx) -> None:
+        # Under KVM the irqfd is the INTx route; the launcher replaces it with the qtest line
+        # under TCG (where the irqfd does nothing). Keep whichever was set explicitly.
+        if getattr(self.transport, "intx_is_default", False):
+            self.transport.intx = irqfd
+
+    def _on_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+        self.loop.stop()
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.loop.run()
+        finally:
+            self.stopped.set()
+
+    def start_thread(self, name: str = "virtwire-pci-proxy") -> None:
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def close(self) -> None:
+        """After ``stop``: release the socket, guest RAM mappings and backends."""
+        self.stop()
+        for pair in list(self._watched):
+            self._rx_watch(pair, False)
+        self.loop.remove_reader(self.remote.sock)
+        self.loop.remove_reader(self._wake_r)
+        self.transport.release_memory_views()
+        self.remote.close()
+        for be in self.backends:
+            be.close()
+        intx = getattr(self.transport, "intx", None)
+        close = getattr(intx, "close", None)
+        if callable(close):
+            close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self.loop.close()
+
+    def stats(self) -> dict[str, Any]:
+        intx = getattr(self.transport, "intx", None)
+        return {
+            "proxy": {"messages": dict(self.remote.counts), "refused": self.remote.refused,
+                      "service_seconds": dict(self.remote.service_seconds)},
+            "transport": self.transport.stats(),
+            "intx": dict(getattr(intx, "counters", {})),
+            "device": self.device.stats() if hasattr(self.device, "stats") else {},
+            "backends": [{"name": getattr(b, "name", "?"), **b.stats()} for b in self.backends],
+        }

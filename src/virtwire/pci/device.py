@@ -173,6 +173,11 @@ class VirtioPciDevice:
         self._legacy = self._legacy_table()
         device.interrupt = self  # InterruptSink: queue() / config()
 
+    @property
+    def intx_is_default(self) -> bool:
+        """No interrupt route attached yet (a host may supply one, e.g. the proxy's irqfd)."""
+        return isinstance(self.intx, _NoLine)
+
     # -- capabilities (§4.1.4) ---------------------------------------------------------------
     def _vcap(self, cfg_type: int, offset: int, length: int, extra: bytes = b"",
               writable: bytes | None = None) -> int:

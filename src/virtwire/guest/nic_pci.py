@@ -1,0 +1,170 @@
+"""The ``pci`` NIC kind: the whole virtio-net PCI device in virtwire, behind QEMU's PCI proxy.
+
+``--net pci,backend=tap,ifname=T[,transitional=on][,queue_size=N][,<virtio-net switch>=on|off]``
+
+Wiring (this module is the builder for one such NIC; see ``guest.nics`` for the registry):
+
+- a ``socketpair``: QEMU inherits one end and gets ``-device x-pci-proxy-dev,fd=N``; the other end
+  is served by ``hosts.pci_proxy.PciProxyServer`` in a sidecar thread running the event loop;
+- the device is ``net.device.VirtioNet`` behind ``pci.device.VirtioPciDevice`` (modern 0x1041, or
+  transitional 0x1000 with the legacy I/O BAR), its frame backend a TAP (opened inside the VM's
+  network namespace when the VM has one, so ``netns_with_tap`` works as for ``qemu-tap``) or
+  ``null``;
+- under TCG, interrupts go through QEMU's qtest server beside the guest (``needs_qtest``): once
+  QEMU is up, ``hosts.qtest_irq.QtestIntx`` drives the IOAPIC input named by the Interrupt Line
+  the firmware programmed. Under KVM the proxy's own irqfd (SET_IRQFD) is used.
+
+The sidecar starts before QEMU (QEMU's proxy talks to it while it realizes the device) and stops
+after QEMU has exited; both ends and the TAP are closed then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from virtwire.errors import CliError, UserFacingError
+from virtwire.guest.nics import NicContext, NicPlan, NicSpec, check_ifname
+
+__all__ = ["build_pci_nic", "check_pci_nic", "parse_pci_options", "PCI_NIC_KEYS", "run_in_netns"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NET_SWITCHES = ("csum", "guest_csum", "gso", "guest_tso4", "guest_tso6", "guest_ecn",
+                 "host_tso4", "host_tso6", "host_ecn", "mrg_rxbuf", "status", "ctrl_vq",
+                 "ctrl_rx", "ctrl_vlan", "ctrl_mac_addr", "ctrl_guest_offloads",
+                 "guest_announce", "packed", "event_idx", "indirect_desc")
+PCI_NIC_KEYS = frozenset({"backend", "ifname", "transitional", "queue_size", *_NET_SWITCHES})
+_CLONE_NEWNET = 0x40000000
+
+
+def run_in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that joined network namespace ``name`` (setns(2) is per thread,
+    so the caller's namespace is untouched); fds it opens keep working from any thread."""
+    if not name:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise UserFacingError(f"cannot enter network namespace {name!r}: "
+                                          f"{os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _on_off(key: str, value: str) -> bool:
+    v = value.lower()
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise CliError(f"--net pci,{key}={value}: expected on or off")
+
+
+def parse_pci_options(spec: NicSpec, index: int = 0) -> dict[str, Any]:
+    """Validate ``--net pci,...`` options (CliError on a bad value); returns them parsed."""
+    opts = dict(spec.options)
+    opts.pop("ip", None)
+    opts.pop("mac", None)
+    backend = opts.pop("backend", "tap")
+    if backend not in ("tap", "null"):
+        raise CliError(f"--net pci,backend={backend}: expected tap or null")
+    ifname = check_ifname(opts.pop("ifname", f"vwtap{index}"))
+    transitional = _on_off("transitional", opts.pop("transitional", "off"))
+    queue_size = opts.pop("queue_size", "256")
+    if not queue_size.isdigit() or not 1 <= int(queue_size) <= 32768:
+        raise CliError(f"--net pci,queue_size={queue_size}: expected 1..32768")
+    switches = {k: ("on" if _on_off(k, v) else "off") for k, v in opts.items()}
+    return {"backend": backend, "ifname": ifname, "transitional": transitional,
+            "queue_size": int(queue_size), "switches": switches}
+
+
+def check_pci_nic(spec: NicSpec) -> None:
+    parse_pci_options(spec, spec.index)
+
+
+def build_pci_nic(spec: NicSpec, ctx: NicContext) -> NicPlan:
+    """The ``NicPlan`` for ``--net pci,...`` (module docstring)."""
+    o = parse_pci_options(spec, ctx.index)
+    backend, ifname, transitional = o["backend"], o["ifname"], o["transitional"]
+    queue_size, switches = o["queue_size"], o["switches"]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    os.set_inheritable(theirs.fileno(), True)
+    state: dict[str, Any] = {}
+
+    def start() -> None:
+        from virtwire.hosts.pci_proxy import PciProxyServer
+        from virtwire.net.device import VirtioNet
+        from virtwire.pci.device import VirtioPciDevice
+
+        if backend == "tap":
+            from virtwire.backends.tap import TapBackend
+
+            be: Any = run_in_netns(ctx.netns, lambda: TapBackend(ifname))
+        else:
+            from virtwire.backends.null import NullBackend
+
+            be = NullBackend(f"null:{ctx.id}")
+        try:
+            net = VirtioNet(be, mac=ctx.mac, queue_size=queue_size,
+                            options=switches or None, name=f"pci-{ctx.id}")
+            pci = VirtioPciDevice(net, transitional=transitional)
+            server = PciProxyServer(ours, pci, [be])
+        except BaseException:
+            be.close()
+            raise
+        server.start_thread(f"virtwire-pci-{ctx.id}")
+        state.update(server=server, pci=pci, device=net)
+
+    def after_launch(vm: Any) -> None:
+        theirs.close()  # QEMU holds its copy: our proxy end sees EOF when QEMU exits
+        if ctx.accel == "tcg":
+            from virtwire.hosts.qtest_irq import QtestIntx
+
+            pci = state["pci"]
+            pci.intx = QtestIntx.connect(ctx.qtest_path, lambda: pci.pci.interrupt_line)
+        vm.pci_proxy = state.get("server")  # for tests and stats: the sidecar of this NIC
+
+    def stop() -> None:
+        server = state.get("server")
+        if server is not None:
+            server.stop()
+            server.close()
+        for s in (ours, theirs):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    return NicPlan(
+        qemu_args=["-device", f"x-pci-proxy-dev,id={ctx.id},fd={theirs.fileno()}"],
+        pass_fds=[theirs.fileno()],
+        start=start,
+        stop=stop,
+        needs_qtest=ctx.accel == "tcg",
+        after_launch=after_launch,
+    )
