@@ -96,3 +96,14 @@ def test_driver_refuses_a_hostile_used_ring():
     rp.mem.write_u16(used + 2, 3)  # 3 used, 1 in flight
     with pytest.raises(QueueError, match="only 1 buffers are in flight"):
         rp.driver.get_used(rp.mem)
+
+
+def test_detach_unused_reclaims_in_flight_buffers():
+    rp = make_ring_pair("split", 8, indirect=True)
+    rp.add([b"a", b"b"], [4], "ind")  # one indirect descriptor + a table
+    rp.add([b"c"], [], "direct")
+    rp.driver.publish(rp.mem)
+    tables = rp.alloc.allocations
+    assert sorted(rp.driver.detach_unused()) == ["direct", "ind"]
+    assert rp.driver.num_free == 8 and rp.driver.in_flight == 0
+    assert rp.alloc.allocations == tables - 1  # the indirect table went back

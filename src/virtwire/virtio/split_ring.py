@@ -518,9 +518,7 @@ class SplitDriverQueue:
         mem.write(self.used_addr, bytes(used_ring_size(self.size)))
         mem.write(self.desc_addr, bytes(desc_table_size(self.size)))
         start &= 0xFFFF
-        for h in range(self.size):
-            if self._token[h] is not None:
-                self._detach(h)
+        self.detach_unused()
         self._free = list(range(self.size - 1, -1, -1))
         self._cb_disabled = False
         self._avail_idx = self._published = self._kick_old = self._last_used = start
@@ -659,6 +657,16 @@ class SplitDriverQueue:
             assert self.allocator is not None
             self.allocator.free(self._table[head])
             self._table[head] = 0
+
+    def detach_unused(self) -> list[Any]:
+        """After a device reset: reclaim every buffer still in flight (as Linux's
+        ``virtqueue_detach_unused_buf``); returns their tokens."""
+        tokens = []
+        for h in range(self.size):
+            if self._token[h] is not None:
+                tokens.append(self._token[h])
+                self._detach(h)
+        return tokens
 
     def enable_callbacks(self, mem: GuestMemory) -> bool:
         """Ask for used-buffer notifications (§2.7.7 driver side); True if some are pending."""
