@@ -80,6 +80,8 @@ class VirtwireServe:
             self.ns, self.tap = ns, tap
             # no IPv6 chatter on the TAP (the namespace is ours)
             ns.run(["sysctl", "-qw", f"net.ipv6.conf.{tap}.disable_ipv6=1"], check=False)
+            # frames up to 65535 bytes in both directions (the suite's size sweep)
+            ns.run(["ip", "link", "set", tap, "mtu", "65521"], check=False)
             port = f"vhost-user,path={self.sock_path},backend=tap,ifname={tap}"
             if self.queues > 1:
                 port += f",queues={self.queues}"

@@ -1,0 +1,53 @@
+"""``virtwire conform TARGET``: run the virtio-net conformance checks against a device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from virtwire.errors import UserFacingError
+
+NAME = "conform"
+HELP = "run the virtio-net conformance suite against a device (QEMU, DPDK, virtwire, vhost-user)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from virtwire.conform.targets import TARGET_HELP
+
+    p.add_argument("target", nargs="+", metavar="TARGET", help=TARGET_HELP)
+    p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    p.add_argument("--only", action="append", default=[], metavar="ID",
+                   help="run only checks whose id is or starts with ID (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the checks and exit")
+    p.add_argument("--seed", type=int, default=1, help="random seed for frame contents/sizes")
+
+
+def run(args: argparse.Namespace) -> int:
+    from virtwire.conform.suite import CHECKS, format_table, run_suite
+    from virtwire.conform.targets import make_target
+
+    if args.list:
+        for c in CHECKS:
+            print(f"{c.id:<24} {c.title}\n{'':<24} {c.clause}")
+        return 0
+    targets = [make_target(t) for t in args.target]  # CliError for a bad name, before starting
+    reports = []
+    for t in targets:
+        try:
+            t.open()
+        except UserFacingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - cannot even start the target
+            raise UserFacingError(f"conform {t.name}: cannot start the target: {e}") from None
+        try:
+            reports.append(run_suite(t, args.only or None, seed=args.seed))
+        finally:
+            t.close()
+        if not args.json:
+            print(format_table(reports[-1]))
+            print()
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 1 if any(r["summary"]["fail"] for r in reports) else 0

@@ -1,0 +1,227 @@
+"""Devices the conformance suite can test, behind one small interface.
+
+A ``Target`` hands out fresh drivers for one device (each ``driver()`` call resets the device
+and runs the full bring-up again) and a way to exchange frames with the far side:
+
+- ``QemuTarget``: QEMU's virtio-net-pci over qtest (``modern`` = disable-legacy=on, or the
+  transitional device driven through its legacy I/O BAR), with a datagram peer; link changes
+  through QMP; interrupts observable through the ISR. ``packed`` starts the device with
+  ``packed=on`` (a second VM, since QEMU fixes the offer at start).
+- ``VhostUserTarget``: any vhost-user back end, reached by our front end: DPDK's testpmd (``io``
+  forwarding sends every frame back: a loopback peer), ``virtwire serve`` on a TAP in our netns
+  (AF_PACKET peer), or an existing socket path (no peer: data checks are skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from virtwire.conform.dpdk import Testpmd
+from virtwire.conform.peers import VirtwireServe
+from virtwire.drive.qtest import QemuNetHarness
+from virtwire.drive.vhost_user_frontend import VhostUserFrontend
+from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
+from virtwire.pci.driver import probe_pci_transport
+
+__all__ = ["Target", "QemuTarget", "VhostUserTarget", "make_target", "TARGET_HELP"]
+
+TARGET_HELP = (
+    "qemu (QEMU's virtio-net-pci, modern, over qtest), qemu-legacy (the transitional device "
+    "through its legacy I/O BAR), dpdk (DPDK testpmd's vhost PMD, io forwarding), virtwire "
+    "(virtwire serve's vhost-user back end on a TAP), vhost-user:PATH (a listening back end)"
+)
+
+
+class Target:
+    """Base: a device under test plus its peer (see module docstring)."""
+
+    name = "?"
+    description = ""
+    kind = "pci"  # or "vhost-user"
+    legacy = False
+    loopback = False  # frames sent come back to us (testpmd io)
+    has_peer = True
+    can_set_link = False
+    can_packed = True  # a packed-ring variant can be tested
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True) -> VirtioNetDriver:
+        raise NotImplementedError
+
+    def packed_variant(self) -> Target | None:
+        """A target for packed-ring checks (self when the driver just asks for it)."""
+        return self
+
+    def peer_send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def peer_recv(self, timeout: float) -> bytes | None:
+        raise NotImplementedError
+
+    def peer_drain(self) -> None:
+        while self.peer_recv(0.01) is not None:
+            pass
+
+    def set_link(self, up: bool) -> None:
+        raise NotImplementedError
+
+    def backend_offered(self) -> int | None:
+        """A vhost-user back end's raw feature word (None for PCI devices)."""
+        return None
+
+    def __enter__(self) -> Target:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class QemuTarget(Target):
+    kind = "pci"
+    can_set_link = True
+
+    def __init__(self, legacy: bool = False, packed: bool = False) -> None:
+        self.legacy = legacy
+        self.packed = packed
+        self.name = "qemu-legacy" if legacy else ("qemu-packed" if packed else "qemu")
+        self.description = ("QEMU 7.2 virtio-net-pci " + ("transitional, legacy I/O BAR"
+                            if legacy else "modern (disable-legacy=on)")
+                            + (", packed=on" if packed else "") + ", -netdev dgram, qtest")
+        self.can_packed = not legacy
+        self.h: QemuNetHarness | None = None
+        self._packed: QemuTarget | None = None
+
+    def open(self) -> None:
+        self.h = QemuNetHarness(transitional=self.legacy, props="packed=on" if self.packed else "",
+                                name="vwd").start()
+
+    def close(self) -> None:
+        if self._packed is not None:
+            self._packed.close()
+            self._packed = None
+        if self.h is not None:
+            self.h.close()
+            self.h = None
+
+    def packed_variant(self) -> Target | None:
+        if self.legacy:
+            return None
+        if self.packed:
+            return self
+        if self._packed is None:
+            self._packed = QemuTarget(packed=True)
+            self._packed.open()
+        return self._packed
+
+    def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True) -> VirtioNetDriver:
+        assert self.h is not None
+        t = probe_pci_transport(self.h.vm.qtest, legacy=self.legacy)
+        alloc = DmaAllocator(0x100000, self.h.vm.ram_size - 0x100000)
+        drv = VirtioNetDriver(t, self.h.vm.mem, alloc, cfg or NetDriverConfig())
+        self.h.drain()
+        return drv.probe() if probe else drv
+
+    def peer_send(self, frame: bytes) -> None:
+        assert self.h is not None
+        self.h.send_to_device(frame)
+
+    def peer_recv(self, timeout: float) -> bytes | None:
+        assert self.h is not None
+        return self.h.recv_from_device(timeout)
+
+    def set_link(self, up: bool) -> None:
+        assert self.h is not None
+        self.h.vm.qmp.execute("set_link", name="n0", up=up)
+
+    def qtest(self) -> Any:
+        assert self.h is not None
+        return self.h.vm.qtest
+
+
+class VhostUserTarget(Target):
+    kind = "vhost-user"
+
+    def __init__(self, which: str, path: str = "") -> None:
+        self.which = which
+        self.path = path
+        self.name = which if which != "path" else f"vhost-user:{path}"
+        self.loopback = which == "dpdk"
+        self.has_peer = which in ("dpdk", "virtwire")
+        self.description = {
+            "dpdk": "DPDK testpmd vhost PMD (net_vhost0, --forward-mode=io), our front end",
+            "virtwire": "virtwire serve (vhost-user back end, TAP backend), our front end",
+        }.get(which, f"vhost-user back end at {path}, our front end")
+        self._stack = contextlib.ExitStack()
+        self.fe: VhostUserFrontend | None = None
+        self.serve: VirtwireServe | None = None
+
+    def open(self) -> None:
+        try:
+            if self.which == "dpdk":
+                tp = self._stack.enter_context(Testpmd("io", name="vwd"))
+                self.path = tp.sock
+            elif self.which == "virtwire":
+                self.serve = self._stack.enter_context(VirtwireServe(name="vwd"))
+                self.path = self.serve.sock_path
+            self.fe = VhostUserFrontend(self.path)
+            self._stack.callback(self._close_fe)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _close_fe(self) -> None:
+        if self.fe is not None:
+            self.fe.close()
+            self.fe = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True) -> VirtioNetDriver:
+        assert self.fe is not None
+        fe = self.fe
+        drv = VirtioNetDriver(fe, fe.mem, DmaAllocator(0x10000, fe.mem_size - 0x10000),
+                              cfg or NetDriverConfig())
+        if self.has_peer:
+            self.peer_drain()
+        return drv.probe() if probe else drv
+
+    def backend_offered(self) -> int | None:
+        return self.fe.backend_features if self.fe is not None else None
+
+    def peer_send(self, frame: bytes) -> None:
+        if self.serve is None:
+            raise NotImplementedError
+        self.serve.send_to_device(frame)
+
+    def peer_recv(self, timeout: float) -> bytes | None:
+        if self.serve is None:
+            raise NotImplementedError
+        return self.serve.recv_from_device(timeout)
+
+    def peer_drain(self) -> None:
+        if self.serve is not None:
+            for _ in self.serve.frames():
+                pass
+
+
+def make_target(spec_: str) -> Target:
+    """``qemu``, ``qemu-legacy``, ``dpdk``, ``virtwire`` or ``vhost-user:PATH``."""
+    if spec_ == "qemu":
+        return QemuTarget()
+    if spec_ in ("qemu-legacy", "qemu-transitional"):
+        return QemuTarget(legacy=True)
+    if spec_ == "qemu-packed":
+        return QemuTarget(packed=True)
+    if spec_ in ("dpdk", "virtwire"):
+        return VhostUserTarget(spec_)
+    if spec_.startswith("vhost-user:") and len(spec_) > len("vhost-user:"):
+        return VhostUserTarget("path", spec_.split(":", 1)[1])
+    from virtwire.errors import CliError
+
+    raise CliError(f"unknown conformance target {spec_!r}: {TARGET_HELP}")

@@ -1,0 +1,51 @@
+"""``virtwire conform`` against QEMU's device, DPDK's vhost PMD and virtwire's own back end.
+
+The expected findings are pinned: a change in any device's behaviour (or in a check) shows up
+here as a changed status, not silently in a README.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+# check id -> status, for checks whose outcome differs from "pass" on that target
+EXPECTED = {
+    "qemu": {"used.packed_write_flag": "fail", "notify.no_stall": "fail",
+             "offload.tx_csum": "skip"},
+    "qemu-legacy": {"features.version_1": "skip", "used.packed_write_flag": "skip",
+                    "offload.tx_csum": "skip"},
+    "dpdk": {"features.dependencies": "fail", "config.generation": "skip",
+             "ctrl.commands": "skip"},
+    "virtwire": {"config.generation": "skip", "ctrl.commands": "skip"},
+}
+
+
+@pytest.mark.parametrize("target", list(EXPECTED))
+def test_conform_reports(target: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "virtwire", "conform", target, "--json"],
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout)
+    statuses = {c["id"]: c["status"] for c in report["checks"]}
+    want = {cid: EXPECTED[target].get(cid, "pass") for cid in statuses}
+    assert statuses == want, {c["id"]: c["detail"] for c in report["checks"]
+                              if c["status"] != want[c["id"]]}
+    assert all(c["clause"] for c in report["checks"])
+    # exit status reflects failures
+    assert proc.returncode == (1 if "fail" in want.values() else 0), proc.stderr[-2000:]
+
+
+def test_conform_cli_errors_and_table() -> None:
+    bad = subprocess.run([sys.executable, "-m", "virtwire", "conform", "nosuch"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown conformance target" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    table = subprocess.run([sys.executable, "-m", "virtwire", "conform", "qemu-legacy",
+                            "--only", "config"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "PASS  config.net_fields" in table.stdout and "2 passed, 0 failed" in table.stdout
