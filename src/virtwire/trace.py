@@ -582,6 +582,26 @@ def pci_bar_access(dev: Any, addr: int, width: int, value: int, memory: bool,
         tr.emit("feature", "offer", features=hexmask(feats), names=feature_names(feats))
 
 
+_CTRL_NAMES: dict[int, tuple[str, dict[int, str]]] = {
+    0: ("RX", {0: "PROMISC", 1: "ALLMULTI", 2: "ALLUNI", 3: "NOMULTI", 4: "NOUNI", 5: "NOBCAST"}),
+    1: ("MAC", {0: "TABLE_SET", 1: "ADDR_SET"}),
+    2: ("VLAN", {0: "ADD", 1: "DEL"}),
+    3: ("ANNOUNCE", {0: "ACK"}),
+    4: ("MQ", {0: "VQ_PAIRS_SET", 1: "RSS_CONFIG", 2: "HASH_CONFIG"}),
+    5: ("GUEST_OFFLOADS", {0: "SET"}),
+}
+
+
+def ctrl_command(cls: int, cmd: int, ack: int, data: bytes | bytearray | memoryview = b"") -> None:
+    """A virtio-net control-queue command and its ack (virtio 1.2 §5.1.6.5)."""
+    tr = TRACE
+    if tr is None:
+        return
+    cname, cmds = _CTRL_NAMES.get(cls, (f"class{cls}", {}))
+    tr.emit("ctrl", "cmd", **{"class": cls}, cmd=cmd, class_name=cname,
+            cmd_name=cmds.get(cmd, f"cmd{cmd}"), ack=ack, data=bytes(data[:64]).hex())
+
+
 def _plain(v: Any, depth: int = 0) -> Any:
     """A decoded protocol payload as JSON-able data (dataclasses to dicts, bytes to hex)."""
     import dataclasses

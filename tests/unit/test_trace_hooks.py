@@ -139,3 +139,12 @@ def test_helpers_are_no_ops_when_off() -> None:
     trace.status_change(0, 1)
     trace.features_event("ack", 1)
     assert trace.TRACE is None
+
+
+def test_ctrl_command_names(finish) -> None:
+    trace.ctrl_command(spec.VIRTIO_NET_CTRL_RX, spec.VIRTIO_NET_CTRL_RX_PROMISC, 0, b"\x01")
+    trace.ctrl_command(9, 9, 1)
+    ev = [e for e in finish() if e["cat"] == "ctrl"]
+    assert (ev[0]["class_name"], ev[0]["cmd_name"], ev[0]["ack"], ev[0]["data"]) == \
+        ("RX", "PROMISC", 0, "01")
+    assert (ev[1]["class_name"], ev[1]["cmd_name"]) == ("class9", "cmd9")

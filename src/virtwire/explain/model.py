@@ -14,7 +14,8 @@ discovery             PCI config-space access (not a BAR register), a vhost-user
 bars                  BAR sizing or programming; vhost-user SET_OWNER (QEMU's device set-up)
 negotiation           driver feature ack / negotiated features, a driver status write
                       (0, ACKNOWLEDGE, DRIVER, FEATURES_OK); not a reset by the VMM
-queues                queue set-up (size and ring addresses); vhost-user SET_MEM_TABLE
+queues                a queue register write, queue set-up (size and ring addresses);
+                      vhost-user SET_MEM_TABLE, SET_VRING_*
 first_tx              the first frame the guest sends (or the first chain on a transmit queue)
 first_rx              the first frame delivered to the guest (or first used push on an rx queue)
 steady                the first data-path event after both first_tx and first_rx
@@ -168,6 +169,9 @@ def _trigger(e: dict[str, Any]) -> str | None:
     if cat == "pci":
         if ev in ("bar_size", "bar_map"):
             return "bars"
+        if ev == "bar_write" and str(e.get("reg", "")).startswith(
+                ("common_cfg.queue_", "legacy.queue_")):
+            return "queues"  # the driver programs a virtqueue (§4.1.5.1.3)
         if ev in ("cfg_read", "cfg_write"):
             off = e.get("off")
             if ev == "cfg_write" and isinstance(off, int) and off in _BAR_REGS:
@@ -214,7 +218,8 @@ def _backdate_io(a: Analysis) -> None:
         i = p.first
         while i - 1 > prev.first:
             e = a.events[i - 1]
-            if e.get("cat") in ("kick", "chain") and (e.get("q") == q or q in (None, -1)):
+            if e.get("cat") in ("kick", "chain", "used") and (e.get("q") == q
+                                                              or q in (None, -1)):
                 i -= 1
             else:
                 break
@@ -415,87 +420,96 @@ def _size(n: Any) -> str:
 
 def _facts(a: Analysis) -> None:
     for p in a.phases:
-        evs = a.events[p.first:p.last]
-        f = p.facts
-        if p.id == "discovery":
-            _discovery_facts(a, evs, f)
-        elif p.id == "bars":
-            for e in evs:
-                if e.get("cat") == "pci" and e.get("ev") == "bar_size":
-                    f.append(f"BAR{e.get('bar')} sized: {_size(e.get('size'))} "
-                             f"({e.get('kind', '?')})")
-                elif e.get("cat") == "pci" and e.get("ev") == "bar_map":
-                    f.append(f"BAR{e.get('bar')} placed at {_hx(e.get('addr'))} "
-                             f"({_size(e.get('size'))}, {e.get('kind', '?')})")
-                elif e.get("cat") == "vhost" and e.get("ev") == "msg":
-                    f.append(_vhost_line(e))
-            cmd = [e for e in evs if e.get("cat") == "pci" and e.get("ev") == "cfg_write"
-                   and e.get("reg") == "command"]
-            if cmd:
-                v = cmd[-1].get("val", 0)
-                if isinstance(v, int):
-                    bits = [n for b, n in ((0, "I/O"), (1, "memory"), (2, "bus master"))
-                            if v >> b & 1]
-                    f.append(f"command register: {_hx(v)} ({', '.join(bits) or 'decoding off'})")
-        elif p.id == "negotiation":
-            for e in evs:
-                cat, ev = e.get("cat"), e.get("ev")
-                if cat == "status" and ev == "set":
-                    f.append(f"status {'|'.join(names(e.get('old_names'))) or '0'} -> "
-                             f"{'|'.join(names(e.get('new_names'))) or '0 (reset)'}")
-                elif cat == "status" and ev == "reset":
-                    f.append("device reset")
-                elif cat == "feature" and ev == "offer":
-                    f.append(f"device offers {len(names(e.get('names')))} features: "
-                             f"{' '.join(names(e.get('names')))}")
-                elif cat == "feature" and ev == "ack" and e.get("names") is not None:
-                    sel = f" (word {e['sel']})" if "sel" in e else ""
-                    f.append(f"driver accepts{sel} {' '.join(names(e.get('names'))) or 'none'}")
-                elif cat == "feature" and ev == "negotiated":
-                    f.append(f"negotiated {e.get('features')}: {' '.join(names(e.get('names')))}")
-                elif cat == "vhost" and ev == "msg":
-                    f.append(_vhost_line(e))
-            if a.offered and a.negotiated:
-                declined = [n for n in a.offered if n not in a.negotiated]
-                if declined:
-                    f.append(f"offered but not accepted: {' '.join(declined)}")
-        elif p.id == "queues":
-            for e in evs:
-                cat, ev = e.get("cat"), e.get("ev")
-                if cat == "queue" and ev == "setup":
-                    q = e.get("q")
-                    s = a.queues.get(q) if isinstance(q, int) else None
-                    f.append(f"queue {q} ({s.role if s else '?'}): {e.get('size')} entries"
-                             f"{', packed' if e.get('packed') else ''}, desc {_hx(e.get('desc'))}"
-                             f", avail {_hx(e.get('avail'))}, used {_hx(e.get('used'))}")
-                elif cat == "status" and ev == "set":
-                    f.append(f"status -> {'|'.join(names(e.get('new_names')))}")
-                elif cat == "vhost" and ev == "msg" and _req(e) in ("SET_MEM_TABLE",
-                                                                    "ADD_MEM_REG"):
-                    f.append(_vhost_line(e))
-                elif cat == "irq" and ev == "irq" and e.get("q", 0) == -1:
-                    f.append("config interrupt")
-        elif p.id in ("first_tx", "first_rx"):
-            _io_facts(a, evs, f, "tx" if p.id == "first_tx" else "rx")
-        if p.id != "steady":
-            for e in evs:
-                if e.get("cat") == "ctrl" and e.get("ev") == "cmd":
-                    f.append(f"control queue: {e.get('class_name', e.get('class'))} "
-                             f"{e.get('cmd_name', e.get('cmd'))} -> "
-                             f"{'OK' if e.get('ack') == 0 else 'ERR'}")
-                elif e.get("cat") == "config" and e.get("ev") == "change":
-                    f.append(f"config change: {e.get('field')} = {e.get('val')}")
-        if p.id == "steady":
-            s = a.steady
-            f.append(f"{s['duration']:.3f} s: {s['frames_tx']} frames out "
-                     f"({s['pps_tx']:.1f}/s, {_rate(s['bps_tx'])}), {s['frames_rx']} in "
-                     f"({s['pps_rx']:.1f}/s, {_rate(s['bps_rx'])})")
-            f.append(f"notifications: {s['kicks']} kicks (guest -> device), {s['irqs']} "
-                     f"interrupts (device -> guest), {s['suppressed']} suppressed")
-            if s["chains_per_kick"] is not None:
-                f.append(f"{s['chains_per_kick']:.2f} chains per kick")
-            if s["frames_per_irq"] is not None:
-                f.append(f"{s['frames_per_irq']:.2f} frames per interrupt")
+        _phase_facts(a, p)
+        seen: set[str] = set()
+        p.facts[:] = [f for f in p.facts if not (f in seen or seen.add(f))]
+
+
+def _phase_facts(a: Analysis, p: Phase) -> None:
+    evs = a.events[p.first:p.last]
+    f = p.facts
+    if p.id == "discovery":
+        _discovery_facts(a, evs, f)
+    elif p.id == "bars":
+        for e in evs:
+            if e.get("cat") == "pci" and e.get("ev") == "bar_size":
+                f.append(f"BAR{e.get('bar')} sized: {_size(e.get('size'))} "
+                         f"({e.get('kind', '?')})")
+            elif e.get("cat") == "pci" and e.get("ev") == "bar_map":
+                f.append(f"BAR{e.get('bar')} placed at {_hx(e.get('addr'))} "
+                         f"({_size(e.get('size'))}, {e.get('kind', '?')})")
+            elif e.get("cat") == "vhost" and e.get("ev") == "msg":
+                f.append(_vhost_line(e))
+        caps = _caps(evs)
+        if caps:
+            f.append(f"capabilities read: {', '.join(caps)}")
+        cmd = [e for e in evs if e.get("cat") == "pci" and e.get("ev") == "cfg_write"
+               and e.get("reg") == "command"]
+        if cmd:
+            v = cmd[-1].get("val", 0)
+            if isinstance(v, int):
+                bits = [n for b, n in ((0, "I/O"), (1, "memory"), (2, "bus master"))
+                        if v >> b & 1]
+                f.append(f"command register: {_hx(v)} ({', '.join(bits) or 'decoding off'})")
+    elif p.id == "negotiation":
+        for e in evs:
+            cat, ev = e.get("cat"), e.get("ev")
+            if cat == "status" and ev == "set":
+                f.append(f"status {'|'.join(names(e.get('old_names'))) or '0'} -> "
+                         f"{'|'.join(names(e.get('new_names'))) or '0 (reset)'}")
+            elif cat == "status" and ev == "reset":
+                f.append("device reset")
+            elif cat == "feature" and ev == "offer":
+                f.append(f"device offers {len(names(e.get('names')))} features: "
+                         f"{' '.join(names(e.get('names')))}")
+            elif cat == "feature" and ev == "ack" and e.get("names") is not None:
+                sel = f" (word {e['sel']})" if "sel" in e else ""
+                f.append(f"driver accepts{sel} {' '.join(names(e.get('names'))) or 'none'}")
+            elif cat == "feature" and ev == "negotiated":
+                f.append(f"negotiated {e.get('features')}: {' '.join(names(e.get('names')))}")
+            elif cat == "vhost" and ev == "msg":
+                f.append(_vhost_line(e))
+        if a.offered and a.negotiated:
+            declined = [n for n in a.offered if n not in a.negotiated]
+            if declined:
+                f.append(f"offered but not accepted: {' '.join(declined)}")
+    elif p.id == "queues":
+        for e in evs:
+            cat, ev = e.get("cat"), e.get("ev")
+            if cat == "queue" and ev == "setup":
+                q = e.get("q")
+                s = a.queues.get(q) if isinstance(q, int) else None
+                f.append(f"queue {q} ({s.role if s else '?'}): {e.get('size')} entries"
+                         f"{', packed' if e.get('packed') else ''}, desc {_hx(e.get('desc'))}"
+                         f", avail {_hx(e.get('avail'))}, used {_hx(e.get('used'))}")
+            elif cat == "status" and ev == "set":
+                f.append(f"status -> {'|'.join(names(e.get('new_names')))}")
+            elif cat == "vhost" and ev == "msg" and _req(e) in ("SET_MEM_TABLE",
+                                                                "ADD_MEM_REG"):
+                f.append(_vhost_line(e))
+            elif cat == "irq" and ev == "irq" and e.get("q", 0) == -1:
+                f.append("config interrupt")
+    elif p.id in ("first_tx", "first_rx"):
+        _io_facts(a, evs, f, "tx" if p.id == "first_tx" else "rx")
+    if p.id != "steady":
+        for e in evs:
+            if e.get("cat") == "ctrl" and e.get("ev") == "cmd":
+                f.append(f"control queue: {e.get('class_name', e.get('class'))} "
+                         f"{e.get('cmd_name', e.get('cmd'))} -> "
+                         f"{'OK' if e.get('ack') == 0 else 'ERR'}")
+            elif e.get("cat") == "config" and e.get("ev") == "change":
+                f.append(f"config change: {e.get('field')} = {e.get('val')}")
+    if p.id == "steady":
+        s = a.steady
+        f.append(f"{s['duration']:.3f} s: {s['frames_tx']} frames out "
+                 f"({s['pps_tx']:.1f}/s, {_rate(s['bps_tx'])}), {s['frames_rx']} in "
+                 f"({s['pps_rx']:.1f}/s, {_rate(s['bps_rx'])})")
+        f.append(f"notifications: {s['kicks']} kicks (guest -> device), {s['irqs']} "
+                 f"interrupts (device -> guest), {s['suppressed']} suppressed")
+        if s["chains_per_kick"] is not None:
+            f.append(f"{s['chains_per_kick']:.2f} chains per kick")
+        if s["frames_per_irq"] is not None:
+            f.append(f"{s['frames_per_irq']:.2f} frames per interrupt")
 
 
 def _rate(bps: float) -> str:
@@ -520,7 +534,6 @@ def _vhost_line(e: dict[str, Any]) -> str:
 
 def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> None:
     ids: dict[str, Any] = {}
-    caps: list[str] = []
     reads = 0
     for e in evs:
         cat, ev = e.get("cat"), e.get("ev")
@@ -534,12 +547,6 @@ def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> No
                 ids["vendor_id"], ids["device_id"] = val & 0xFFFF, val >> 16
             elif reg == "revision_id|prog_if|class" and isinstance(val, int):
                 ids["class"] = val >> 8
-            if reg.startswith("cap.") and reg.endswith(".cap_vndr"):
-                pass
-            if reg.startswith("cap.") and (reg.endswith(".cfg_type") or reg.endswith(".id")):
-                name = reg.split(".")[1]
-                if name not in caps:
-                    caps.append(name)
         elif cat == "vhost" and ev in ("msg",):
             f.append(_vhost_line(e))
         elif cat == "vhost" and ev == "reply":
@@ -552,8 +559,22 @@ def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> No
             kind = ("virtio-net, modern" if dev == 0x1041 else
                     "virtio-net, transitional" if dev == 0x1000 else "virtio")
             f.insert(1, f"a virtio device ({kind})")
-        if caps:
-            f.append(f"capabilities found: {', '.join(caps)}")
+    caps = _caps(evs)
+    if caps:
+        f.append(f"capabilities read: {', '.join(caps)}")
+
+
+def _caps(evs: list[dict[str, Any]]) -> list[str]:
+    """Capabilities whose type field the driver read (virtio 1.2 §4.1.4), in order."""
+    caps: list[str] = []
+    for e in evs:
+        reg = str(e.get("reg", "")) if e.get("cat") == "pci" and e.get("ev") == "cfg_read" \
+            else ""
+        if reg.startswith("cap.") and reg.endswith((".cfg_type", ".cap_vndr")):
+            name = reg.split(".")[1]
+            if name not in caps:
+                caps.append(name)
+    return caps
 
 
 def _io_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str], direction: str) -> None:
