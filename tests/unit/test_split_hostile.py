@@ -245,3 +245,19 @@ def test_device_turns_each_fault_into_needs_reset(corrupt, msg):
     pair.device.notify(0)
     assert pair.device.status & VIRTIO_CONFIG_S_NEEDS_RESET
     assert msg in pair.device.last_error
+
+
+def test_good_chains_before_a_bad_one_are_served_then_the_bad_one_raises():
+    r = RawRing()
+    r.d(0, BUF, 4)
+    r.d(1, BUF, 4, NEXT, 9)  # next out of range
+    r.d(2, BUF, 4)
+    for h in (0, 1, 2):
+        r.offer(h)
+    chains = r.q.pop_batch(r.mem, 10)
+    assert [c.head for c in chains] == [0]
+    assert r.q.next_avail == 1 and r.q.in_flight == 1
+    for _ in range(2):  # stays broken: every later call raises on the same chain
+        with pytest.raises(QueueError, match="next 9"):
+            r.q.pop_batch(r.mem, 10)
+    assert r.q.next_avail == 1

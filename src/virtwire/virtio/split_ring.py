@@ -284,7 +284,8 @@ class SplitQueue:
         """§2.7.13 (device side): up to ``limit`` chains, one read of ``avail.idx``.
 
         Each head and ``next`` is checked against the queue size here, each descriptor value in
-        ``ChainBuilder``. ``next_avail`` advances only past chains that were accepted."""
+        ``ChainBuilder``. ``next_avail`` advances only past chains that were accepted: a bad
+        chain after good ones ends the batch early, and the next call raises on it."""
         views = self._v(mem)
         dq, di, dh, avail_h = views[0], views[1], views[2], views[3]
         n = min(self._avail_pending(avail_h), limit)
@@ -319,6 +320,10 @@ class SplitQueue:
                     if i >= size:
                         raise QueueError(f"chain at head {head}: next {i} >= queue size {size}")
                 append(b.finish(1))
+        except (QueueError, GuestMemoryError):
+            if not out:
+                raise
+            # Hand out the good chains; the bad one is met (and raised) again by the next call.
         finally:
             self.next_avail = (start + len(out)) & 0xFFFF
             self._in_flight += len(out)
