@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import signal
 import sys
 import time
 from typing import Any
@@ -73,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
             for s in range(args.seed, args.seed + seeds, CHUNK)
         ]
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(args.jobs) as pool:
+
+        def _term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt  # leaving the ``with`` terminates the workers
+
+        signal.signal(signal.SIGTERM, _term)
+        with ctx.Pool(args.jobs, initializer=signal.signal,
+                      initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             for part in pool.imap_unordered(_chunk, work):
                 stats.merge(part)
                 progress(stats)
