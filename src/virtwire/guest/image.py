@@ -31,6 +31,7 @@ Cache layout (``$XDG_CACHE_HOME/virtwire`` or ``~/.cache/virtwire``)::
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -573,25 +574,28 @@ def build_image(*, rebuild: bool = False, progress: Progress | None = None,
     key = image_key(packages)
     progress(f"kernel {kernel_package(packages)} {packages[kernel_package(packages)]}, "
              f"key {key}")
-    if not rebuild:
-        try:
-            img = load_image(key=key, root=root)
-        except ImageError:
-            pass
-        else:
-            _set_current(root, key)
-            progress(f"cached: {img.kernel.parent}")
-            return {"cached": True, "downloaded": [],
-                    "seconds": round(time.monotonic() - t0, 3), **img.to_json()}
-    debs = debs or root / "debs"
-    downloaded = download_debs(packages, debs, progress)
-    _pack(packages, key, root, debs, progress)
-    _set_current(root, key)
-    img = load_image(key=key, root=root)
-    progress(f"built {img.initramfs} ({img.initramfs.stat().st_size / 1e6:.1f} MB) "
-             f"in {time.monotonic() - t0:.1f} s")
-    return {"cached": False, "downloaded": downloaded,
-            "seconds": round(time.monotonic() - t0, 3), **img.to_json()}
+    # One build at a time per cache directory (parallel test sessions share it).
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not rebuild:
+            try:
+                img = load_image(key=key, root=root)
+            except ImageError:
+                pass
+            else:
+                _set_current(root, key)
+                progress(f"cached: {img.kernel.parent}")
+                return {"cached": True, "downloaded": [],
+                        "seconds": round(time.monotonic() - t0, 3), **img.to_json()}
+        debs = debs or root / "debs"
+        downloaded = download_debs(packages, debs, progress)
+        _pack(packages, key, root, debs, progress)
+        _set_current(root, key)
+        img = load_image(key=key, root=root)
+        progress(f"built {img.initramfs} ({img.initramfs.stat().st_size / 1e6:.1f} MB) "
+                 f"in {time.monotonic() - t0:.1f} s")
+        return {"cached": False, "downloaded": downloaded,
+                "seconds": round(time.monotonic() - t0, 3), **img.to_json()}
 
 
 def load_image(*, key: str | None = None, root: Path | None = None,
