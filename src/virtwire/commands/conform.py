@@ -15,7 +15,7 @@ HELP = "run the virtio-net conformance suite against a device (QEMU, DPDK, virtw
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from virtwire.conform.targets import TARGET_HELP
 
-    p.add_argument("target", nargs="+", metavar="TARGET", help=TARGET_HELP)
+    p.add_argument("target", nargs="*", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
     p.add_argument("--only", action="append", default=[], metavar="ID",
                    help="run only checks whose id is or starts with ID (repeatable)")
@@ -31,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
         for c in CHECKS:
             print(f"{c.id:<24} {c.title}\n{'':<24} {c.clause}")
         return 0
+    if not args.target:
+        from virtwire.errors import CliError
+
+        raise CliError("conform: give a TARGET (qemu, qemu-legacy, dpdk, virtwire, "
+                       "vhost-user:PATH) or --list")
     targets = [make_target(t) for t in args.target]  # CliError for a bad name, before starting
     reports = []
     for t in targets:
