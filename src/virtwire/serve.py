@@ -83,12 +83,12 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
 
         sw = switches.get(cfg.switch)
         if sw is None:
-            sw = switches[cfg.switch] = swmod.Switch(cfg.switch)
-            if cfg.uplink:
-                sw.add_uplink(cfg.uplink)
+            sw = switches[cfg.switch] = swmod.L2Switch(cfg.switch)
+        if cfg.uplink and sw.uplink is None:
+            sw.add_uplink(cfg.uplink)
         if pairs != 1:
             raise UserFacingError("--port backend=switch supports one queue pair (queues=1)")
-        return [sw.add_port(cfg.name)]
+        return [sw.port(cfg.name)]
     raise UserFacingError(f"unknown backend {cfg.backend!r}")
 
 

@@ -107,8 +107,10 @@ def vhost_setup(tmp_path: Path, net: str, *, tap_addr: str, port_opts: str = "",
 
 def _guest(sock: str, ip: str, image, *, nic_opts: str = "", smp: int = 1,
            memory: str = "256M") -> GuestVM:
+    # The name seeds the guest's MAC: one per guest address, so two guests never share one.
     return GuestVM(net=[f"vhost-user,socket={sock}" + (f",{nic_opts}" if nic_opts else "")],
-                   ip=ip, image=image, smp=smp, memory=memory, name=f"vwv{os.getpid() % 10000}")
+                   ip=ip, image=image, smp=smp, memory=memory,
+                   name=f"vwv{os.getpid() % 10000}-{ip.split('/')[0].replace('.', '-')}")
 
 
 def _ping_received(output: str) -> int:
@@ -248,3 +250,27 @@ def test_backend_killed_and_restarted_mid_ping(tmp_path, guest_image):
         after = [s for s in seqs if s > 40]
         assert len(after) >= 15, log
         assert srv.starts == 2 and "front end connected (1)" in srv.log.read_text()
+
+
+def test_two_guests_on_one_switch_ping_each_other(tmp_path, guest_image):
+    socks = [str(tmp_path / f"vwv-sw{i}.sock") for i in range(2)]
+    srv = Server(None, [f"vhost-user,path={p},backend=switch,switch=vwvsw,name=p{i}"
+                        for i, p in enumerate(socks)], tmp_path / "serve.log")
+    srv.start()
+    try:
+        with _guest(socks[0], "10.75.0.1/24", guest_image) as a, \
+                _guest(socks[1], "10.75.0.2/24", guest_image) as b:
+            a.wait_ready(120)
+            b.wait_ready(120)
+            out = a.run("ping -c 20 -i 0.1 -W 2 10.75.0.2", timeout=60).output
+            assert _ping_received(out) == 20, out
+            out = b.run("ping -c 10 -i 0.1 -W 2 10.75.0.1", timeout=60).output
+            assert _ping_received(out) == 10, out
+            st = srv.stats(socks[0])
+            assert len(st["ports"]) == 2
+            for port in st["ports"]:
+                rings = {r["role"]: r for r in port["vhost_user"]["rings"]}
+                assert rings["tx0"]["frames"] >= 30 and rings["rx0"]["frames"] >= 30
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text()
