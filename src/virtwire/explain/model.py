@@ -519,17 +519,34 @@ def _rate(bps: float) -> str:
     return f"{bps:.0f} bit/s"
 
 
-def _vhost_line(e: dict[str, Any]) -> str:
-    pl = e.get("payload")
-    detail = ""
+def _pv(k: str, v: Any) -> str:
+    """One payload value: addresses, sizes and offsets in hex."""
+    if isinstance(v, int) and not isinstance(v, bool) and any(
+            w in k for w in ("addr", "size", "offset")):
+        return f"{v:#x}"
+    return str(v)
+
+
+def _payload_text(pl: Any) -> str:
     if isinstance(pl, dict) and pl:
-        detail = " " + ", ".join(f"{k}={v}" for k, v in list(pl.items())[:6]
-                                 if not isinstance(v, (list, dict)))
-        if "regions" in pl and isinstance(pl["regions"], list):
-            detail += f" ({len(pl['regions'])} regions)"
-    elif pl not in (None, {}, ""):
-        detail = f" {pl}"
-    return f"{e.get('req')}{detail}"
+        if "features" in pl and isinstance(pl.get("names"), list):
+            return f"{pl['features']} ({len(pl['names'])} bits: {' '.join(pl['names'][:24])})"
+        if set(pl) == {"value"}:
+            return str(pl["value"])
+        text = ", ".join(f"{k}={_pv(k, v)}" for k, v in list(pl.items())[:6]
+                         if not isinstance(v, (list, dict)) and k not in ("fd", "raw"))
+        if isinstance(pl.get("regions"), list):
+            regs = [r for r in pl["regions"] if isinstance(r, dict)]
+            text += ", ".join(f"gpa {_pv('addr', r.get('guest_phys_addr'))}+"
+                              f"{_pv('size', r.get('memory_size'))} at uva "
+                              f"{_pv('addr', r.get('userspace_addr'))}" for r in regs[:4])
+        return text
+    return "" if pl in (None, {}, "") else str(pl)
+
+
+def _vhost_line(e: dict[str, Any]) -> str:
+    detail = _payload_text(e.get("payload"))
+    return f"{e.get('req')}" + (f" {detail}" if detail else "")
 
 
 def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> None:
@@ -550,7 +567,7 @@ def _discovery_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> No
         elif cat == "vhost" and ev in ("msg",):
             f.append(_vhost_line(e))
         elif cat == "vhost" and ev == "reply":
-            f.append(f"  reply to {e.get('req')}: {e.get('payload')}")
+            f.append(f"  -> {_payload_text(e.get('payload')) or 'ok'}")
     if reads:
         idtxt = ", ".join(f"{k} {_hx(v)}" for k, v in ids.items())
         f.insert(0, f"{reads} config-space reads" + (f": {idtxt}" if idtxt else ""))
@@ -579,7 +596,7 @@ def _caps(evs: list[dict[str, Any]]) -> list[str]:
 
 def _io_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str], direction: str) -> None:
     shown = 0
-    for e in evs[:40]:
+    for e in evs[:5000]:
         cat, ev = e.get("cat"), e.get("ev")
         if cat == "frame":
             f.append(f"frame {'guest -> network' if e.get('dir') == 'tx' else 'network -> guest'}"
@@ -591,8 +608,19 @@ def _io_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str], direction: s
             dtxt = ", ".join(
                 f"{_hx(d[0])}+{d[1]}{' W' if isinstance(d[2], int) and d[2] & 2 else ' R'}"
                 for d in descs[:4] if isinstance(d, list) and len(d) >= 3)
-            f.append(f"chain head {e.get('head')} on queue {e.get('q')}: {len(descs)} "
-                     f"descriptor(s) [{dtxt}]")
+            line = (f"chain head {e.get('head')} on queue {e.get('q')}: {len(descs)} "
+                    f"descriptor(s) [{dtxt}]")
+            prev = f[-1] if f else ""
+            if prev.startswith(("chain head", "chains ")) and \
+                    prev.split(" on queue ")[1].split(":")[0] == str(e.get("q")):
+                # a run of buffers taken at once (RX refill, mergeable): one line
+                n = int(prev.split()[1]) + 1 if prev.startswith("chains ") else 2
+                first = prev.split(" heads ")[1].split("..")[0] if prev.startswith("chains ") \
+                    else prev.split()[2]
+                f[-1] = (f"chains {n} heads {first}..{e.get('head')} on queue {e.get('q')}: "
+                         f"{e.get('rlen', 0)}R/{e.get('wlen', 0)}W bytes each (last)")
+                continue
+            f.append(line)
         elif cat == "used" and ev == "used":
             f.append(f"used: queue {e.get('q')} id {e.get('id')} len {e.get('len')}")
         elif cat == "irq" and ev == "irq":

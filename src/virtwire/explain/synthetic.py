@@ -169,20 +169,22 @@ def vhost_user_session(out: IO[str], pings: int = 4) -> None:
         if reply is not None:
             tr.emit("vhost", "reply", req=f"VHOST_USER_{req}", code=code, payload=reply)
 
-    msg("GET_FEATURES", 1, reply={"features": hexmask(offered)})
-    tr.emit("feature", "offer", features=hexmask(offered), names=spec.feature_names(offered))
-    msg("GET_PROTOCOL_FEATURES", 15, reply={"features": "0x8009"})
-    msg("SET_PROTOCOL_FEATURES", 16, {"features": "0x8009"})
-    msg("GET_QUEUE_NUM", 17, reply={"num": 2})
+    fpl = {"features": hexmask(offered), "names": spec.feature_names(offered)}
+    ppl = {"features": "0x8009", "names": ["MQ", "REPLY_ACK", "CONFIGURE_MEM_SLOTS"]}
+    msg("GET_FEATURES", 1, reply=fpl)
+    tr.emit("feature", "offer", **fpl)
+    msg("GET_PROTOCOL_FEATURES", 15, reply=ppl)
+    msg("SET_PROTOCOL_FEATURES", 16, ppl)
+    msg("GET_QUEUE_NUM", 17, reply={"value": 2})
     msg("SET_OWNER", 3)
-    msg("GET_FEATURES", 1, reply={"features": hexmask(offered)})
+    msg("GET_FEATURES", 1, reply=fpl)
     for q in range(2):
         msg("SET_VRING_CALL", 13, {"index": q}, fds=1)
         msg("SET_VRING_ERR", 14, {"index": q}, fds=1)
     msg("SET_VRING_ENABLE", 18, {"index": 0, "num": 0})
     acc = (ACCEPTED & ~spec.bit(spec.VIRTIO_NET_F_CTRL_VQ)) | spec.bit(
         spec.VHOST_USER_F_PROTOCOL_FEATURES)
-    msg("SET_FEATURES", 2, {"features": hexmask(acc)})
+    msg("SET_FEATURES", 2, {"features": hexmask(acc), "names": spec.feature_names(acc)})
     tr.emit("feature", "negotiated", features=hexmask(acc), names=spec.feature_names(acc))
     msg("SET_MEM_TABLE", 5, {"regions": [{"guest_phys_addr": 0, "memory_size": 0x10000000,
                                           "userspace_addr": 0x7F0000000000, "mmap_offset": 0}]},
