@@ -95,7 +95,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=200_000, help="frames per run")
     ap.add_argument("--repeat", type=int, default=5, help="runs per mode (median reported)")
-    ap.add_argument("--baseline", metavar="REV", help="also time 'off' on git revision REV")
+    ap.add_argument("--baseline", metavar="REV|DIR",
+                    help="also time 'off' on git revision REV (or a source tree DIR/src)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -116,10 +117,14 @@ def main() -> int:
     res["best_relative_to_off"] = {m: round(max(v) / off, 3) for m, v in runs.items()}
     if args.baseline:
         with tempfile.TemporaryDirectory(prefix="vwt-bench-") as tmp:
-            arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"],
-                                  capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
-            base_src, cur_src = Path(tmp) / "src", ROOT / "src"
+            if (Path(args.baseline) / "src" / "virtwire").is_dir():
+                base_src = Path(args.baseline) / "src"
+            else:
+                arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"],
+                                      capture_output=True, check=True).stdout
+                subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
+                base_src = Path(tmp) / "src"
+            cur_src = ROOT / "src"
             base, cur = [], []
             for _ in range(args.repeat):  # alternate: both see the same machine noise
                 base.append(_subprocess_off(base_src, args.frames))
