@@ -321,6 +321,14 @@ class GuestVM:
             if plan.after_launch:
                 plan.after_launch(self)
 
+    def _reap(self, timeout: float) -> None:
+        """Give an exiting QEMU a moment, so its status and last stderr line are known."""
+        try:
+            if self.proc is not None:
+                self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
     def _qemu_stderr(self) -> str:
         try:
             return self._stderr_path.read_text(errors="replace") if self._stderr_path else ""
@@ -352,7 +360,7 @@ class GuestVM:
             self.ready_seconds = time.monotonic() - self._t_start
             self.console.wait_for(PROMPT, start=m.end(), timeout=10)
         except ConsoleClosed:
-            time.sleep(0.2)
+            self._reap(2.0)
             raise GuestError(self._with_tail(self._exit_message(
                 f"guest {self.name} stopped before it was ready"))) from None
         return self.ready_seconds
@@ -380,6 +388,7 @@ class GuestVM:
                 b = self.console.wait_for(begin, start=start, timeout=timeout)
                 e = self.console.wait_for(end, start=b.end(), timeout=timeout) if b else None
             except ConsoleClosed:
+                self._reap(2.0)
                 raise GuestError(self._with_tail(self._exit_message(
                     f"guest {self.name} stopped while running {command!r}"))) from None
             if b is None or e is None:
