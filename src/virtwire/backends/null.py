@@ -29,6 +29,10 @@ class NullBackend(BackendBase):
     def fileno(self) -> int | None:
         return None
 
+    def native_tx_fd(self) -> int:
+        """For the device's C TX fast path: -1 means count and discard."""
+        return -1
+
     def send(self, frames: Sequence[Frame]) -> int:
         c = self.counters
         n = 0

@@ -69,6 +69,7 @@ from virtwire.virtio import spec as s
 from virtwire.virtio.chain import DescriptorChain
 from virtwire.virtio.device import VirtioDevice
 from virtwire.virtio.errors import FeatureError
+from virtwire.virtio.split_ring import SplitQueue
 
 __all__ = ["VirtioNet", "parse_options", "NET_OPTIONS", "random_mac"]
 
@@ -282,6 +283,8 @@ class VirtioNet(VirtioDevice):
         self.more_work: Callable[[int], None] | None = None
         self.rx_watch: Callable[[int, bool], None] | None = None
         self._bounce: bytearray | None = None
+        self.native = True  # use the C TX fast path when it builds (``_native``)
+        self._native_lib: Any = None
         self._reset_ctrl_state()
         self._ctrl_table: dict[tuple[int, int], Callable[[bytes], int]] = {
             (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_PROMISC): self._ctrl_rx_mode,
@@ -584,57 +587,151 @@ class VirtioNet(VirtioDevice):
         p = self.pairs[pair]
         cnt = self.counters[qi]
         be = p.backend
-        features = self.negotiated
-        hl = self.hdr_len
         budget = self.budget
+        take_hdr = be is not None and be.vnet_hdr
+        native_fd = self._native_tx_fd(be, q) if self.native else None
         # Without a ``more_work`` hook nobody would call again: drain completely.
         for _ in range(self.max_batches if self.more_work is not None else 1 << 62):
             q.disable_notifications(mem)
-            batch = p.tx_pending
-            p.tx_pending = []
-            room = budget - len(batch)
-            chains = q.pop_batch(mem, room) if room > 0 else []
-            dropped: list[DescriptorChain] = []
-            for c in chains:
-                iov = self._tx_frame(c, mem, cnt, features, hl, be)
-                if iov is None:
-                    dropped.append(c)
-                else:
-                    batch.append((c, iov))
-            for c in dropped:
-                q.push(mem, c, 0)
-            taken = 0
-            if batch:
-                if be is None or not p.enabled:
-                    taken = len(batch)
-                    cnt["drops"] += taken
-                    cnt["tx_drop_no_backend"] = cnt.get("tx_drop_no_backend", 0) + taken
-                else:
-                    taken = be.send([iov for _c, iov in batch])
-                    while 0 < taken < len(batch):  # partial take: offer the rest while it moves
-                        more = be.send([iov for _c, iov in batch[taken:]])
-                        if not more:
-                            break
-                        taken += more
-                    frames = batch[:taken]
-                    cnt["frames"] += taken
-                    cnt["bytes"] += sum(c.readable_len for c, _i in frames) - hl * taken
-                for c, _i in batch[:taken]:
-                    q.push(mem, c, 0)
-                if taken < len(batch):
-                    p.tx_pending = batch[taken:]
-                    cnt["tx_backpressure"] = cnt.get("tx_backpressure", 0) + 1
-            cnt["chains"] += len(chains)
-            if q.publish(mem):
+            n_chains = 0
+            if native_fd is not None and not p.tx_pending and p.enabled:
+                # C takes each run of simple chains; the chain it stops at goes through the
+                # Python checks right away, so frames leave in ring order.
+                while n_chains < budget:
+                    k, stop = self._tx_native(q, mem, native_fd, take_hdr, cnt, be)
+                    n_chains += k
+                    if stop != 1:
+                        break
+                    c = q.pop(mem)
+                    if c is None:
+                        break
+                    n_chains += 1
+                    self._tx_chains(q, mem, p, cnt, [c])
+                    q.publish(mem)  # C writes used slots from next_used: nothing may be staged
+                    if p.tx_pending:
+                        break
+            room = budget - n_chains - len(p.tx_pending)
+            chains = q.pop_batch(mem, room) if room > 0 and not (
+                native_fd is not None and p.tx_pending) else []
+            self._tx_chains(q, mem, p, cnt, chains)
+            n_chains += len(chains)
+            if q.publish(mem) or n_chains:  # C and in-loop publishes count too
                 self.signal_used(qi)
             if p.tx_pending:
                 return True  # the backend is full: retried on its wake-up or the next kick
-            if len(chains) < room:
+            if n_chains < budget:
                 if not q.enable_notifications(mem):
                     return False
         if self.more_work is not None:
             self.more_work(qi)
         return True
+
+    def _tx_chains(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
+                   chains: list[DescriptorChain]) -> None:
+        """Check ``chains`` (after any pending frames), send them as one batch, push used."""
+        be = p.backend
+        hl = self.hdr_len
+        take_hdr = be is not None and be.vnet_hdr
+        view = mem.view
+        batch = p.tx_pending
+        p.tx_pending = []
+        dropped: list[DescriptorChain] = []
+        for c in chains:
+            segs = c.segments
+            if len(segs) == 1:
+                # Fast path: one readable buffer, header without offload fields.
+                gpa, n, w = segs[0]
+                if not w and hl + ETH_HLEN <= n <= hl + MAX_FRAME:
+                    v = view(gpa, n)
+                    if not (v[0] or v[1]):
+                        batch.append((c, [v] if take_hdr else [v[hl:]]))
+                        continue
+            iov = self._tx_frame(c, mem, cnt, self.negotiated, hl, be)
+            if iov is None:
+                dropped.append(c)
+            else:
+                batch.append((c, iov))
+        for c in dropped:
+            q.push(mem, c, 0)
+        cnt["chains"] += len(chains)
+        if not batch:
+            return
+        if be is None or not p.enabled:
+            taken = len(batch)
+            cnt["drops"] += taken
+            cnt["tx_drop_no_backend"] = cnt.get("tx_drop_no_backend", 0) + taken
+        else:
+            taken = be.send([iov for _c, iov in batch])
+            while 0 < taken < len(batch):  # partial take: offer the rest while it moves
+                more = be.send([iov for _c, iov in batch[taken:]])
+                if not more:
+                    break
+                taken += more
+            cnt["frames"] += taken
+            cnt["bytes"] += sum(c.readable_len for c, _i in batch[:taken]) - hl * taken
+        for c, _i in batch[:taken]:
+            q.push(mem, c, 0)
+        if taken < len(batch):
+            p.tx_pending = batch[taken:]
+            cnt["tx_backpressure"] = cnt.get("tx_backpressure", 0) + 1
+
+    def _native_tx_fd(self, be: NetBackend | None, q: Any) -> int | None:
+        """The fd for the native TX fast path (-1: discard), or None when it does not apply."""
+        if be is None or not isinstance(q, SplitQueue):
+            return None
+        fd_of = getattr(be, "native_tx_fd", None)
+        if fd_of is None:
+            return None
+        if self._native_lib is None:
+            from virtwire import _native
+
+            self._native_lib = _native.load() or False
+        if not self._native_lib:
+            return None
+        fd: int | None = fd_of()
+        return fd
+
+    def _tx_native(self, q: SplitQueue, mem: GuestMemory, fd: int, keep_hdr: bool,
+                   cnt: dict[str, int], be: Any) -> tuple[int, int]:
+        """Consume the simple TX chains in C (``_native/vwnet.c``); the rest stays for Python."""
+        if q.in_flight or not q.has_available(mem):
+            return 0, 0
+        from virtwire._native import GuestView, VwResult, VwSplit
+
+        gv = GuestView(mem)
+        try:
+            size = q.size
+            ring = VwSplit(gv.host(q.desc_addr, 16 * size), gv.host(q.avail_addr, 6 + 2 * size),
+                           gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail, q.next_used)
+            res = VwResult()
+            import ctypes
+
+            # Offloads pass through in C only to a backend that keeps the header and takes
+            # every negotiated HOST_* offload; otherwise such frames are left to Python.
+            feats = self.negotiated & be.host_offloads if keep_hdr else 0
+            n = self._native_lib.vw_split_tx_burst(ctypes.byref(ring), gv.table, gv.n,
+                                                   self.hdr_len, fd, int(keep_hdr),
+                                                   self.budget, feats, int(q.indirect),
+                                                   ctypes.byref(res))
+        except ValueError:
+            return 0, 0
+        finally:
+            gv.release()
+        if n:
+            q.next_avail = ring.next_avail
+            q.next_used = ring.next_used
+            cnt["frames"] += res.frames
+            cnt["bytes"] += res.bytes
+            cnt["chains"] += n
+            cnt["tx_native"] = cnt.get("tx_native", 0) + n
+            bc = getattr(be, "counters", None)
+            if bc is not None:
+                bc["tx_frames"] = bc.get("tx_frames", 0) + res.frames - res.errors
+                bc["tx_bytes"] = bc.get("tx_bytes", 0) + res.bytes + (
+                    self.hdr_len * res.frames if keep_hdr else 0)
+                if res.errors:
+                    bc["tx_errors"] = bc.get("tx_errors", 0) + res.errors
+        return n, res.stop
 
     def _tx_frame(self, c: DescriptorChain, mem: GuestMemory, cnt: dict[str, int],
                   features: int, hl: int, be: NetBackend | None) -> list[Any] | None:
