@@ -88,9 +88,19 @@ def test_bring_up_reads_config(harness: QemuNetHarness) -> None:
     assert drv.has(spec.VIRTIO_F_VERSION_1) != harness.transitional
     assert drv.rx_layout == "mergeable"
     # link change via the monitor: status bit and a config-change ISR bit (§5.1.4, §4.1.4.5)
+    qt = harness.vm.qtest
+    irq = drv.t.fn.irq  # type: ignore[attr-defined]
+    assert irq in (10, 11)  # routed through PIIX3 PIRQ registers by our "firmware"
+    drv.t.read_isr()
+    raises = qt.irq_raises.get(irq, 0)
     harness.vm.qmp.execute("set_link", name="n0", up=False)
+    # INTx: the IOAPIC input line goes up (seen over qtest's irq intercept) ...
+    assert drv.t.wait_interrupt(2.0) & spec.VIRTIO_PCI_ISR_CONFIG  # type: ignore[attr-defined]
+    assert qt.irq_raises.get(irq, 0) == raises + 1
+    # ... and reading the ISR lowered it (§4.1.4.5.1)
+    qt.poll_async(0.05)
+    assert not qt.irq_level.get(irq)
     assert not drv.link_up
-    assert drv.t.read_isr() & spec.VIRTIO_PCI_ISR_CONFIG
     harness.vm.qmp.execute("set_link", name="n0", up=True)
     assert drv.link_up
     assert drv.set_promisc(True) == spec.VIRTIO_NET_OK

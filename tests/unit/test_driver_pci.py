@@ -173,7 +173,7 @@ def test_bar_sizing_assignment_and_caps() -> None:
     assert fn.msix_cap and len(fn.virtio_caps) == 4
     notify = fn.virtio_cap(spec.VIRTIO_PCI_CAP_NOTIFY_CFG)
     assert notify is not None and notify.notify_off_multiplier == 4
-    assert route_intx(fn, cfg) == 11  # slot 2, INTA -> PIRQC -> IRQ 11
+    assert route_intx(fn, cfg) == 10  # slot 2, INTA -> PIRQB -> IRQ 10 (i440fx swizzle)
     t = ModernPciTransport(fn, bus)
     base = fn.bars[4].address
     bus.mmio[base + spec.VIRTIO_PCI_COMMON_Q_NOFF] = 3

@@ -14,9 +14,9 @@ The qtest VM runs no BIOS, so this module is the firmware as well as the driver:
    64-bit BAR gets a below-4G address with upper half 0) and I/O BARs from ``IO_BASE`` (0xC000).
 3. **Enable**: command register memory + I/O space + bus master (the device DMAs into our RAM).
 4. **INTx routing**: on i440fx the PIIX3 (00:01.0) routes PIRQA-D through registers 0x60-0x63 to
-   ISA IRQs; QEMU maps slot/pin to PIRQ as ``(slot + pin - 1) & 3``. We route PIRQA-D to 10, 10,
-   11, 11 (as SeaBIOS does), write the Interrupt Line register, and intercept the IOAPIC's inputs
-   over qtest so an ``IRQ raise N`` line is the device's interrupt.
+   ISA IRQs; QEMU's i440fx maps slot/pin to PIRQ as ``(slot - 1 + pin - 1) & 3``. We route
+   PIRQA-D to 10, 10, 11, 11 (as SeaBIOS does), write the Interrupt Line register, and
+   intercept the IOAPIC's inputs over qtest so an ``IRQ raise N`` line is the device's interrupt.
 5. **Capability walk** (virtio 1.2 §4.1.4): from the pointer at 0x34 (when status bit 4 is set)
    follow ``cap_next``; the walk is bounded (48 steps, offsets in 0x40..0xFC, dword aligned) because
    the list comes from the device. Vendor capabilities (0x09) carry ``cfg_type``, ``bar``,
@@ -401,7 +401,7 @@ def route_intx(f: PciFunction, cfg: ConfigAccess) -> int:
         return -1
     for i, irq in enumerate(PIRQ_IRQS):
         cfg.cfg_write(0, 1, 0, PIIX3_PIRQRC + i, 1, irq)
-    pirq = (f.dev + f.interrupt_pin - 1) & 3
+    pirq = (f.dev - 1 + f.interrupt_pin - 1) & 3  # i440fx: slot 1 INTA is PIRQA
     f.irq = PIRQ_IRQS[pirq]
     f.write(PCI_INTERRUPT_LINE, 1, f.irq)
     return f.irq
