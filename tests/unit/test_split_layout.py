@@ -144,3 +144,23 @@ def test_validate_checks_size(size, msg):
     q.set_addresses(0x1000, 0x4000, 0x5000)
     with pytest.raises(QueueError, match=msg):
         q.validate(mem)
+
+
+def test_push_batch_equals_pushes():
+    a = make_ring_pair("split", 16)
+    b = make_ring_pair("split", 16)
+    for rp in (a, b):
+        for i in range(5):
+            rp.add([b"r"], [8], i)
+        rp.driver.publish(rp.mem)
+    ca = a.device.pop_batch(a.mem, 16)
+    cb = b.device.pop_batch(b.mem, 16)
+    for c, n in zip(ca, range(5)):
+        a.device.push(a.mem, c, n)
+    b.device.push_batch(b.mem, list(zip(cb, range(5))))
+    a.device.publish(a.mem)
+    b.device.publish(b.mem)
+    used_a, used_b = a.driver.layout()[2], b.driver.layout()[2]
+    assert a.mem.read(used_a, 4 + 8 * 16) == b.mem.read(used_b, 4 + 8 * 16)
+    with pytest.raises(ValueError, match="in flight"):
+        b.device.push_batch(b.mem, list(zip(cb, range(5))))

@@ -366,6 +366,25 @@ class SplitQueue:
         self._staged += 1
         self._in_flight -= 1
 
+    def push_batch(self, mem: GuestMemory, items: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """``push`` for each ``(chain, written)``, with the checks and views hoisted."""
+        if len(items) > self._in_flight:
+            raise ValueError(f"push of {len(items)} chains, {self._in_flight} in flight")
+        used_i = self._v(mem)[4]
+        mask = self.size - 1
+        slot = self.next_used + self._staged
+        for chain, written in items:
+            if written < 0 or written > chain.writable_len:
+                raise ValueError(
+                    f"used length {written} outside 0..{chain.writable_len} for head {chain.head}"
+                )
+            k = 1 + 2 * (slot & mask)
+            used_i[k] = chain.head
+            used_i[k + 1] = written
+            slot += 1
+            self._staged += 1
+            self._in_flight -= 1
+
     def push_id(self, mem: GuestMemory, head: int, written: int) -> None:
         """Stage a used element by head id (for hosts that keep only the id of a chain)."""
         if not 0 <= head < self.size or self._in_flight <= 0:
