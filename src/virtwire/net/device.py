@@ -108,6 +108,7 @@ _GUEST_OFFLOAD_MASK = s.bit(s.VIRTIO_NET_F_GUEST_CSUM, s.VIRTIO_NET_F_GUEST_TSO4
                             s.VIRTIO_NET_F_GUEST_UFO)
 _GSO_RX_MASK = s.bit(s.VIRTIO_NET_F_GUEST_TSO4, s.VIRTIO_NET_F_GUEST_TSO6,
                      s.VIRTIO_NET_F_GUEST_UFO)
+_ZERO_HDR10 = bytes(10)
 CONFIG_SIZE = 12  # mac[6], le16 status, le16 max_virtqueue_pairs, le16 mtu (§5.1.4)
 MAC_TABLE_MAX = 64  # entries per table kept; more means "accept all" of that kind (as QEMU)
 
@@ -824,14 +825,14 @@ class VirtioNet(VirtioDevice):
                     (want if vnet else want + hl))
             # Collect buffers: enough for ``need`` (mergeable) or one chain (not mergeable).
             if mrg:
-                while p.stash_cap < need and self._stash_one(q, mem, p, cnt, hl):
-                    pass
+                if p.stash_cap < need:
+                    self._stash_more(q, mem, p, cnt, hl, need)
                 cap = p.stash_cap
                 if cap < need and (want is not None or cap < hl + ETH_HLEN):
                     starved = True
                     break
             else:
-                if not stash and not self._stash_one(q, mem, p, cnt, hl):
+                if not stash and not self._stash_more(q, mem, p, cnt, hl, 1):
                     starved = True
                     break
                 cap = stash[0][0].writable_len
@@ -854,7 +855,19 @@ class VirtioNet(VirtioDevice):
                 p.held = bytes(self._bounce[:n])
                 cnt["rx_held"] = cnt.get("rx_held", 0) + 1
                 continue
-            views = [v for _c, vs in stash for v in vs] if mrg else stash[0][1]
+            c0, views = stash[0]
+            if mrg and c0.writable_len < need:
+                # The chains this frame needs (a TAP's unknown length: all of them).
+                views = []
+                acc = 0
+                for c, vs in stash:
+                    views.extend(vs)
+                    acc += c.writable_len
+                    if acc >= need:
+                        break
+                cap = acc
+            elif mrg:
+                cap = c0.writable_len
             target = views if vnet else skip(views, hl)
             if held is not None:
                 p.held = None
@@ -874,11 +887,9 @@ class VirtioNet(VirtioDevice):
             if filt and not self._rx_accept(gather(views, 18, hl)):
                 cnt["rx_filtered"] = cnt.get("rx_filtered", 0) + 1
                 continue
-            first = stash[0][1]
-            if not vnet:
-                scatter(first, VirtioNetHdr().pack(hl))
-            else:
-                v0 = first[0]
+            first = views
+            v0 = first[0]
+            if vnet:
                 if len(v0) >= 2 and v0[1]:
                     cnt["rx_gso"] = cnt.get("rx_gso", 0) + 1
                 if clear_flags:
@@ -895,8 +906,19 @@ class VirtioNet(VirtioDevice):
                 used += 1
                 if not mrg:
                     break
-            if hl == 12:
-                scatter(first, used.to_bytes(2, "little"), NUM_BUFFERS_OFFSET)
+            if not vnet:
+                # A plain backend: our own header (no offloads), num_buffers included.
+                hb = _ZERO_HDR10 + used.to_bytes(2, "little") if hl == 12 else _ZERO_HDR10
+                if len(v0) >= hl:
+                    v0[:hl] = hb
+                else:
+                    scatter(first, hb)
+            elif hl == 12:
+                if len(v0) >= 12:
+                    v0[10] = used & 0xFF
+                    v0[11] = used >> 8
+                else:
+                    scatter(first, used.to_bytes(2, "little"), NUM_BUFFERS_OFFSET)
             frames += 1
             cnt["chains"] += used
             cnt["frames"] += 1
@@ -929,22 +951,23 @@ class VirtioNet(VirtioDevice):
         if cnt[key] & (cnt[key] - 1) == 0:
             log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
 
-    def _stash_one(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
-                   hl: int) -> bool:
-        """Pop one RX chain into the stash; False when the ring is empty. A chain too small
-        for the header (§5.1.6.3.1) is returned unused and counted."""
-        while True:
-            c = q.pop(mem)
-            if c is None:
+    def _stash_more(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int], hl: int,
+                    need: int) -> bool:
+        """Pop RX chains (in batches) until the stash holds ``need`` bytes; False if the ring
+        ran dry first. Chains too small for the header (§5.1.6.3.1) are returned unused."""
+        while p.stash_cap < need:
+            chains = q.pop_batch(mem, 64)
+            if not chains:
                 return False
-            if c.writable_len < hl:
-                q.push(mem, c, 0)
-                cnt["drops"] += 1
-                cnt["rx_bad_chain"] = cnt.get("rx_bad_chain", 0) + 1
-                continue
-            p.stash.append((c, list(c.writable(mem))))
-            p.stash_cap += c.writable_len
-            return True
+            for c in chains:
+                if c.writable_len < hl:
+                    q.push(mem, c, 0)
+                    cnt["drops"] += 1
+                    cnt["rx_bad_chain"] = cnt.get("rx_bad_chain", 0) + 1
+                    continue
+                p.stash.append((c, list(c.writable(mem))))
+                p.stash_cap += c.writable_len
+        return True
 
     def _drop_rx(self, be: NetBackend, cnt: dict[str, int], reason: str) -> None:
         if self._bounce is None:
