@@ -318,6 +318,8 @@ def test_pci_cfg_access_capability_reaches_the_bar():
     _, t = probe(pci)
     cap = next(c for c in t.fn.virtio_caps if c.cfg_type == spec.VIRTIO_PCI_CAP_PCI_CFG)
     p = cap.cap_offset
+    assert t.fn.read(p + 16, 4) == 0  # window not set up: a config dump reads zero, quietly
+    assert pci.counters["bad_accesses"] == 0
     t.fn.write(p + 4, 1, MODERN_BAR)
     t.fn.write(p + 8, 4, COMMON_OFFSET + spec.VIRTIO_PCI_COMMON_NUMQ)
     t.fn.write(p + 12, 4, 2)
@@ -329,6 +331,7 @@ def test_pci_cfg_access_capability_reaches_the_bar():
     t.fn.write(p + 8, 4, 0x3FFF)
     t.fn.write(p + 12, 4, 4)  # misaligned, outside: refused
     assert t.fn.read(p + 16, 4) == 0
+    assert pci.counters["bad_accesses"] == 1
 
 
 def test_function_reset_clears_bars_and_device():

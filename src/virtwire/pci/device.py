@@ -212,6 +212,8 @@ class VirtioPciDevice:
         offset = self.pci.get(c + 8, 4)
         length = self.pci.get(c + 12, 4)
         data = c + _VIRTIO_PCI_CAP_LEN
+        if length == 0:
+            return None  # window never set up (e.g. a dump of config space): reads as zero
         if off != data or width < length or length not in (1, 2, 4) or offset % length:
             self._bad(f"PCI cfg access window bar={bar} offset={offset:#x} length={length} "
                       f"via {width}@{off - data}")
