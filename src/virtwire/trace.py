@@ -20,7 +20,7 @@ is written (``--pcap``), and call sites hand it the Ethernet frame (after the vi
 
     fh = _trace.FRAMES
     if fh is not None:
-        fh("tx", frame_bytes, qi)
+        fh("tx", list(chain.readable(mem)), qi, hdr_len)   # skip the virtio-net header
 
 Event schema (version 1)
 ------------------------
@@ -31,7 +31,8 @@ for addresses, sizes, indices and register values; **hex strings** ("0x...") for
 events (categories in ``DATA_PATH``) may be sampled 1-in-N; a sampled event carries ``"sample": N``.
 The first line is ``{"cat": "trace", "ev": "start", "version": 1, "wall": <epoch s>, ...}``; the
 last is ``{"cat": "trace", "ev": "end", "counts": {"cat.ev": n, ...}}`` with the *true* number of
-events per kind (before sampling and category filtering of data-path events).
+events per kind, before sampling and category filtering (chain, used and frame events are counted
+only while their category, or a pcap, is on: their hooks are not installed otherwise).
 
 =========  ===============  ==================================================================
 cat        ev               fields
@@ -215,27 +216,38 @@ class Tracer:
         """Is ``cat`` written? (call sites may skip building costly fields when not)."""
         return cat in self.categories
 
-    def emit(self, cat: str, ev: str, **fields: Any) -> None:
-        """Record one event (thread-safe; dropped silently after ``close``)."""
+    def want(self, cat: str, ev: str) -> bool:
+        """Count one event; True if it is to be written (category on, and for the data path
+        the 1-in-N sample hit). Hot call sites ask this before building costly fields."""
         key = cat + "." + ev
         with self._lock:
             n = self.counts.get(key, 0) + 1
             self.counts[key] = n
             if self.closed or cat not in self.categories:
+                return False
+            return not (cat in DATA_PATH and self.sample > 1 and (n - 1) % self.sample)
+
+    def write(self, cat: str, ev: str, fields: dict[str, Any]) -> None:
+        """Write one event that ``want`` accepted."""
+        with self._lock:
+            if self.closed:
                 return
-            if cat in DATA_PATH and self.sample > 1:
-                if (n - 1) % self.sample:
-                    return
-                fields["sample"] = self.sample
             now = self._clock()
             rec = {"t": round(now - self._t0, 9), "cat": cat, "ev": ev}
             rec.update(fields)
+            if cat in DATA_PATH and self.sample > 1:
+                rec["sample"] = self.sample
             self._write(rec)
             # A reader (or a crash) should not wait for a full buffer: flush control-plane
             # events at once and data-path ones at least every half second.
             if cat not in DATA_PATH or now - self._flushed > 0.5:
                 self._flushed = now
                 self._out.flush()
+
+    def emit(self, cat: str, ev: str, **fields: Any) -> None:
+        """Count and (if wanted) record one event (thread-safe; dropped after ``close``)."""
+        if self.want(cat, ev):
+            self.write(cat, ev, fields)
 
     def _write(self, rec: dict[str, Any]) -> None:
         self._out.write(json.dumps(rec, separators=(",", ":"), default=_jsonable) + "\n")
@@ -259,20 +271,29 @@ class Tracer:
 
 
 # --- process-wide configuration ---------------------------------------------------------------
-def _frame_hook(direction: str, data: Any, q: int = -1) -> None:
-    """The ``FRAMES`` hook: trace the decoded frame and/or append it to the pcap."""
+def _frame_hook(direction: str, data: Any, q: int = -1, skip: int = 0,
+                length: int | None = None) -> None:
+    """The ``FRAMES`` hook: trace the decoded frame and/or append it to the pcap.
+
+    ``data`` is the frame's bytes or a list of memoryviews (a chain's buffers); ``skip`` bytes
+    (the virtio-net header) are dropped from its front and at most ``length`` kept. Nothing is
+    copied unless the frame is written somewhere.
+    """
+    tr = TRACE
+    want = tr is not None and tr.want("frame", "frame")
+    pc = _PCAP
+    if not want and pc is None:
+        return
     if isinstance(data, (list, tuple)):
         data = b"".join(bytes(d) for d in data)
-    tr = TRACE
-    if tr is not None and "frame" in tr.categories:
+    if skip or length is not None:
+        data = bytes(data[skip:] if length is None else data[skip:skip + length])
+    if want:
         from virtwire.net.frame import decode
 
         d = decode(data)
-        tr.emit("frame", "frame", dir=direction, len=len(data), q=q, summary=d["summary"],
-                proto=d)
-    elif tr is not None:
-        tr.emit("frame", "frame")  # counted only
-    pc = _PCAP
+        tr.write("frame", "frame", {"dir": direction, "len": len(data), "q": q,  # type: ignore
+                                    "summary": d["summary"], "proto": d})
     if pc is not None:
         pc.write(data, outbound=(direction == "tx"))
 
@@ -314,7 +335,8 @@ def start(
                 tracer.close()
             raise TraceError(str(e)) from None
     TRACE = tracer
-    FRAMES = _frame_hook if (tracer is not None or _PCAP is not None) else None
+    frames_on = tracer is not None and "frame" in tracer.categories
+    FRAMES = _frame_hook if (frames_on or _PCAP is not None) else None
     atexit.register(stop)
     return tracer
 
@@ -708,13 +730,16 @@ def queue_setup(index: int, ring: Any, packed: bool | None = None) -> None:
 
 
 def _chain_event(tr: Tracer, q: int, c: Any) -> None:
+    """Write the ``chain`` event ``tr.want`` accepted (descriptor flags rebuilt: NEXT on all but
+    the last, WRITE on device-writable buffers)."""
     segs = getattr(c, "segments", ())
     n = len(segs)
     descs = [[gpa, ln, (2 if w else 0) | (1 if i + 1 < n else 0)]
              for i, (gpa, ln, w) in enumerate(segs[:64])]
-    tr.emit("chain", "chain", q=q, head=getattr(c, "head", None), descs=descs,
-            rlen=getattr(c, "readable_len", 0), wlen=getattr(c, "writable_len", 0),
-            indirect=bool(getattr(c, "indirect", False)))
+    tr.write("chain", "chain", {"q": q, "head": getattr(c, "head", None), "descs": descs,
+                                "rlen": getattr(c, "readable_len", 0),
+                                "wlen": getattr(c, "writable_len", 0),
+                                "indirect": bool(getattr(c, "indirect", False))})
 
 
 class TracedQueue:
@@ -741,7 +766,7 @@ class TracedQueue:
     def pop(self, mem: Any) -> Any:
         c = self._vw_ring.pop(mem)
         tr = TRACE
-        if c is not None and tr is not None:
+        if c is not None and tr is not None and tr.want("chain", "chain"):
             _chain_event(tr, self._vw_index, c)
         return c
 
@@ -750,15 +775,16 @@ class TracedQueue:
         tr = TRACE
         if tr is not None:
             for c in cs:
-                _chain_event(tr, self._vw_index, c)
+                if tr.want("chain", "chain"):
+                    _chain_event(tr, self._vw_index, c)
         return cs
 
     def push(self, mem: Any, chain: Any, written: int) -> Any:
         r = self._vw_ring.push(mem, chain, written)
         tr = TRACE
-        if tr is not None:
-            tr.emit("used", "used", q=self._vw_index, id=getattr(chain, "head", None),
-                    len=written)
+        if tr is not None and tr.want("used", "used"):
+            tr.write("used", "used", {"q": self._vw_index, "id": getattr(chain, "head", None),
+                                      "len": written})
         return r
 
     def publish(self, mem: Any) -> Any:
@@ -772,9 +798,12 @@ class TracedQueue:
 def wrap_queue(ring: Any, index: int) -> Any:
     """``ring`` wrapped in a ``TracedQueue`` when tracing is on (else ``ring`` itself), after
     emitting its ``queue.setup``. Call where a host installs a ring for the device."""
-    if TRACE is None or ring is None or isinstance(ring, TracedQueue):
+    tr = TRACE
+    if tr is None or ring is None or isinstance(ring, TracedQueue):
         return ring
     queue_setup(index, ring)
+    if not tr.categories & {"chain", "used"}:
+        return ring  # nothing per buffer is traced: no indirection either
     return TracedQueue(ring, index)
 
 

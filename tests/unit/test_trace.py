@@ -195,3 +195,27 @@ def test_settings_are_inherited_by_child_processes(tmp_path: Path, monkeypatch) 
     trace.stop()
     assert trace.ENV_TRACE not in os.environ  # withdrawn: later children do not trace
     assert trace.configure_from_args(_parser().parse_args([])) is None
+
+
+def test_frame_hook_skips_the_header_and_copies_only_when_needed(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    trace.start(out=buf, sample=2, pcap=tmp_path / "f.pcapng")
+    req = f.icmp_echo("52:54:00:00:00:01", "52:54:00:00:00:02", "10.9.0.1", "10.9.0.2", 3, 1)
+    hdr = bytes(12)
+    views = [memoryview(hdr + req[:30]), memoryview(req[30:] + b"\xee" * 20)]
+    for _ in range(3):
+        trace.FRAMES("rx", views, 0, 12, len(req))
+    trace.stop()
+    frames = [json.loads(x) for x in buf.getvalue().splitlines() if '"frame"' in x
+              and '"ev":"frame"' in x]
+    assert len(frames) == 2 and frames[0]["len"] == len(req)  # sampled 1 in 2
+    assert [x for _, _, x in read_pcapng(tmp_path / "f.pcapng")] == [req] * 3  # pcap: all
+
+
+def test_data_path_hooks_stay_off_for_control_categories() -> None:
+    trace.start(out=io.StringIO(), categories=["status", "kick"])
+    assert trace.FRAMES is None
+    from virtwire.testing.pair import make_ring_pair
+
+    rp = make_ring_pair("split", 8)
+    assert trace.wrap_queue(rp.device, 0) is rp.device
