@@ -261,7 +261,12 @@ class DevicePair:
         q = self.driver.queues[index]
         ob = [self._buf(d) for d in out]
         ib = [self._buf(n) for n in in_lens]
-        q.add(self.mem, ob, ib, (token, ob, ib))
+        try:
+            q.add(self.mem, ob, ib, (token, ob, ib))
+        except Exception:
+            for g, _ in ob + ib:
+                self.alloc.free(g)
+            raise
         return self.driver.kick(index)
 
     def _buf(self, data: bytes | int) -> tuple[int, int]:
