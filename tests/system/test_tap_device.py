@@ -239,3 +239,112 @@ def test_offloads_follow_negotiated_features(ns) -> None:
             tap2.close()
     finally:
         tap.close()
+
+
+def _tcp_gso_frame(src_mac: bytes, dst_mac: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    """An Ethernet/IPv4/TCP super-frame with a partial checksum, and its 10-byte GSO header."""
+    import ipaddress
+    import struct
+
+    from virtwire.net.frame import inet_checksum
+
+    src = ipaddress.IPv4Address(NS_IP).packed
+    dst = ipaddress.IPv4Address(DEV_IP).packed
+    tcp = bytearray(struct.pack(">HHIIBBHHH", 5001, 5002, 1000, 0, 5 << 4, 0x18, 65535, 0, 0))
+    seg = bytes(tcp) + payload
+    pseudo = src + dst + b"\x00\x06" + len(seg).to_bytes(2, "big")
+    tcp[16:18] = ((~inet_checksum(pseudo)) & 0xFFFF).to_bytes(2, "big")
+    ip = bytearray(20)
+    ip[0], ip[8], ip[9] = 0x45, 64, 6
+    ip[2:4] = (20 + len(seg)).to_bytes(2, "big")
+    ip[6:8] = b"\x40\x00"
+    ip[12:16], ip[16:20] = src, dst
+    ip[10:12] = inet_checksum(bytes(ip)).to_bytes(2, "big")
+    frame = dst_mac + src_mac + b"\x08\x00" + bytes(ip) + bytes(tcp) + payload
+    hdr = struct.pack("<BBHHHH", 1, 1, 54, 1000, 34, 16)  # NEEDS_CSUM, TCPV4, mss 1000
+    return frame, hdr
+
+
+def _packet_socket(ns_name: str, ifname: str, vnet: bool):
+    import socket
+
+    from virtwire.backends.tap import in_netns
+
+    def mk():
+        sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        if vnet:
+            sk.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+        sk.bind((ifname, 0))
+        sk.settimeout(3.0)
+        return sk
+
+    return in_netns(ns_name, mk)
+
+
+@pytest.mark.parametrize("guest_tso", [True, False])
+def test_gso_from_kernel_honours_negotiated_offloads(ns, guest_tso: bool) -> None:
+    """A 3000-byte TCP super-frame sent into the TAP arrives whole (gso TCPV4, counted rx_gso)
+    when the guest negotiated GUEST_TSO4, and segmented by the kernel when it did not."""
+    name = unique_name("vwnt")
+    tap = TapBackend(name, netns=ns.name)
+    sk = None
+    try:
+        dev, drv = _bring_up([tap], None if guest_tso else "guest_tso4=off,guest_tso6=off,"
+                             "guest_ecn=off")
+        tap_mac = bytes.fromhex(ns.run(["cat", f"/sys/class/net/{name}/address"])
+                                .stdout.strip().replace(":", ""))
+        sk = _packet_socket(ns.name, name, vnet=True)
+        payload = bytes(i & 0xFF for i in range(3000))
+        frame, hdr = _tcp_gso_frame(tap_mac, bytes.fromhex(DEV_MAC.replace(":", "")), payload)
+        sk.send(hdr + frame)
+
+        def tcp_payload(g: list) -> int:
+            return sum(len(f.data) - 54 for f in g if decode(f.data).get("tcp"))
+
+        got = _serve_until(dev, drv, [tap], lambda g: tcp_payload(g) >= 3000)
+        tcp = [f for f in got if decode(f.data).get("tcp")]
+        assert b"".join(f.data[54:] for f in tcp) == payload
+        if guest_tso:
+            assert len(tcp) == 1 and len(tcp[0].data) > 1514
+            assert tcp[0].gso_type == s.VIRTIO_NET_HDR_GSO_TCPV4 and tcp[0].gso_size == 1000
+            assert dev.counters[0]["rx_gso"] == 1
+        else:
+            assert len(tcp) == 3 and all(len(f.data) <= 1514 and f.gso_type == 0 for f in tcp)
+            assert "rx_gso" not in dev.counters[0]
+    finally:
+        if sk is not None:
+            sk.close()
+        tap.close()
+
+
+def test_gso_from_device_crosses_tap_whole(ns) -> None:
+    """The device passes a guest's GSO frame (HOST_TSO4) to the TAP unsegmented: a packet
+    socket on the TAP sees one frame larger than the MTU; the device counts it (tx_gso)."""
+    name = unique_name("vwnt")
+    tap = TapBackend(name, netns=ns.name)
+    sk = None
+    try:
+        ns.run(["ip", "addr", "add", f"{NS_IP}/24", "dev", name])
+        dev, drv = _bring_up([tap], None)
+        assert dev.has_feature(s.VIRTIO_NET_F_HOST_TSO4)
+        sk = _packet_socket(ns.name, name, vnet=False)
+        tap_mac = bytes.fromhex(ns.run(["cat", f"/sys/class/net/{name}/address"])
+                                .stdout.strip().replace(":", ""))
+        payload = bytes((i * 3) & 0xFF for i in range(4000))
+        frame, _hdr = _tcp_gso_frame(bytes.fromhex(DEV_MAC.replace(":", "")), tap_mac, payload)
+        assert drv.send([frame], flags=s.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                        gso_type=s.VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=54, gso_size=1000,
+                        csum_start=34, csum_offset=16) == 1
+        deadline = time.monotonic() + 3
+        seen = None
+        while time.monotonic() < deadline:
+            data = sk.recv(70000)
+            if len(data) > 1514 and data[54:] == payload:
+                seen = data
+                break
+        assert seen is not None, "GSO frame not seen whole on the TAP"
+        assert dev.counters[1]["tx_gso"] == 1 and dev.counters[1]["drops"] == 0
+    finally:
+        if sk is not None:
+            sk.close()
+        tap.close()

@@ -46,7 +46,8 @@ class VwSplit(ctypes.Structure):
 
 class VwResult(ctypes.Structure):
     _fields_ = [("frames", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
-                ("errors", ctypes.c_uint64), ("stop", ctypes.c_int32)]
+                ("errors", ctypes.c_uint64), ("gso", ctypes.c_uint64),
+                ("stop", ctypes.c_int32)]
 
 
 def _cache_dir() -> Path:

@@ -47,6 +47,7 @@ typedef struct {
     uint64_t frames;
     uint64_t bytes;
     uint64_t errors;  /* frames the kernel refused (consumed and counted, as the Python path) */
+    uint64_t gso;     /* frames with a GSO header (segmentation left to the backend) */
     int32_t stop;     /* 0 ring empty / limit, 1 complex chain, 2 backend full, 3 bad ring */
 } vw_result;
 
@@ -164,7 +165,7 @@ int vw_split_tx_burst(vw_split *q, const vw_region *regs, int nregs, int hdr_len
     uint32_t mask = q->size - 1;
     int done = 0;
     struct iovec iov[MAX_IOV];
-    res->frames = res->bytes = res->errors = 0;
+    res->frames = res->bytes = res->errors = res->gso = 0;
     res->stop = 0;
     if (pending > q->size) {
         res->stop = 3;
@@ -192,6 +193,8 @@ int vw_split_tx_burst(vw_split *q, const vw_region *regs, int nregs, int hdr_len
                 res->stop = 1;
                 break;
             }
+            if (h[1])
+                res->gso++;
         }
         if (fd >= 0) {
             struct iovec *v = iov;

@@ -725,6 +725,8 @@ class VirtioNet(VirtioDevice):
             cnt["bytes"] += res.bytes
             cnt["chains"] += n
             cnt["tx_native"] = cnt.get("tx_native", 0) + n
+            if res.gso:
+                cnt["tx_gso"] = cnt.get("tx_gso", 0) + res.gso
             bc = getattr(be, "counters", None)
             if bc is not None:
                 bc["tx_frames"] = bc.get("tx_frames", 0) + res.frames - res.errors
@@ -762,6 +764,8 @@ class VirtioNet(VirtioDevice):
                 log.warning("%s: TX frame dropped: %s (%d so far)", self.name, reason, n)
             return None
         take_hdr = be is not None and be.vnet_hdr
+        if hdr is not None and hdr.gso_type:
+            cnt["tx_gso"] = cnt.get("tx_gso", 0) + 1
         if hdr is not None and hdr.needs_csum and (not take_hdr or not be.host_offloads >>
                                                    s.VIRTIO_NET_F_CSUM & 1):
             # Finish the checksum on a private copy (TX buffers are read-only to the device).
