@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from virtwire.errors import UserFacingError
 
-__all__ = ["packet_socket_in_netns", "VirtwireServe", "ETH_P_EXPERIMENTAL", "MAGIC",
+__all__ = ["packet_socket_in_netns", "VirtwireServe", "TapPeer", "ETH_P_EXPERIMENTAL", "MAGIC",
            "is_test_frame"]
 
 ETH_P_ALL = 0x0003
@@ -58,6 +58,65 @@ def packet_socket_in_netns(ns: str, ifname: str) -> socket.socket:
     return s
 
 
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+PACKET_VNET_HDR = 15
+TP_STATUS_CSUMNOTREADY = 1 << 3
+
+
+class TapPeer:
+    """The far side of a TAP in our namespace: AF_PACKET sockets bound to it.
+
+    ``recv`` returns frames addressed to ``dst`` (the suite's frames) with whether the kernel
+    marked them CHECKSUM_PARTIAL (PACKET_AUXDATA ``TP_STATUS_CSUMNOTREADY``): a NEEDS_CSUM or
+    GSO frame handed to the TAP with a virtio-net header arrives so, to be completed (or
+    segmented) by the kernel where needed. ``send_gso`` injects a frame *with* a virtio-net
+    header (PACKET_VNET_HDR), so the device behind the TAP receives a GSO / partial-checksum frame.
+    """
+
+    def __init__(self, ns: str, ifname: str, dst: bytes | None = None) -> None:
+        self.sock = packet_socket_in_netns(ns, ifname)
+        self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        self.gso = packet_socket_in_netns(ns, ifname)
+        self.gso.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        self.dst = dst
+
+    def send(self, frame: bytes) -> None:
+        self.sock.settimeout(5.0)
+        self.sock.send(frame)
+
+    def send_gso(self, vnet_hdr: bytes, frame: bytes) -> None:
+        """``vnet_hdr``: a 10-byte struct virtio_net_hdr (the packet socket's format)."""
+        self.gso.settimeout(5.0)
+        self.gso.send(vnet_hdr + frame)
+
+    def recv(self, timeout: float) -> tuple[bytes, bool] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                data, anc, _fl, addr = self.sock.recvmsg(1 << 17, socket.CMSG_SPACE(32))
+            except (TimeoutError, BlockingIOError):
+                return None
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            ours = is_test_frame(data) or (self.dst is not None and data[:6] == self.dst)
+            if not ours:
+                continue
+            partial = False
+            for level, typ, d in anc:
+                if level == SOL_PACKET and typ == PACKET_AUXDATA and len(d) >= 4:
+                    partial = bool(int.from_bytes(d[:4], "little") & TP_STATUS_CSUMNOTREADY)
+            return data, partial
+
+    def close(self) -> None:
+        self.sock.close()
+        self.gso.close()
+
+
 class VirtwireServe:
     """``virtwire serve`` with one vhost-user port on a TAP in our namespace, plus its peer."""
 
@@ -70,6 +129,7 @@ class VirtwireServe:
         self.log_path = os.path.join(self.dir, "serve.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.peer: socket.socket | None = None
+        self.tap_peer: TapPeer | None = None
         self._stack = contextlib.ExitStack()
 
     def start(self, timeout: float = 20.0) -> VirtwireServe:
@@ -101,7 +161,8 @@ class VirtwireServe:
                     raise UserFacingError(f"virtwire serve did not start: {self.log_tail()}")
             finally:
                 os.close(r)
-            self.peer = packet_socket_in_netns(ns.name, tap)
+            self.tap_peer = TapPeer(ns.name, tap, dst=bytes.fromhex("020000000002"))
+            self.peer = self.tap_peer.sock
         except BaseException:
             self.close()
             raise
@@ -115,35 +176,23 @@ class VirtwireServe:
             return ""
 
     def send_to_device(self, frame: bytes) -> None:
-        assert self.peer is not None
-        self.peer.settimeout(5.0)
-        self.peer.send(frame)
+        assert self.tap_peer is not None
+        self.tap_peer.send(frame)
 
     def recv_from_device(self, timeout: float = 5.0) -> bytes | None:
         """The next test frame the device transmitted (kernel chatter skipped)."""
-        assert self.peer is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.peer.settimeout(left)
-            try:
-                data, addr = self.peer.recvfrom(1 << 17)
-            except (TimeoutError, BlockingIOError):
-                return None
-            if addr[2] == socket.PACKET_OUTGOING:
-                continue  # our own transmission, looped back to the packet socket
-            if is_test_frame(data):
-                return data
+        assert self.tap_peer is not None
+        got = self.tap_peer.recv(timeout)
+        return got[0] if got is not None else None
 
     def frames(self) -> Iterator[bytes]:
         while (f := self.recv_from_device(0.001)) is not None:
             yield f
 
     def close(self) -> None:
-        if self.peer is not None:
-            self.peer.close()
+        if self.tap_peer is not None:
+            self.tap_peer.close()
+            self.tap_peer = None
             self.peer = None
         p = self.proc
         if p is not None and p.poll() is None:

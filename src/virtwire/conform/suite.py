@@ -624,40 +624,130 @@ def c_csum(ctx: Context) -> Result:
     return Result(PASS, f"5 UDP frames (18..30000 B payload) with NEEDS_CSUM delivered {how}")
 
 
-SOL_PACKET, PACKET_AUXDATA, TP_STATUS_CSUMNOTREADY = 263, 8, 1 << 3
-
-
 def _peer_any(ctx: Context, drv: VirtioNetDriver) -> tuple[bytes | None, bool]:
-    """Next IPv4 frame to DST from the peer, and (TAP peers) whether the kernel marked it
+    """Next frame to DST from the peer, and (TAP peers) whether the kernel marked it
     CHECKSUM_PARTIAL (PACKET_AUXDATA's TP_STATUS_CSUMNOTREADY)."""
-    import socket
-
-    t = ctx.t
     deadline = time.monotonic() + 3
-    serve = getattr(t, "serve", None)
-    sock = serve.peer if serve is not None else None
-    if sock is not None:
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     while time.monotonic() < deadline:
-        f, not_ready = None, False
-        if sock is not None:
-            sock.settimeout(0.01)
-            try:
-                f, anc, _fl, addr = sock.recvmsg(1 << 17, socket.CMSG_SPACE(32))
-                if addr[2] == socket.PACKET_OUTGOING:
-                    f = None
-                for level, typ, data in anc:
-                    if level == SOL_PACKET and typ == PACKET_AUXDATA and len(data) >= 4:
-                        not_ready = bool(int.from_bytes(data[:4], "little")
-                                         & TP_STATUS_CSUMNOTREADY)
-            except (TimeoutError, BlockingIOError):
-                f = None
-        else:
-            f = t.peer_recv(0.01)
-        if f is not None and len(f) > 34 and f[:6] == DST and f[12:14] == b"\x08\x00":
-            return f, not_ready
+        got = ctx.t.peer_recv_meta(0.01)
+        if got is not None and got[0][:6] == DST:
+            return got
         drv.service()
     return None, False
+
+
+def _tcp_gso_frame(payload: bytes, mss: int = 1448) -> tuple[bytes, bytes]:
+    """(frame with the partial pseudo-header TCP checksum, 10-byte virtio_net_hdr) for a
+    TCP/IPv4 GSO request of ``payload`` (§5.1.6.2: NEEDS_CSUM + GSO_TCPV4, hdr_len 54)."""
+    src, dst = bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])
+    tlen = 20 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tlen, 7, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + inet_checksum(ip).to_bytes(2, "big") + ip[12:]
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, tlen)
+    partial = (~inet_checksum(pseudo)) & 0xFFFF
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 1, 5 << 4, 0x18, 65535, partial, 0)
+    frame = DST + SRC + b"\x08\x00" + ip + tcp + payload
+    hdr = struct.pack("<BBHHHH", spec.VIRTIO_NET_HDR_F_NEEDS_CSUM, spec.VIRTIO_NET_HDR_GSO_TCPV4,
+                      54, mss, 34, 16)
+    return frame, hdr
+
+
+def _tcp_payload_ok(segs: list[bytes], payload: bytes) -> str | None:
+    """None if ``segs`` are valid TCP/IPv4 segments whose payloads concatenate to ``payload``."""
+    got = bytearray()
+    for f in segs:
+        ihl = (f[14] & 0xF) * 4
+        tot = int.from_bytes(f[16:18], "big")
+        if inet_checksum(f[14 : 14 + ihl]) != 0:
+            return "bad IPv4 header checksum in a segment"
+        tcp = f[14 + ihl : 14 + tot]
+        src, dst = f[26:30], f[30:34]
+        pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+        if inet_checksum(pseudo + tcp) != 0:
+            return "bad TCP checksum in a segment"
+        got += tcp[(tcp[12] >> 4) * 4 :]
+    return None if bytes(got) == payload else f"payload {len(got)} B differs from {len(payload)} B"
+
+
+@check("offload.tx_tso", "GSO_TCPV4 transmit: a 20000-byte TCP frame leaves intact",
+       "virtio 1.2 §5.1.6.2 (HOST_TSO4: the device segments, or hands the GSO frame on, using "
+       "gso_size / hdr_len)")
+def c_tso(ctx: Context) -> Result:
+    if not ctx.t.has_peer:
+        return Result(SKIP, "no peer to exchange frames with")
+    drv = ctx.driver()
+    if not drv.has(spec.VIRTIO_NET_F_HOST_TSO4):
+        return Result(SKIP, "VIRTIO_NET_F_HOST_TSO4 not offered")
+    payload = MAGIC + ctx.rnd.randbytes(20000 - 4)
+    frame, _ = _tcp_gso_frame(payload)
+    drv.send([frame], flags=spec.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+             gso_type=spec.VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=54, gso_size=1448,
+             csum_start=34, csum_offset=16)
+    segs: list[bytes] = []
+    have = 0
+    deadline = time.monotonic() + 4
+    while have < len(payload) and time.monotonic() < deadline:
+        if ctx.t.loopback:
+            rx = drv.poll_receive(1, 0.2)
+            got = (rx[0].data, bool(rx[0].flags & spec.VIRTIO_NET_HDR_F_NEEDS_CSUM)) if rx else None
+        else:
+            f, partial = _peer_any(ctx, drv)
+            got = (f, partial) if f is not None else None
+        if got is None:
+            continue
+        f, partial = got
+        if f == frame and partial:
+            return Result(PASS, "handed on as one GSO frame (CHECKSUM_PARTIAL at the peer), "
+                                "bytes intact")
+        segs.append(f)
+        have += len(f) - 54
+    if not segs:
+        return Result(FAIL, "nothing arrived")
+    why = _tcp_payload_ok(segs, payload)
+    if why:
+        return Result(FAIL, f"{len(segs)} segments: {why}")
+    return Result(PASS, f"segmented into {len(segs)} valid TCP segments, payload intact")
+
+
+@check("offload.rx_gso", "A GSO TCP frame from the peer reaches the driver intact",
+       "virtio 1.2 §5.1.6.4 (GUEST_TSO4: device MAY deliver a GSO frame with gso_type and "
+       "NEEDS_CSUM/DATA_VALID; otherwise segments), §5.1.6.3 (big or mergeable buffers)")
+def c_rx_gso(ctx: Context) -> Result:
+    if not ctx.t.can_inject_gso:
+        return Result(SKIP, "the peer cannot inject frames with a virtio-net header")
+    drv = ctx.driver()
+    payload = MAGIC + ctx.rnd.randbytes(20000 - 4)
+    frame, hdr = _tcp_gso_frame(payload)
+    ctx.t.peer_send_gso(hdr, frame)
+    frames = []
+    have = 0
+    deadline = time.monotonic() + 4
+    while have < len(payload) and time.monotonic() < deadline:
+        for r in drv.poll_receive(1, 0.2):
+            if r.data[:6] != DST:
+                continue
+            frames.append(r)
+            have += len(r.data) - 54
+    if not frames:
+        return Result(FAIL, "nothing arrived")
+    f0 = frames[0]
+    d = {"frames": len(frames), "gso_type": f0.gso_type, "gso_size": f0.gso_size,
+         "flags": f0.flags, "negotiated_guest_tso4": drv.has(spec.VIRTIO_NET_F_GUEST_TSO4)}
+    if len(frames) == 1 and f0.gso_type & ~spec.VIRTIO_NET_HDR_GSO_ECN:
+        if not drv.has(spec.VIRTIO_NET_F_GUEST_TSO4):
+            return Result(FAIL, "GSO frame delivered although GUEST_TSO4 was not negotiated", d)
+        data = f0.data
+        if f0.flags & spec.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            data = _complete_csum(data, f0.csum_start, f0.csum_offset)
+        why = _tcp_payload_ok([data], payload)
+        if why or f0.gso_type != spec.VIRTIO_NET_HDR_GSO_TCPV4 or f0.gso_size != 1448:
+            return Result(FAIL, f"GSO frame: {why or 'gso fields wrong'}", d)
+        return Result(PASS, f"one {len(f0.data)}-byte GSO_TCPV4 frame (gso_size {f0.gso_size}, "
+                            f"flags {f0.flags:#x}), payload intact", d)
+    why = _tcp_payload_ok([f.data for f in frames], payload)
+    if why:
+        return Result(FAIL, f"{len(frames)} frames: {why}", d)
+    return Result(PASS, f"{len(frames)} segments, payload intact", d)
 
 
 @check("ctrl.commands", "Control queue commands are acknowledged",

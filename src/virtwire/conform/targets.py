@@ -18,18 +18,21 @@ import contextlib
 from typing import Any
 
 from virtwire.conform.dpdk import Testpmd
-from virtwire.conform.peers import VirtwireServe
-from virtwire.drive.qtest import QemuNetHarness
+from virtwire.conform.peers import TapPeer, VirtwireServe
+from virtwire.drive.qtest import QemuNetHarness, QtestVM, QtestVMConfig
 from virtwire.drive.vhost_user_frontend import VhostUserFrontend
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.pci.driver import probe_pci_transport
 
 __all__ = ["Target", "QemuTarget", "VhostUserTarget", "make_target", "TARGET_HELP"]
 
+DST_MAC = bytes.fromhex("020000000002")  # where the suite's frames go (conform.suite.DST)
+
 TARGET_HELP = (
     "qemu (QEMU's virtio-net-pci, modern, over qtest), qemu-legacy (the transitional device "
-    "through its legacy I/O BAR), dpdk (DPDK testpmd's vhost PMD, io forwarding), virtwire "
-    "(virtwire serve's vhost-user back end on a TAP), vhost-user:PATH (a listening back end)"
+    "through its legacy I/O BAR), qemu-tap (modern, on a vnet_hdr TAP: offloads), dpdk (DPDK "
+    "testpmd's vhost PMD, io forwarding), virtwire (virtwire serve's vhost-user back end on a "
+    "TAP), vhost-user:PATH (a listening back end)"
 )
 
 
@@ -44,6 +47,7 @@ class Target:
     has_peer = True
     can_set_link = False
     can_packed = True  # a packed-ring variant can be tested
+    can_inject_gso = False  # the peer can send frames with a virtio-net header (TAP peers)
 
     def open(self) -> None: ...
 
@@ -66,6 +70,14 @@ class Target:
         while self.peer_recv(0.01) is not None:
             pass
 
+    def peer_recv_meta(self, timeout: float) -> tuple[bytes, bool] | None:
+        """(frame, kernel marked it CHECKSUM_PARTIAL) -- the flag only TAP peers can see."""
+        f = self.peer_recv(timeout)
+        return (f, False) if f is not None else None
+
+    def peer_send_gso(self, vnet_hdr: bytes, frame: bytes) -> None:
+        raise NotImplementedError
+
     def set_link(self, up: bool) -> None:
         raise NotImplementedError
 
@@ -85,28 +97,57 @@ class QemuTarget(Target):
     kind = "pci"
     can_set_link = True
 
-    def __init__(self, legacy: bool = False, packed: bool = False) -> None:
+    def __init__(self, legacy: bool = False, packed: bool = False, tap: bool = False) -> None:
         self.legacy = legacy
         self.packed = packed
-        self.name = "qemu-legacy" if legacy else ("qemu-packed" if packed else "qemu")
+        self.tap = tap
+        self.name = ("qemu-legacy" if legacy else "qemu") + ("-packed" if packed else "") + (
+            "-tap" if tap else "")
         self.description = ("QEMU 7.2 virtio-net-pci " + ("transitional, legacy I/O BAR"
                             if legacy else "modern (disable-legacy=on)")
-                            + (", packed=on" if packed else "") + ", -netdev dgram, qtest")
+                            + (", packed=on" if packed else "")
+                            + (", -netdev tap (vnet_hdr) in our netns" if tap else
+                               ", -netdev dgram") + ", qtest")
         self.can_packed = not legacy
+        self.can_inject_gso = tap
         self.h: QemuNetHarness | None = None
+        self.vm: Any = None
+        self.peer: TapPeer | None = None
+        self._stack = contextlib.ExitStack()
         self._packed: QemuTarget | None = None
 
     def open(self) -> None:
-        self.h = QemuNetHarness(transitional=self.legacy, props="packed=on" if self.packed else "",
-                                name="vwd").start()
+        props = "packed=on" if self.packed else ""
+        try:
+            if not self.tap:
+                self.h = self._stack.enter_context(
+                    QemuNetHarness(transitional=self.legacy, props=props, name="vwd"))
+                self.vm = self.h.vm
+                return
+            from virtwire.testing.netns import netns_with_tap
+
+            ns, tap = self._stack.enter_context(netns_with_tap("vwd"))
+            ns.run(["sysctl", "-qw", f"net.ipv6.conf.{tap}.disable_ipv6=1"], check=False)
+            ns.run(["ip", "link", "set", tap, "mtu", "65521"], check=False)
+            dev = "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"
+            dev += "" if self.legacy else ",disable-legacy=on"
+            dev += f",{props}" if props else ""
+            netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no,vnet_hdr=on"
+            self.vm = self._stack.enter_context(QtestVM(QtestVMConfig(
+                devices=[dev], netdevs=[netdev], name="vwd", netns=ns.name)))
+            self.peer = TapPeer(ns.name, tap, dst=DST_MAC)
+            self._stack.callback(self.peer.close)
+        except BaseException:
+            self._stack.close()
+            raise
 
     def close(self) -> None:
         if self._packed is not None:
             self._packed.close()
             self._packed = None
-        if self.h is not None:
-            self.h.close()
-            self.h = None
+        self._stack.close()
+        self.h = None
+        self.vm = None
 
     def packed_variant(self) -> Target | None:
         if self.legacy:
@@ -114,33 +155,44 @@ class QemuTarget(Target):
         if self.packed:
             return self
         if self._packed is None:
-            self._packed = QemuTarget(packed=True)
+            self._packed = QemuTarget(packed=True, tap=self.tap)
             self._packed.open()
         return self._packed
 
     def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True) -> VirtioNetDriver:
-        assert self.h is not None
-        t = probe_pci_transport(self.h.vm.qtest, legacy=self.legacy)
-        alloc = DmaAllocator(0x100000, self.h.vm.ram_size - 0x100000)
-        drv = VirtioNetDriver(t, self.h.vm.mem, alloc, cfg or NetDriverConfig())
-        self.h.drain()
+        t = probe_pci_transport(self.vm.qtest, legacy=self.legacy)
+        alloc = DmaAllocator(0x100000, self.vm.ram_size - 0x100000)
+        drv = VirtioNetDriver(t, self.vm.mem, alloc, cfg or NetDriverConfig())
+        self.peer_drain()
         return drv.probe() if probe else drv
 
     def peer_send(self, frame: bytes) -> None:
-        assert self.h is not None
-        self.h.send_to_device(frame)
+        if self.peer is not None:
+            self.peer.send(frame)
+        else:
+            assert self.h is not None
+            self.h.send_to_device(frame)
 
     def peer_recv(self, timeout: float) -> bytes | None:
+        got = self.peer_recv_meta(timeout)
+        return got[0] if got is not None else None
+
+    def peer_recv_meta(self, timeout: float) -> tuple[bytes, bool] | None:
+        if self.peer is not None:
+            return self.peer.recv(timeout)
         assert self.h is not None
-        return self.h.recv_from_device(timeout)
+        f = self.h.recv_from_device(timeout)
+        return (f, False) if f is not None else None
+
+    def peer_send_gso(self, vnet_hdr: bytes, frame: bytes) -> None:
+        assert self.peer is not None
+        self.peer.send_gso(vnet_hdr, frame)
 
     def set_link(self, up: bool) -> None:
-        assert self.h is not None
-        self.h.vm.qmp.execute("set_link", name="n0", up=up)
+        self.vm.qmp.execute("set_link", name="n0", up=up)
 
     def qtest(self) -> Any:
-        assert self.h is not None
-        return self.h.vm.qtest
+        return self.vm.qtest
 
 
 class VhostUserTarget(Target):
@@ -152,6 +204,7 @@ class VhostUserTarget(Target):
         self.name = which if which != "path" else f"vhost-user:{path}"
         self.loopback = which == "dpdk"
         self.has_peer = which in ("dpdk", "virtwire")
+        self.can_inject_gso = which == "virtwire"
         self.description = {
             "dpdk": "DPDK testpmd vhost PMD (net_vhost0, --forward-mode=io), our front end",
             "virtwire": "virtwire serve (vhost-user back end, TAP backend), our front end",
@@ -209,6 +262,16 @@ class VhostUserTarget(Target):
             for _ in self.serve.frames():
                 pass
 
+    def peer_recv_meta(self, timeout: float) -> tuple[bytes, bool] | None:
+        if self.serve is None or self.serve.tap_peer is None:
+            return super().peer_recv_meta(timeout)
+        return self.serve.tap_peer.recv(timeout)
+
+    def peer_send_gso(self, vnet_hdr: bytes, frame: bytes) -> None:
+        if self.serve is None or self.serve.tap_peer is None:
+            raise NotImplementedError
+        self.serve.tap_peer.send_gso(vnet_hdr, frame)
+
 
 def make_target(spec_: str) -> Target:
     """``qemu``, ``qemu-legacy``, ``dpdk``, ``virtwire`` or ``vhost-user:PATH``."""
@@ -218,6 +281,8 @@ def make_target(spec_: str) -> Target:
         return QemuTarget(legacy=True)
     if spec_ == "qemu-packed":
         return QemuTarget(packed=True)
+    if spec_ == "qemu-tap":
+        return QemuTarget(tap=True)
     if spec_ in ("dpdk", "virtwire"):
         return VhostUserTarget(spec_)
     if spec_.startswith("vhost-user:") and len(spec_) > len("vhost-user:"):

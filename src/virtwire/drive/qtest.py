@@ -304,6 +304,7 @@ class QtestVMConfig:
     timeout: float = 15.0
     workdir: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    netns: str | None = None  # run QEMU inside this network namespace (its TAPs live there)
 
 
 class QtestVM:
@@ -342,6 +343,8 @@ class QtestVM:
         for d in c.devices:
             args += ["-device", d]
         args += list(c.extra_args)
+        if c.netns:
+            args = ["ip", "netns", "exec", c.netns, *args]
         return args
 
     def start(self) -> QtestVM:
