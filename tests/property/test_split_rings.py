@@ -123,7 +123,7 @@ def test_used_notification_matches_the_spec_formula(size, start, event_idx, scri
         if op == "add":
             for _ in range(arg):
                 try:
-                    rp.add([b"x"], [1], 0)
+                    rp.add([], [1], 0)
                 except QueueFull:
                     break
             rp.driver.publish(mem)

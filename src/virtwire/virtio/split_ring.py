@@ -571,7 +571,8 @@ class SplitDriverQueue:
         """§2.7.13: place ``out`` (device-readable) then ``in_`` (device-writable) buffers.
 
         Uses one indirect descriptor when INDIRECT_DESC is negotiated and there is more than one
-        segment (as Linux does), else one descriptor per segment. Raises ``QueueFull``.
+        segment (as Linux does), else one descriptor per segment. Raises ``QueueFull`` when
+        descriptors are short now, ``ValueError`` when the buffer can never fit the ring.
         """
         total = len(out) + len(in_)
         if total == 0:
@@ -598,6 +599,8 @@ class SplitDriverQueue:
             self._descs[head] = (head,)
             self._table[head] = table
         else:
+            if total > self.size:
+                raise ValueError(f"{total} segments never fit a split ring of {self.size}")
             if len(free) < total:
                 raise QueueFull(f"{total} descriptors needed, {len(free)} free")
             ids = [free.pop() for _ in range(total)]
