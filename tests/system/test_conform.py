@@ -17,13 +17,14 @@ pytestmark = pytest.mark.system
 # check id -> status, for checks whose outcome differs from "pass" on that target
 NO_OFFLOADS = {"offload.tx_csum": "skip", "offload.tx_tso": "skip", "offload.rx_gso": "skip"}
 EXPECTED = {
-    "qemu": {"used.packed_write_flag": "fail", "notify.no_stall": "fail", **NO_OFFLOADS},
+    "qemu": {"used.packed_write_flag": "fail", "notify.no_stall": "fail", "ctrl.mq": "skip",
+             **NO_OFFLOADS},
     "qemu-legacy": {"features.version_1": "skip", "used.packed_write_flag": "skip",
-                    **NO_OFFLOADS},
+                    "ctrl.mq": "skip", **NO_OFFLOADS},
     "qemu-tap": {"used.packed_write_flag": "fail"},
-    "dpdk": {"features.dependencies": "fail", "config.generation": "skip",
+    "dpdk": {"features.dependencies": "fail", "config.generation": "skip", "ctrl.mq": "skip",
              "ctrl.commands": "skip", "offload.tx_tso": "skip", "offload.rx_gso": "skip"},
-    "virtwire": {"config.generation": "skip", "ctrl.commands": "skip"},
+    "virtwire": {"config.generation": "skip", "ctrl.mq": "skip", "ctrl.commands": "skip"},
 }
 
 

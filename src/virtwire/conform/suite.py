@@ -750,6 +750,48 @@ def c_rx_gso(ctx: Context) -> Result:
     return Result(PASS, f"{len(frames)} segments, payload intact", d)
 
 
+@check("ctrl.mq", "Multiqueue: two queue pairs enabled by the control queue carry frames",
+       "virtio 1.2 §5.1.6.5.5 (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; device MUST NOT queue packets "
+       "on receive queues beyond the set number), §5.1.2 (controlq index 2N)")
+def c_mq(ctx: Context) -> Result:
+    probe = ctx.driver()
+    if not probe.has(spec.VIRTIO_NET_F_MQ) or probe.max_pairs < 2:
+        return Result(SKIP, "VIRTIO_NET_F_MQ with 2+ pairs not offered")
+    if not ctx.t.has_peer or ctx.t.loopback:
+        return Result(SKIP, "no peer to exchange frames with")
+    drv = ctx.driver(pairs=2)
+    if drv.pairs != 2 or drv.ctrlq is None or drv.ctrlq.index != 2 * drv.max_pairs:
+        return Result(FAIL, f"pairs {drv.pairs}, controlq index "
+                            f"{drv.ctrlq.index if drv.ctrlq else None}")
+    sent_out: list[bytes] = []
+    for q in (0, 1):
+        fr = [test_frame(ctx.rnd, ctx.rnd.randint(60, 1514)) for _ in range(50)]
+        if drv.send_all(fr, queue=q) != len(fr):
+            return Result(FAIL, f"transmitq{q} stuck")
+        sent_out += fr
+    got_out = [Context._peer_recv(ctx.t, drv, 3) for _ in sent_out]
+    inn = [test_frame(ctx.rnd, ctx.rnd.randint(60, 1514)) for _ in range(100)]
+    for f in inn:
+        ctx.t.peer_send(f)
+    got_in: list[bytes] = []
+    per_q = [0, 0]
+    deadline = time.monotonic() + 5
+    while len(got_in) < len(inn) and time.monotonic() < deadline:
+        for q in (0, 1):
+            rx = drv.receive(queue=q)
+            per_q[q] += len(rx)
+            got_in += [r.data for r in rx]
+        drv.service()
+    d = {"rx_per_queue": per_q, "max_pairs": drv.max_pairs}
+    lost_out = sum(1 for s_, g in zip(sent_out, got_out) if s_ != g)
+    if lost_out:
+        return Result(FAIL, f"{lost_out} of 100 frames sent on two transmit queues wrong", d)
+    if sorted(got_in) != sorted(inn):
+        return Result(FAIL, f"received {len(got_in)} of {len(inn)} intact", d)
+    return Result(PASS, f"2 pairs set (controlq at {drv.ctrlq.index}); 100 frames out on both "
+                        f"transmit queues, 100 in (per receive queue {per_q})", d)
+
+
 @check("ctrl.commands", "Control queue commands are acknowledged",
        "virtio 1.2 §5.1.6.5 (rx mode, MAC, VLAN: device MUST answer VIRTIO_NET_OK or ERR)")
 def c_ctrl(ctx: Context) -> Result:

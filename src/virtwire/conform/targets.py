@@ -15,6 +15,7 @@ and runs the full bring-up again) and a way to exchange frames with the far side
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from typing import Any
 
 from virtwire.conform.dpdk import Testpmd
@@ -96,6 +97,7 @@ class Target:
 class QemuTarget(Target):
     kind = "pci"
     can_set_link = True
+    TAP_QUEUES = 2
 
     def __init__(self, legacy: bool = False, packed: bool = False, tap: bool = False) -> None:
         self.legacy = legacy
@@ -106,7 +108,7 @@ class QemuTarget(Target):
         self.description = ("QEMU 7.2 virtio-net-pci " + ("transitional, legacy I/O BAR"
                             if legacy else "modern (disable-legacy=on)")
                             + (", packed=on" if packed else "")
-                            + (", -netdev tap (vnet_hdr) in our netns" if tap else
+                            + (", mq=on, -netdev tap (vnet_hdr, 2 queues) in our netns" if tap else
                                ", -netdev dgram") + ", qtest")
         self.can_packed = not legacy
         self.can_inject_gso = tap
@@ -124,15 +126,21 @@ class QemuTarget(Target):
                     QemuNetHarness(transitional=self.legacy, props=props, name="vwd"))
                 self.vm = self.h.vm
                 return
-            from virtwire.testing.netns import netns_with_tap
+            from virtwire.testing.netns import netns, unique_name
 
-            ns, tap = self._stack.enter_context(netns_with_tap("vwd"))
+            ns = self._stack.enter_context(netns("vwd"))
+            tap = unique_name("vwd")
+            # a multi-queue TAP: the device offers MQ with 2 queue pairs (§5.1.6.5.5)
+            subprocess.run(["ip", "-n", ns.name, "tuntap", "add", "dev", tap, "mode", "tap",
+                            "multi_queue"], check=True, capture_output=True)
+            ns.run(["ip", "link", "set", tap, "up"])
             ns.run(["sysctl", "-qw", f"net.ipv6.conf.{tap}.disable_ipv6=1"], check=False)
             ns.run(["ip", "link", "set", tap, "mtu", "65521"], check=False)
-            dev = "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"
+            dev = "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56,mq=on"
             dev += "" if self.legacy else ",disable-legacy=on"
             dev += f",{props}" if props else ""
-            netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no,vnet_hdr=on"
+            netdev = (f"tap,id=n0,ifname={tap},script=no,downscript=no,vnet_hdr=on,"
+                      f"queues={self.TAP_QUEUES}")
             self.vm = self._stack.enter_context(QtestVM(QtestVMConfig(
                 devices=[dev], netdevs=[netdev], name="vwd", netns=ns.name)))
             self.peer = TapPeer(ns.name, tap, dst=DST_MAC)

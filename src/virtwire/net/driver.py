@@ -391,26 +391,38 @@ class VirtioNetDriver:
         return _Queue(index=index, q=q, size=size)
 
     def read_config(self) -> None:
-        """§5.1.4: MAC, status, max pairs, MTU, read under the config generation (§2.5.1)."""
+        """§5.1.4: MAC, status, max pairs, MTU, read under the config generation (§2.5.1).
+
+        Each field is read at its own width and only when its feature says it exists: a device
+        sizes its config space by the offered features, and a read crossing its end returns
+        all-ones (QEMU) -- so a 4-byte read spanning max_virtqueue_pairs and an absent mtu
+        would corrupt max_virtqueue_pairs.
+        """
+        t = self.t
         for _ in range(10):
-            gen = self.t.config_generation()
-            raw = self.t.read_config(0, 12)
-            if self.t.config_generation() == gen:
+            gen = t.config_generation()
+            mac = t.read_config(0, 6) if self.has(spec.VIRTIO_NET_F_MAC) else None
+            status = (int.from_bytes(t.read_config(6, 2), "little")
+                      if self.has(spec.VIRTIO_NET_F_STATUS) else None)
+            pairs = (int.from_bytes(t.read_config(8, 2), "little")
+                     if self.has(spec.VIRTIO_NET_F_MQ) else None)
+            mtu = (int.from_bytes(t.read_config(10, 2), "little")
+                   if self.has(spec.VIRTIO_NET_F_MTU) else None)
+            if t.config_generation() == gen:
                 break
         else:
             raise DeviceFault("config generation never stable")
-        if self.has(spec.VIRTIO_NET_F_MAC):
-            self.mac = raw[0:6]
-        if self.has(spec.VIRTIO_NET_F_STATUS):
-            self.status = int.from_bytes(raw[6:8], "little")
-        if self.has(spec.VIRTIO_NET_F_MQ):
-            mp = int.from_bytes(raw[8:10], "little")
+        if mac is not None:
+            self.mac = mac
+        if status is not None:
+            self.status = status
+        if pairs is not None:
             lo, hi = spec.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN, spec.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX
-            if not lo <= mp <= hi:
-                raise DeviceFault(f"max_virtqueue_pairs {mp} outside 1..0x8000 (§5.1.4.1)")
-            self.max_pairs = mp
-        if self.has(spec.VIRTIO_NET_F_MTU):
-            self.mtu = int.from_bytes(raw[10:12], "little")
+            if not lo <= pairs <= hi:
+                raise DeviceFault(f"max_virtqueue_pairs {pairs} outside 1..0x8000 (§5.1.4.1)")
+            self.max_pairs = pairs
+        if mtu is not None:
+            self.mtu = mtu
 
     @property
     def link_up(self) -> bool:
