@@ -257,3 +257,26 @@ def test_get_config_and_rarp_frame():
     frame = build_rarp(b"\x52\x54\x00\x00\x00\x01")
     assert frame[12:14] == b"\x80\x35" and frame[20:22] == b"\x00\x03"
     assert frame[6:12] == frame[22:28] == b"\x52\x54\x00\x00\x00\x01"
+
+
+def test_add_mem_reg_is_reference_counted_across_queue_pairs(setup):
+    """QEMU with MQ runs one vhost device per pair on one socket: each adds every region."""
+    fe, be, dev, loop = setup
+    region = MemRegion(GPA, RAM, UVA, 0)
+    fe.send(R.SET_FEATURES, P.U64, spec.bit(spec.VIRTIO_F_VERSION_1))
+    for _ in range(2):
+        fe.send(R.ADD_MEM_REG, P.MEMREG, region, fds=[fe.memfd], need_reply=True)
+        assert fe.reply(R.ADD_MEM_REG) == 0
+    assert len(be.mem.regions) == 1
+    fe.send(R.REM_MEM_REG, P.MEMREG, region, need_reply=True)
+    assert fe.reply(R.REM_MEM_REG) == 0
+    assert len(be.mem.regions) == 1  # the other pair still uses it
+    fe.send(R.REM_MEM_REG, P.MEMREG, region, need_reply=True)
+    assert fe.reply(R.REM_MEM_REG) == 0
+    assert len(be.mem.regions) == 0
+    # An overlapping but different region is refused.
+    fe.send(R.ADD_MEM_REG, P.MEMREG, region, fds=[fe.memfd], need_reply=True)
+    assert fe.reply(R.ADD_MEM_REG) == 0
+    fe.send(R.ADD_MEM_REG, P.MEMREG, MemRegion(GPA + 4096, 4096, UVA + 8192, 0),
+            fds=[fe.memfd], need_reply=True)
+    assert fe.reply(R.ADD_MEM_REG) == 1

@@ -225,6 +225,7 @@ class VhostUserBackend:
         self.messages = 0
         self._retry: TimerHandle | None = None
         self._closed = False
+        self._region_refs: dict[tuple[int, int, int, int], int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -311,6 +312,7 @@ class VhostUserBackend:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        self._region_refs = {}
         self.features = self.protocol_features = 0
         self.owner = False
 
@@ -628,6 +630,7 @@ class VhostUserBackend:
             new.close()
             raise
         self._release_views()
+        self._region_refs = {self._region_key(r): 1 for r in table.regions}
         old, self.mem = self.mem, new
         if old is not None:
             old.close()
@@ -639,7 +642,18 @@ class VhostUserBackend:
     def _get_max_mem_slots(self, msg: Message, _p: None) -> int:
         return MAX_MEM_SLOTS
 
+    @staticmethod
+    def _region_key(r: MemRegion) -> tuple[int, int, int, int]:
+        return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+
     def _add_mem_reg(self, msg: Message, r: MemRegion) -> None:
+        # With MQ, QEMU runs one vhost device per queue pair over this one socket, and each
+        # adds every region it knows: the same region arrives once per pair. Regions are
+        # reference-counted; an identical one is a no-op, an overlapping different one refused.
+        key = self._region_key(r)
+        if key in self._region_refs:
+            self._region_refs[key] += 1
+            return
         if self.mem is None:
             self.mem = MmapGuestMemory()
         if len(self.mem.regions) >= MAX_MEM_SLOTS:
@@ -649,6 +663,7 @@ class VhostUserBackend:
             self._map(self.mem, r)
         finally:
             self._memory_updated()
+        self._region_refs[key] = 1
         log.info("%s: added memory region %#x+%#x", self.name, r.guest_phys_addr, r.memory_size)
 
     def _rem_mem_reg(self, msg: Message, r: MemRegion) -> None:
@@ -659,6 +674,12 @@ class VhostUserBackend:
                  and x.userspace_addr == r.userspace_addr]
         if not match:
             raise Refused(f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} to remove")
+        key = (match[0].gpa, match[0].size, match[0].userspace_addr, match[0].mmap_offset)
+        left = self._region_refs.get(key, 1) - 1
+        if left > 0:
+            self._region_refs[key] = left
+            return
+        self._region_refs.pop(key, None)
         self._release_views()
         self.mem.unmap(match[0].gpa)
         self._memory_updated()
