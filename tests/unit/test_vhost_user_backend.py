@@ -263,6 +263,8 @@ def test_add_mem_reg_is_reference_counted_across_queue_pairs(setup):
     """QEMU with MQ runs one vhost device per pair on one socket: each adds every region."""
     fe, be, dev, loop = setup
     region = MemRegion(GPA, RAM, UVA, 0)
+    fe.send(R.SET_PROTOCOL_FEATURES, P.U64, spec.bit(vp.VHOST_USER_PROTOCOL_F_REPLY_ACK,
+                                                     vp.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS))
     fe.send(R.SET_FEATURES, P.U64, spec.bit(spec.VIRTIO_F_VERSION_1))
     for _ in range(2):
         fe.send(R.ADD_MEM_REG, P.MEMREG, region, fds=[fe.memfd], need_reply=True)
