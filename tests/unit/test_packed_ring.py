@@ -614,3 +614,16 @@ def test_implements_the_queue_protocols():
         assert hasattr(dev, m), m
     for m in members(DriverQueue):
         assert hasattr(drv, m), m
+
+
+def test_bad_chain_after_good_ones_ends_the_batch_then_raises():
+    mem, dev = hostile(4)
+    raw(mem, 0, DATA, 8, 0, A)
+    raw(mem, 1, DATA, 8, 1, A)
+    raw(mem, 2, DATA, 8, 9, A)  # id out of range
+    got = dev.pop_batch(mem, 4)
+    assert [c.head for c in got] == [0, 1]
+    assert (dev.next_avail, dev.in_flight) == (2, 2)
+    with pytest.raises(QueueError, match="buffer id 9"):
+        dev.pop_batch(mem, 4)
+    assert (dev.next_avail, dev.in_flight) == (2, 2)  # the bad chain was not consumed

@@ -362,7 +362,9 @@ class PackedQueue:
         """Up to ``limit`` available chains, in ring order (§2.8.12: the device MUST start
         processing driver descriptors in the order in which they appear in the ring).
 
-        ``QueueError`` for a malformed ring; chains popped before the bad one stay popped.
+        Ring-level checks here, descriptor values in ``ChainBuilder``. ``next_avail`` advances
+        only past accepted chains: a bad chain after good ones ends the batch early (the good
+        ones are returned) and the next call raises ``QueueError`` on it, as the split ring does.
         """
         out: list[DescriptorChain] = []
         if not self.ready or limit <= 0:
@@ -374,58 +376,69 @@ class PackedQueue:
         wrap = self.avail_wrap
         inflight = self.inflight
         append = out.append
-        while len(out) < limit:
-            flags = u16[slot * 8 + 7]
-            if flags & _AU != (_F_AVAIL if wrap else _F_USED):
-                break  # §2.8.1: not available for our wrap counter
-            head_slot = slot
-            b = ChainBuilder(mem, head_slot, size, indirect_ok)
-            n = 1
-            if flags & _F_INDIRECT:
-                self._walk_indirect(mem, b, head_slot, u32[slot * 4 + 2], u64[slot * 2], flags)
-            else:
-                b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
-                while flags & _F_NEXT:  # §2.8.6: the list continues in the next ring slot
-                    if n >= size:
-                        raise QueueError(
-                            f"packed slot {head_slot}: chain longer than the queue size {size}"
-                        )
-                    n += 1
-                    slot += 1
-                    if slot == size:
-                        slot = 0
-                        wrap ^= 1
-                    flags = u16[slot * 8 + 7]
-                    if flags & _AU != (_F_AVAIL if wrap else _F_USED):
-                        raise QueueError(
-                            f"packed slot {head_slot}: chain descriptor at slot {slot} is not "
-                            f"available (flags {flags:#06x}, wrap counter {wrap})"
-                        )
-                    if flags & _F_INDIRECT:
-                        # §2.8.19: no INDIRECT inside a NEXT-linked list (ChainBuilder refuses it)
-                        b.enter_indirect(u64[slot * 2], u32[slot * 4 + 2], flags)
-                    b.add(u64[slot * 2], u32[slot * 4 + 2], flags)
-            buf_id = u16[slot * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
-            if buf_id >= size:
-                raise QueueError(
-                    f"packed slot {head_slot}: buffer id {buf_id} >= queue size {size}"
-                )
-            if inflight + n > size:
-                raise QueueError(
-                    f"packed slot {head_slot}: driver made more than {size} descriptors "
-                    f"available (in flight {inflight} + {n})"
-                )
-            chain = b.finish(n)
-            chain.head = buf_id
-            slot += 1
-            if slot == size:
-                slot = 0
-                wrap ^= 1
-            inflight += n
+        try:
+            for _ in range(limit):
+                flags = u16[slot * 8 + 7]
+                if flags & _AU != (_F_AVAIL if wrap else _F_USED):
+                    break  # §2.8.1: not available for our wrap counter
+                head_slot = s = slot
+                w = wrap
+                b = ChainBuilder(mem, head_slot, size, indirect_ok)
+                n = 1
+                if flags & _F_INDIRECT:
+                    self._walk_indirect(mem, b, head_slot, u32[s * 4 + 2], u64[s * 2], flags)
+                else:
+                    b.add(u64[s * 2], u32[s * 4 + 2], flags)
+                    while flags & _F_NEXT:  # §2.8.6: the list continues in the next ring slot
+                        if n >= size:
+                            raise QueueError(
+                                f"packed slot {head_slot}: chain longer than the queue size "
+                                f"{size}"
+                            )
+                        n += 1
+                        s += 1
+                        if s == size:
+                            s = 0
+                            w ^= 1
+                        flags = u16[s * 8 + 7]
+                        if flags & _AU != (_F_AVAIL if w else _F_USED):
+                            raise QueueError(
+                                f"packed slot {head_slot}: chain descriptor at slot {s} is not "
+                                f"available (flags {flags:#06x}, wrap counter {w})"
+                            )
+                        if flags & _F_INDIRECT:
+                            # §2.8.19: no INDIRECT inside a NEXT-linked list (ChainBuilder
+                            # refuses it with the reason)
+                            b.enter_indirect(u64[s * 2], u32[s * 4 + 2], flags)
+                        b.add(u64[s * 2], u32[s * 4 + 2], flags)
+                buf_id = u16[s * 8 + 6]  # §2.8.6: the id is in the last descriptor of the list
+                if buf_id >= size:
+                    raise QueueError(
+                        f"packed slot {head_slot}: buffer id {buf_id} >= queue size {size}"
+                    )
+                if inflight + n > size:
+                    raise QueueError(
+                        f"packed slot {head_slot}: driver made more than {size} descriptors "
+                        f"available (in flight {inflight} + {n})"
+                    )
+                chain = b.finish(n)
+                chain.head = buf_id
+                append(chain)
+                # commit: the chain is accepted
+                slot = s + 1
+                if slot == size:
+                    slot = 0
+                    w ^= 1
+                wrap = w
+                inflight += n
+        except (QueueError, GuestMemoryError):
+            if not out:
+                raise
+            # Hand out the good chains; the bad one is met (and raised) again by the next call.
+        finally:
             self.next_avail = slot
             self.avail_wrap = wrap
             self.inflight = inflight
-            append(chain)
         return out
 
     @staticmethod
