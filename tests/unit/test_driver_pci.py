@@ -140,7 +140,7 @@ def modern_net() -> FakeFunction:
         vcap(spec.VIRTIO_PCI_CAP_ISR_CFG, 4, 0x1000, 0x1000),
         vcap(spec.VIRTIO_PCI_CAP_DEVICE_CFG, 4, 0x2000, 0x1000),
         vcap(spec.VIRTIO_PCI_CAP_NOTIFY_CFG, 4, 0x3000, 0x1000, mult=4),
-        bytes([0x11, 0, 0x02, 0x00]),
+        bytes([0x11, 0, 0x02, 0x00, 0x01, 0, 0, 0, 0x01, 0x08, 0, 0]),  # 3 vectors, BAR1
     ])
     return f
 
@@ -202,3 +202,24 @@ def test_capability_outside_bar_is_refused() -> None:
     walk_capabilities(fn)
     with pytest.raises(PciError):
         ModernPciTransport(fn, bus)
+
+
+def test_msix_table_points_into_guest_ram() -> None:
+    from virtwire.pci.driver import MSIX_DATA_BASE, PCI_MSIX_FLAGS_ENABLE
+
+    f0 = modern_net()
+    bus = FakeBus({3: f0})
+    cfg = Mech1ConfigAccess(bus)
+    (fn,) = find_virtio_net(cfg)
+    assign_bars(fn, BarAllocator())
+    walk_capabilities(fn)
+    t = ModernPciTransport(fn, bus)
+    assert t.enable_msix(0x9000) == 3
+    tbl = fn.bars[1].address
+    for v in range(3):
+        assert bus.mmio[tbl + 16 * v] == 0x9000 + 4 * v
+        assert bus.mmio[tbl + 16 * v + 8] == MSIX_DATA_BASE + v
+        assert bus.mmio[tbl + 16 * v + 12] == 0  # unmasked
+    assert f0.read(fn.msix_cap + 2, 2) & PCI_MSIX_FLAGS_ENABLE
+    t.disable_msix()
+    assert not f0.read(fn.msix_cap + 2, 2) & PCI_MSIX_FLAGS_ENABLE

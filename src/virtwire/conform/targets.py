@@ -167,8 +167,16 @@ class QemuTarget(Target):
             self._packed.open()
         return self._packed
 
-    def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True) -> VirtioNetDriver:
+    MSIX_MAILBOX = 0x80000  # a page of guest RAM below the DMA window
+
+    def driver(self, cfg: NetDriverConfig | None = None, probe: bool = True,
+               msix: bool = False) -> VirtioNetDriver:
         t = probe_pci_transport(self.vm.qtest, legacy=self.legacy)
+        if msix:
+            self.vm.mem.write(self.MSIX_MAILBOX, bytes(4096))
+            t.enable_msix(self.MSIX_MAILBOX)  # type: ignore[union-attr]
+        elif not self.legacy:
+            t.disable_msix()  # type: ignore[union-attr]
         alloc = DmaAllocator(0x100000, self.vm.ram_size - 0x100000)
         drv = VirtioNetDriver(t, self.vm.mem, alloc, cfg or NetDriverConfig())
         self.peer_drain()

@@ -96,6 +96,8 @@ PCI_MSIX_FLAGS = 2
 PCI_MSIX_FLAGS_ENABLE = 0x8000
 PCI_MSIX_FLAGS_MASKALL = 0x4000
 
+MSIX_DATA_BASE = 0x5A00  # MSI-X message data = base + vector (see enable_msix)
+
 PIIX3_PIRQRC = 0x60  # PIRQA..D route control, 00:01.0
 PIRQ_IRQS = (10, 10, 11, 11)
 
@@ -511,6 +513,66 @@ class ModernPciTransport(_PciTransportBase):
         self.isr = self.regions["isr"]
         self.devcfg = self.regions.get("device")
         self._notify_off: dict[int, int] = {}
+        self.msix_mailbox = 0  # guest address MSI-X messages land at (0: MSI-X off, INTx)
+        self.msix_table_size = 0
+        self.queue_vectors: dict[int, int] = {}  # queue index -> vector the device accepted
+        self.config_vector = spec.VIRTIO_MSI_NO_VECTOR
+
+    # -- MSI-X (§4.1.4.3 msix_config / queue_msix_vector, §4.1.5.1.2) ---------------------------
+    def enable_msix(self, mailbox: int) -> int:
+        """Turn MSI-X on with every table entry pointing into guest RAM at ``mailbox``.
+
+        Vector ``v``'s message is the u32 ``MSIX_DATA_BASE + v`` written to ``mailbox + 4*v``:
+        with no APIC address, the device's MSI write is a plain DMA write into our shared RAM,
+        so a delivered interrupt is visible as that value (``msix_fired``). Vector 0 is the
+        configuration vector, vector 1 + q the one for queue q. Returns the table size.
+        """
+        f = self.fn
+        if not f.msix_cap:
+            raise PciError(f"{f.bdf}: no MSI-X capability")
+        ctrl = f.read(f.msix_cap + PCI_MSIX_FLAGS, 2)
+        n = (ctrl & 0x7FF) + 1
+        tbl = f.read(f.msix_cap + 4, 4)
+        bar = f.bars.get(tbl & 7)
+        off = tbl & ~7
+        if bar is None or bar.io or off + 16 * n > bar.size:
+            raise PciError(f"{f.bdf}: MSI-X table {off:#x}+{16 * n:#x} not inside BAR{tbl & 7}")
+        for v in range(n):
+            e = bar.address + off + 16 * v
+            addr = mailbox + 4 * v
+            self.io.writel(e, addr & 0xFFFFFFFF)
+            self.io.writel(e + 4, addr >> 32)
+            self.io.writel(e + 8, MSIX_DATA_BASE + v)
+            self.io.writel(e + 12, 0)  # unmasked
+        f.write(f.msix_cap + PCI_MSIX_FLAGS, 2,
+                (ctrl | PCI_MSIX_FLAGS_ENABLE) & ~PCI_MSIX_FLAGS_MASKALL)
+        self.msix_mailbox = mailbox
+        self.msix_table_size = n
+        return n
+
+    def disable_msix(self) -> None:
+        """Back to INTx (MSI-X Enable cleared; the device drops its vector mappings)."""
+        f = self.fn
+        if f.msix_cap:
+            ctrl = f.read(f.msix_cap + PCI_MSIX_FLAGS, 2)
+            f.write(f.msix_cap + PCI_MSIX_FLAGS, 2, ctrl & ~PCI_MSIX_FLAGS_ENABLE)
+        self.msix_mailbox = 0
+        self.msix_table_size = 0
+
+    def msix_fired(self, mem: object, vector: int, clear: bool = True) -> bool:
+        """Did vector ``vector``'s message land in the mailbox (and clear it)?"""
+        addr = self.msix_mailbox + 4 * vector
+        val = mem.read_u32(addr)  # type: ignore[attr-defined]
+        if val == MSIX_DATA_BASE + vector:
+            if clear:
+                mem.write_u32(addr, 0)  # type: ignore[attr-defined]
+            return True
+        return False
+
+    def _vector_for_config(self) -> None:
+        if self.msix_mailbox:
+            self.common.write(spec.VIRTIO_PCI_COMMON_MSIX, 2, 0)
+            self.config_vector = self.common.read(spec.VIRTIO_PCI_COMMON_MSIX, 2)
 
     # -- status and features (§4.1.4.3) -------------------------------------------------------
     def reset(self, timeout: float = 1.0) -> None:
@@ -522,6 +584,8 @@ class ModernPciTransport(_PciTransportBase):
                 raise PciError(f"{self.name}: device status did not return to 0 after reset")
             time.sleep(0.001)
         self._notify_off.clear()
+        self.queue_vectors.clear()
+        self._vector_for_config()
 
     def get_status(self) -> int:
         return self.common.read(spec.VIRTIO_PCI_COMMON_STATUS, 1)
@@ -567,7 +631,12 @@ class ModernPciTransport(_PciTransportBase):
         c = self.common
         c.write(spec.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
         c.write(spec.VIRTIO_PCI_COMMON_Q_SIZE, 2, size)
-        c.write(spec.VIRTIO_PCI_COMMON_Q_MSIX, 2, spec.VIRTIO_MSI_NO_VECTOR)
+        if self.msix_mailbox and 1 + index < self.msix_table_size:
+            # §4.1.5.1.2: write the vector, read it back: NO_VECTOR means the device refused
+            c.write(spec.VIRTIO_PCI_COMMON_Q_MSIX, 2, 1 + index)
+            self.queue_vectors[index] = c.read(spec.VIRTIO_PCI_COMMON_Q_MSIX, 2)
+        else:
+            c.write(spec.VIRTIO_PCI_COMMON_Q_MSIX, 2, spec.VIRTIO_MSI_NO_VECTOR)
         for lo, val in ((spec.VIRTIO_PCI_COMMON_Q_DESCLO, desc),
                         (spec.VIRTIO_PCI_COMMON_Q_AVAILLO, driver),
                         (spec.VIRTIO_PCI_COMMON_Q_USEDLO, device)):
