@@ -582,15 +582,23 @@ class SplitDriverQueue:
         views = self._v(mem)
         dq, di, dh, avail_h = views[0], views[1], views[2], views[3]
         free = self._free
-        segs = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        inlen = 0
         if self.indirect and total > 1 and self.allocator is not None:
             if not free:
                 raise QueueFull("no free descriptor")
             table = self.allocator.alloc(16 * total, 16)
             tv = mem.view(table, 16 * total)
-            for k, (a, n, f) in enumerate(segs):
-                nxt = k + 1 if k + 1 < total else 0
-                _DESC.pack_into(tv, 16 * k, a, n, f | (VIRTQ_DESC_F_NEXT if nxt else 0), nxt)
+            pack = _DESC.pack_into
+            k = 0
+            for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+                for a, n in segs:
+                    k += 1
+                    if k < total:
+                        pack(tv, 16 * k - 16, a, n, f | VIRTQ_DESC_F_NEXT, k)
+                    else:
+                        pack(tv, 16 * k - 16, a, n, f, 0)
+                    if f:
+                        inlen += n
             head = free.pop()
             dq[2 * head] = table
             di[4 * head + 2] = 16 * total
@@ -603,22 +611,39 @@ class SplitDriverQueue:
                 raise ValueError(f"{total} segments never fit a split ring of {self.size}")
             if len(free) < total:
                 raise QueueFull(f"{total} descriptors needed, {len(free)} free")
-            ids = [free.pop() for _ in range(total)]
-            for k, (a, n, f) in enumerate(segs):
-                d = ids[k]
-                dq[2 * d] = a
-                di[4 * d + 2] = n
-                if k + 1 < total:
-                    dh[8 * d + 6] = f | VIRTQ_DESC_F_NEXT
-                    dh[8 * d + 7] = ids[k + 1]
-                else:
-                    dh[8 * d + 6] = f
-                    dh[8 * d + 7] = 0
-            head = ids[0]
-            self._descs[head] = tuple(ids)
+            if total == 1:  # the common case: one descriptor
+                head = free.pop()
+                a, n = out[0] if out else in_[0]
+                dq[2 * head] = a
+                di[4 * head + 2] = n
+                dh[8 * head + 6] = 0 if out else VIRTQ_DESC_F_WRITE
+                dh[8 * head + 7] = 0
+                inlen = 0 if out else n
+                self._descs[head] = (head,)
+            else:
+                ids = free[-total:]
+                del free[-total:]
+                ids.reverse()
+                k = 0
+                for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+                    for a, n in segs:
+                        d = ids[k]
+                        k += 1
+                        dq[2 * d] = a
+                        di[4 * d + 2] = n
+                        if k < total:
+                            dh[8 * d + 6] = f | VIRTQ_DESC_F_NEXT
+                            dh[8 * d + 7] = ids[k]
+                        else:
+                            dh[8 * d + 6] = f
+                            dh[8 * d + 7] = 0
+                        if f:
+                            inlen += n
+                head = ids[0]
+                self._descs[head] = tuple(ids)
             self._table[head] = 0
         self._token[head] = token
-        self._inlen[head] = sum(n for _, n in in_)
+        self._inlen[head] = inlen
         self._bufs += 1
         avail_h[2 + (self._avail_idx & (self.size - 1))] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
