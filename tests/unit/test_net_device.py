@@ -612,3 +612,22 @@ def test_unknown_length_backend_with_few_buffers_holds_frame_no_loss() -> None:
     (g,) = p.drv.poll_receive(1, timeout=1.0)
     assert g.data == _frame(100, 4)
     assert p.dev.counters[0]["drops"] == 0
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_unknown_length_big_frame_overflows_into_more_buffers(vnet: bool) -> None:
+    """TAP-like: a frame bigger than the read window spills into a private area and is then
+    copied into further mergeable buffers; small frames stay zero-copy."""
+
+    class Blind(MemoryBackend):
+        def pending_len(self) -> int | None:
+            return None if self.rx else 0
+
+    b = Blind("blind", vnet_hdr=vnet)
+    p = NetPair(backends=[b])
+    frames = [_frame(100, 1), _frame(10000, 2), _frame(1514, 3), _frame(65535, 4)]
+    b.inject_many(frames)
+    got = p.drv.poll_receive(4, timeout=2.0)
+    assert [g.data for g in got] == frames
+    assert [g.num_buffers for g in got] == [1, 5, 1, 33]
+    assert p.dev.counters[0]["rx_overflow"] == 2 and p.dev.counters[0]["drops"] == 0

@@ -22,8 +22,10 @@ again once buffers came). Chains popped for a frame but not consumed stay in a p
 (in ring order) for the next frame. Buffers needed: with MRG_RXBUF (§5.1.6.4) as many chains as
 the frame needs, ``num_buffers`` written into the first; without it one chain must hold the
 whole frame (a frame that does not fit is dropped, counted ``rx_drop_too_big``, the chain kept).
-A backend that cannot tell the next frame's length (TAP) gets buffers for the largest frame the
-negotiated offloads allow, and the unused chains stay stashed.
+A backend that cannot tell the next frame's length (TAP) is read into the buffers of a typical
+frame plus a private overflow area; a bigger (GSO) frame's tail is then copied into further
+mergeable buffers, or, when the guest has too few, the frame is kept aside (``held``) until it
+has enough -- never truncated, never lost.
 
 Stopping a ring (vhost-user GET_VRING_BASE, ``queue_stopped``) publishes what was used and
 rewinds the ring over stashed/pending chains, so a restarted back end offers them again.
@@ -828,7 +830,20 @@ class VirtioNet(VirtioDevice):
             need = (self._max_rx_len() if want is None else
                     (want if vnet else want + hl))
             # Collect buffers: enough for ``need`` (mergeable) or one chain (not mergeable).
-            if mrg:
+            if mrg and want is None:
+                # A TAP: the length is known only after the read. Read into the buffers of a
+                # typical frame plus a private overflow area; a bigger frame's tail is copied
+                # into further buffers afterwards (no need to hold 64 KiB of buffers per read).
+                got = self._rx_unknown_mrg(q, mem, p, cnt, be, hl, vnet)
+                if got is None:
+                    starved = True
+                    break
+                views, cap, n = got
+                if n == 0:
+                    break
+                if n < 0:
+                    continue  # dropped, or read aside until buffers suffice
+            elif mrg:
                 if p.stash_cap < need:
                     self._stash_more(q, mem, p, cnt, hl, need)
                 cap = p.stash_cap
@@ -848,7 +863,7 @@ class VirtioNet(VirtioDevice):
                     else:
                         self._drop_rx(be, cnt, "too_big")
                     continue
-            if cap < need:
+            if not (mrg and want is None) and cap < need:
                 # Unknown length and fewer buffers than the largest frame: read it aside (one
                 # copy) so its length is known; it waits there until buffers suffice.
                 if self._bounce is None:
@@ -859,8 +874,9 @@ class VirtioNet(VirtioDevice):
                 p.held = bytes(self._bounce[:n])
                 cnt["rx_held"] = cnt.get("rx_held", 0) + 1
                 continue
-            c0, views = stash[0]
-            if mrg and c0.writable_len < need:
+            if mrg and want is None:
+                pass  # views, cap and n come from _rx_unknown_mrg
+            elif mrg and stash[0][0].writable_len < need:
                 # The chains this frame needs (a TAP's unknown length: all of them).
                 views = []
                 acc = 0
@@ -871,15 +887,19 @@ class VirtioNet(VirtioDevice):
                         break
                 cap = acc
             elif mrg:
+                c0, views = stash[0]
                 cap = c0.writable_len
-            target = views if vnet else skip(views, hl)
-            if held is not None:
-                p.held = None
-                n = scatter(target, held)
             else:
-                n = be.recv(target)
-            if n == 0:
-                break
+                views = stash[0][1]
+            if not (mrg and want is None):
+                target = views if vnet else skip(views, hl)
+                if held is not None:
+                    p.held = None
+                    n = scatter(target, held)
+                else:
+                    n = be.recv(target)
+                if n == 0:
+                    break
             total = n if vnet else n + hl
             if total > cap:
                 # tun reports the whole frame length even when our buffers cut it short.
@@ -954,6 +974,56 @@ class VirtioNet(VirtioDevice):
         cnt["drops"] += 1
         if cnt[key] & (cnt[key] - 1) == 0:
             log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
+
+    def _rx_unknown_mrg(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
+                        be: NetBackend, hl: int, vnet: bool
+                        ) -> tuple[list[memoryview], int, int] | None:
+        """Read one frame of unknown length (mergeable buffers): ``(views, capacity, n)``;
+        n == 0 nothing pending, n < 0 frame dropped or held; None: no buffers at all."""
+        window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
+        if p.stash_cap < window:
+            self._stash_more(q, mem, p, cnt, hl, window)
+        if p.stash_cap < hl + ETH_HLEN:
+            return None
+        stash = p.stash
+        views: list[memoryview] = []
+        acc = 0
+        k = 0
+        for c, vs in stash:
+            views.extend(vs)
+            acc += c.writable_len
+            k += 1
+            if acc >= window:
+                break
+        if self._bounce is None:
+            self._bounce = bytearray(hl + MAX_FRAME + 64)
+        bounce = memoryview(self._bounce)
+        n = be.recv([*(views if vnet else skip(views, hl)), bounce])
+        if n == 0:
+            return views, acc, 0
+        total = n if vnet else n + hl
+        if total <= acc:
+            return views, acc, n
+        over = total - acc
+        if over > len(bounce):
+            self._count_rx_drop(cnt, "truncated")
+            return views, acc, -1
+        cnt["rx_overflow"] = cnt.get("rx_overflow", 0) + 1
+        if p.stash_cap < total and not self._stash_more(q, mem, p, cnt, hl, total):
+            # Not enough buffers for the whole frame yet: keep it aside (backend format).
+            off = 0 if vnet else hl
+            p.held = gather(views, acc - off, off) + bytes(bounce[:over])
+            cnt["rx_held"] = cnt.get("rx_held", 0) + 1
+            return views, acc, -1
+        extra: list[memoryview] = []
+        for i in range(k, len(stash)):
+            c, vs = stash[i]
+            extra.extend(vs)
+            acc += c.writable_len
+            if acc >= total:
+                break
+        scatter(extra, bounce[:over])
+        return views + extra, acc, n
 
     def _stash_more(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int], hl: int,
                     need: int) -> bool:
