@@ -206,9 +206,19 @@ def _mutate_split(rng: random.Random, rp: Any, ram: int) -> None:
 def _mutate_packed(rng: random.Random, rp: Any, ram: int) -> None:
     mem, size = rp.mem, rp.size
     desc, drv_evt, _dev_evt = rp.driver.layout()
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     i = rng.randrange(size)
-    if kind == 0:
+    if kind == 7:  # NEXT on every slot: a list running into unavailable slots or past the ring
+        dev = rp.device
+        whole_ring = rng.random() < 0.5  # ... and every slot available for the device's lap
+        for j in range(size):
+            f = mem.read_u16(desc + 16 * j + 14) | VIRTQ_DESC_F_NEXT
+            if whole_ring:
+                w = dev.avail_wrap ^ (j < dev.next_avail)
+                f = f & ~(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) | (
+                    VIRTQ_DESC_F_AVAIL if w else VIRTQ_DESC_F_USED)
+            mem.write_u16(desc + 16 * j + 14, f)
+    elif kind == 0:
         mem.write_u64(desc + 16 * i, _edge_u64(rng, ram))
     elif kind == 1:
         mem.write_u32(desc + 16 * i + 8, _edge_u32(rng, ram))
