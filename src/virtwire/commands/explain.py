@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the analysis as JSON instead of the narrative")
     parser.add_argument("--example", choices=("pci-proxy", "vhost-user"),
                         help="explain a built-in synthetic trace (shows the format)")
+    parser.add_argument("--live", action="store_true",
+                        help="trace virtwire's own PCI driver driving virtwire's virtio-net "
+                             "device in process (enumeration to ping), then explain that")
+    parser.add_argument("--save", metavar="TRACE",
+                        help="with --live: keep the trace (and TRACE.pcapng) here")
     parser.add_argument("--width", type=int, default=100, help="text width (default 100)")
     parser.add_argument("--no-children", action="store_true",
                         help="do not merge traces child processes wrote beside TRACE "
@@ -62,7 +67,25 @@ def run(args: argparse.Namespace) -> int:
 
     paths = list(args.traces)
     tmp = None
-    if args.example:
+    if args.live:
+        from virtwire import trace
+        from virtwire.explain.live import run_pci_session
+
+        if args.save:
+            out = args.save
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="virtwire-live-", suffix=".jsonl")
+            os.close(fd)
+            out = tmp
+        try:
+            trace.start(out, pcap=(out + ".pcapng") if args.save else None)
+            run_pci_session()
+        except trace.TraceError as e:
+            raise CliError(str(e)) from None
+        finally:
+            trace.stop()
+        paths = [out]
+    elif args.example:
         from virtwire.explain.synthetic import write_example
 
         fd, tmp = tempfile.mkstemp(prefix="virtwire-example-", suffix=".jsonl")
@@ -70,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         write_example(tmp, args.example)
         paths = [tmp]
     if not paths:
-        raise CliError("explain needs a TRACE file (or --example pci-proxy|vhost-user)")
-    if not args.no_children and not args.example:
+        raise CliError("explain needs a TRACE file (or --live, or --example pci-proxy|vhost-user)")
+    if not args.no_children and not args.example and not args.live:
         from virtwire.trace import child_files
 
         paths += [c for p in list(paths) for c in child_files(p) if c not in paths]
@@ -84,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             os.unlink(tmp)
     if args.example:
         sources = [f"example:{args.example}"]
+    elif args.live and not args.save:
+        sources = ["live: virtwire's PCI driver <-> virtwire's virtio-net device, in process"]
     a = analyze(events, sources)
     if args.json:
         sys.stdout.write(json.dumps(summary(a), indent=1, default=str) + "\n")

@@ -454,10 +454,13 @@ def _phase_facts(a: Analysis, p: Phase) -> None:
     elif p.id == "negotiation":
         for e in evs:
             cat, ev = e.get("cat"), e.get("ev")
-            if cat == "status" and ev == "set":
+            if cat == "status" and ev == "set" and not names(e.get("new_names")):
+                f.append("driver resets the device (status := 0)")
+            elif cat == "status" and ev == "set":
                 f.append(f"status {'|'.join(names(e.get('old_names'))) or '0'} -> "
-                         f"{'|'.join(names(e.get('new_names'))) or '0 (reset)'}")
-            elif cat == "status" and ev == "reset":
+                         f"{'|'.join(names(e.get('new_names')))}")
+            elif cat == "status" and ev == "reset" and not (
+                    f and f[-1].startswith("driver resets")):
                 f.append("device reset")
             elif cat == "feature" and ev == "offer":
                 f.append(f"device offers {len(names(e.get('names')))} features: "
