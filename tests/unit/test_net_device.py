@@ -631,3 +631,28 @@ def test_unknown_length_big_frame_overflows_into_more_buffers(vnet: bool) -> Non
     assert [g.data for g in got] == frames
     assert [g.num_buffers for g in got] == [1, 5, 1, 33]
     assert p.dev.counters[0]["rx_overflow"] == 2 and p.dev.counters[0]["drops"] == 0
+
+
+def test_trace_frames_and_ctrl(tmp_path) -> None:
+    import json
+
+    from virtwire import trace
+    from virtwire.backends.null import NullBackend
+
+    path = tmp_path / "t.jsonl"
+    trace.start(str(path))
+    try:
+        p = NetPair(backends=[NullBackend()])
+        p.drv.send([_frame(100)])
+        assert p.drv.set_promisc(False) == OK
+        p.dev.set_link(False)
+    finally:
+        trace.stop()
+    ev = [json.loads(line) for line in path.read_text().splitlines()]
+    frames = [e for e in ev if e["cat"] == "frame"]
+    assert frames and frames[0]["dir"] == "tx" and frames[0]["len"] == 100
+    assert "tx_native" not in p.dev.counters[1]  # frames traced: the C path stays off
+    ctrl = [e for e in ev if e["cat"] == "ctrl"]
+    assert any(e["class_name"] == "RX" and e["cmd_name"] == "PROMISC" and e["ack"] == 0
+               for e in ctrl)
+    assert any(e["cat"] == "config" and e.get("link") == "down" for e in ev)

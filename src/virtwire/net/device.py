@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from virtwire import trace as _trace
 from virtwire.backends.base import NetBackend
 from virtwire.memory import GuestMemory
 from virtwire.net.header import (
@@ -113,6 +114,25 @@ _GSO_RX_MASK = s.bit(s.VIRTIO_NET_F_GUEST_TSO4, s.VIRTIO_NET_F_GUEST_TSO6,
 _ZERO_HDR10 = bytes(10)
 CONFIG_SIZE = 12  # mac[6], le16 status, le16 max_virtqueue_pairs, le16 mtu (§5.1.4)
 MAC_TABLE_MAX = 64  # entries per table kept; more means "accept all" of that kind (as QEMU)
+
+
+_CTRL_CLASS_NAMES = {s.VIRTIO_NET_CTRL_RX: "RX", s.VIRTIO_NET_CTRL_MAC: "MAC",
+                     s.VIRTIO_NET_CTRL_VLAN: "VLAN", s.VIRTIO_NET_CTRL_ANNOUNCE: "ANNOUNCE",
+                     s.VIRTIO_NET_CTRL_MQ: "MQ",
+                     s.VIRTIO_NET_CTRL_GUEST_OFFLOADS: "GUEST_OFFLOADS"}
+_CTRL_CMD_NAMES = {
+    s.VIRTIO_NET_CTRL_RX: ("PROMISC", "ALLMULTI", "ALLUNI", "NOMULTI", "NOUNI", "NOBCAST"),
+    s.VIRTIO_NET_CTRL_MAC: ("TABLE_SET", "ADDR_SET"),
+    s.VIRTIO_NET_CTRL_VLAN: ("ADD", "DEL"),
+    s.VIRTIO_NET_CTRL_ANNOUNCE: ("ACK",),
+    s.VIRTIO_NET_CTRL_MQ: ("VQ_PAIRS_SET",),
+    s.VIRTIO_NET_CTRL_GUEST_OFFLOADS: ("SET",),
+}
+
+
+def _ctrl_cmd_name(cls: int, cmd: int) -> str:
+    names = _CTRL_CMD_NAMES.get(cls, ())
+    return names[cmd] if 0 <= cmd < len(names) else str(cmd)
 
 
 def parse_options(options: str | Mapping[str, Any] | None) -> dict[str, str]:
@@ -401,6 +421,10 @@ class VirtioNet(VirtioDevice):
         if up == self.link_up:
             return
         self.link_up = up
+        tr = _trace.TRACE
+        if tr is not None:
+            tr.emit("config", "change", field="status", val=int.from_bytes(
+                self.build_config()[6:8], "little"), link="up" if up else "down")
         self.config_changed(self.build_config())
 
     def announce(self) -> bool:
@@ -592,7 +616,9 @@ class VirtioNet(VirtioDevice):
         be = p.backend
         budget = self.budget
         take_hdr = be is not None and be.vnet_hdr
-        native_fd = self._native_tx_fd(be, q) if self.native else None
+        # The C path sees no individual frames: off while frames are traced or captured.
+        native_fd = (self._native_tx_fd(be, q) if self.native and _trace.FRAMES is None
+                     else None)
         # Without a ``more_work`` hook nobody would call again: drain completely.
         for _ in range(self.max_batches if self.more_work is not None else 1 << 62):
             q.disable_notifications(mem)
@@ -609,14 +635,14 @@ class VirtioNet(VirtioDevice):
                     if c is None:
                         break
                     n_chains += 1
-                    self._tx_chains(q, mem, p, cnt, [c])
+                    self._tx_chains(q, mem, p, cnt, [c], qi)
                     q.publish(mem)  # C writes used slots from next_used: nothing may be staged
                     if p.tx_pending:
                         break
             room = budget - n_chains - len(p.tx_pending)
             chains = q.pop_batch(mem, room) if room > 0 and not (
                 native_fd is not None and p.tx_pending) else []
-            self._tx_chains(q, mem, p, cnt, chains)
+            self._tx_chains(q, mem, p, cnt, chains, qi)
             n_chains += len(chains)
             if q.publish(mem) or n_chains:  # C and in-loop publishes count too
                 self.signal_used(qi)
@@ -630,7 +656,7 @@ class VirtioNet(VirtioDevice):
         return True
 
     def _tx_chains(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
-                   chains: list[DescriptorChain]) -> None:
+                   chains: list[DescriptorChain], qi: int) -> None:
         """Check ``chains`` (after any pending frames), send them as one batch, push used."""
         be = p.backend
         hl = self.hdr_len
@@ -672,6 +698,10 @@ class VirtioNet(VirtioDevice):
                 taken += more
             cnt["frames"] += taken
             cnt["bytes"] += sum(c.readable_len for c, _i in batch[:taken]) - hl * taken
+            fh = _trace.FRAMES
+            if fh is not None:
+                for _c, iov in batch[:taken]:
+                    fh("tx", list(iov), qi, hl if take_hdr else 0)
         for c, _i in batch[:taken]:
             q.push(mem, c, 0)
         if taken < len(batch):
@@ -944,6 +974,9 @@ class VirtioNet(VirtioDevice):
                 else:
                     scatter(first, used.to_bytes(2, "little"), NUM_BUFFERS_OFFSET)
             frames += 1
+            fh = _trace.FRAMES
+            if fh is not None:
+                fh("rx", list(first), qi, hl, total - hl)
             cnt["chains"] += used
             cnt["frames"] += 1
             cnt["bytes"] += total - hl
@@ -1128,6 +1161,12 @@ class VirtioNet(VirtioDevice):
         except (ValueError, IndexError) as e:
             log.warning("%s: control command %d/%d: %s", self.name, cls, cmd, e)
             ok = False
+        tr = _trace.TRACE
+        if tr is not None:
+            tr.emit("ctrl", "cmd", **{"class": cls, "cmd": cmd,
+                                      "class_name": _CTRL_CLASS_NAMES.get(cls, str(cls)),
+                                      "cmd_name": _ctrl_cmd_name(cls, cmd),
+                                      "ack": s.VIRTIO_NET_OK if ok else s.VIRTIO_NET_ERR})
         if ok:
             self.ctrl_counters["ok"] += 1
             return s.VIRTIO_NET_OK
