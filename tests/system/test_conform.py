@@ -53,3 +53,19 @@ def test_conform_cli_errors_and_table() -> None:
                             "--only", "config"], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "PASS  config.net_fields" in table.stdout and "2 passed, 0 failed" in table.stdout
+
+
+def test_conform_any_vhost_user_socket() -> None:
+    """``vhost-user:PATH[,loopback]``: a back end someone else started (here testpmd)."""
+    from virtwire.conform.dpdk import Testpmd
+
+    with Testpmd("io", name="vwd") as tp:
+        for suffix, data in (("", False), (",loopback", True)):
+            proc = subprocess.run([sys.executable, "-m", "virtwire", "conform",
+                                   f"vhost-user:{tp.sock}{suffix}", "--json"],
+                                  capture_output=True, text=True, timeout=300)
+            report = json.loads(proc.stdout)
+            st = {c["id"]: c["status"] for c in report["checks"]}
+            assert st["features.dependencies"] == "fail"  # testpmd's HOST_ECN, as for "dpdk"
+            assert st["frames.bulk"] == ("pass" if data else "skip")
+            assert proc.returncode == 1

@@ -33,7 +33,7 @@ TARGET_HELP = (
     "qemu (QEMU's virtio-net-pci, modern, over qtest), qemu-legacy (the transitional device "
     "through its legacy I/O BAR), qemu-tap (modern, on a vnet_hdr TAP: offloads), dpdk (DPDK "
     "testpmd's vhost PMD, io forwarding), virtwire (virtwire serve's vhost-user back end on a "
-    "TAP), vhost-user:PATH (a listening back end)"
+    "TAP), vhost-user:PATH[,loopback] (a listening back end; loopback: it echoes every frame)"
 )
 
 
@@ -302,7 +302,13 @@ def make_target(spec_: str) -> Target:
     if spec_ in ("dpdk", "virtwire"):
         return VhostUserTarget(spec_)
     if spec_.startswith("vhost-user:") and len(spec_) > len("vhost-user:"):
-        return VhostUserTarget("path", spec_.split(":", 1)[1])
+        path = spec_.split(":", 1)[1]
+        loop = path.endswith(",loopback")
+        t = VhostUserTarget("path", path.removesuffix(",loopback"))
+        if loop:  # the back end sends every frame back (testpmd io, a reflector)
+            t.loopback = t.has_peer = True
+            t.name += ",loopback"
+        return t
     from virtwire.errors import CliError
 
     raise CliError(f"unknown conformance target {spec_!r}: {TARGET_HELP}")
