@@ -420,3 +420,24 @@ def test_driver_on_random_used_ring_raises_only_queue_error(size, data):
     except QueueError:
         pass
     assert drv.num_free <= size
+
+
+@SETTINGS
+@given(size=st.integers(1, 64), data=st.data(), event_idx=st.booleans())
+def test_enable_callbacks_asks_for_the_next_used_descriptor(size, data, event_idx):
+    """The driver's request (DESC at last_used, or ENABLE) makes the next used publish notify;
+    DISABLE silences it (§2.8.10, §2.8.22)."""
+    start_idx, start_wrap = data.draw(start_strategy(size))
+    mem, drv, dev, pool = make(size, start_idx, start_wrap, event_idx=event_idx)
+    for disabled in (True, False, True):
+        if disabled:
+            drv.disable_callbacks(mem)
+        else:
+            assert drv.enable_callbacks(mem) is False
+        drv.add(mem, [(pool, 1)], [], 0)
+        drv.publish(mem)
+        (c,) = dev.pop_batch(mem, 4)
+        dev.push(mem, c, 0)
+        dev.publish(mem)
+        assert dev.needs_notification(mem) is (not disabled)
+        assert drv.get_used(mem) == (0, 0)

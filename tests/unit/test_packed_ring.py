@@ -627,3 +627,33 @@ def test_bad_chain_after_good_ones_ends_the_batch_then_raises():
     with pytest.raises(QueueError, match="buffer id 9"):
         dev.pop_batch(mem, 4)
     assert (dev.next_avail, dev.in_flight) == (2, 2)  # the bad chain was not consumed
+
+
+def test_indirect_falls_back_to_direct_above_indirect_max():
+    mem, drv, dev = make(8, indirect=True, indirect_max=2)
+    drv.add(mem, [(DATA, 1)] * 3, [], "direct")  # 3 elements > indirect_max: 3 ring slots
+    drv.add(mem, [(DATA, 1)], [(DATA, 2)], "indirect")  # 2 elements: one slot
+    assert drv.num_free == 8 - 3 - 1
+    drv.publish(mem)
+    a, b = dev.pop_batch(mem, 8)
+    assert (a.indirect, a.ring_descs, b.indirect, b.ring_descs) == (False, 3, True, 1)
+
+
+def test_allocate_and_setup():
+    from virtwire.virtio.driver import GuestAllocator
+
+    mem = BytearrayGuestMemory(MEM)
+    alloc = GuestAllocator(0x1000, MEM - 0x1000)
+    q = PackedDriverQueue.allocate(alloc, 6, event_idx=True, indirect=True, indirect_max=4)
+    assert q.desc_addr % 16 == 0 and q.end - q.desc_addr == PackedDriverQueue.ring_bytes(6, 4)
+    q.setup(mem, 5 | 0 << 15)
+    assert (q.next_avail, q.avail_wrap, q.last_used, q.used_wrap) == (5, 0, 5, 0)
+    dev = PackedQueue(6, event_idx=True, indirect=True)
+    dev.set_addresses(*q.layout())
+    dev.set_base(5 | 0 << 15)
+    dev.ready = True
+    q.add(mem, [(DATA, 1)], [(DATA, 1)], "x")  # indirect: one slot, slot 5
+    q.add(mem, [(DATA, 1)], [], "y")  # slot 0 of the next lap (wrap back to 1)
+    q.publish(mem)
+    assert [c.head for c in dev.pop_batch(mem, 4)] == [0, 1]
+    assert (dev.next_avail, dev.avail_wrap) == (1, 1)
