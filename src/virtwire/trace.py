@@ -465,7 +465,7 @@ def child_files(path: str | os.PathLike[str]) -> list[str]:
 # caller: a failure to decode is an event field ("error"), not an exception.
 
 _PCI_HEADER: tuple[tuple[int, int, str], ...] = (
-    (0x00, 2, "vendor_id"), (0x02, 2, "device_id"), (0x04, 2, "command"), (0x06, 2, "status"),
+    (0x00, 2, "vendor_id"), (0x02, 2, "device_id"), (0x04, 2, "command"), (0x06, 2, "pci_status"),
     (0x08, 1, "revision_id"), (0x09, 1, "prog_if"), (0x0A, 2, "class"),
     (0x0C, 1, "cache_line_size"), (0x0D, 1, "latency_timer"), (0x0E, 1, "header_type"),
     (0x0F, 1, "bist"), (0x10, 4, "bar0"), (0x14, 4, "bar1"), (0x18, 4, "bar2"), (0x1C, 4, "bar3"),

@@ -311,9 +311,10 @@ def rows_steady(out: list[str]) -> int:
     return n
 
 
-def _chart(s: QueueStats, t0: float, t1: float, width: int = 440, height: int = 150) -> str:
-    """Events per time bin for one queue, as an inline SVG (one polyline per kind)."""
-    bins = 60
+def _chart(s: QueueStats, t0: float, t1: float, width: int = 520) -> str:
+    """Events per time bin for one queue as an inline SVG: one strip per kind of event (kicks,
+    chains, used, interrupts, suppressed, frames), bars scaled to that strip's busiest bin."""
+    bins = 80
     span = max(t1 - t0, 1e-9)
     series: dict[str, list[int]] = {}
     for t, kind, w in s.times:
@@ -321,32 +322,37 @@ def _chart(s: QueueStats, t0: float, t1: float, width: int = 440, height: int = 
         series.setdefault(kind, [0] * bins)[b] += w
     kinds = [k for k in ("kick", "chain", "used.used", "irq.irq", "irq.suppressed", "frame")
              if k in series]
-    ymax = max([max(v) for v in series.values()] + [1])
-    pl, pr, pt, pb = 36, 8, 8, 22
-    iw, ih = width - pl - pr, height - pt - pb
+    label_w, strip, gap, axis = 118, 20, 4, 16
+    iw = width - label_w - 8
+    height = len(kinds) * (strip + gap) + axis + 4
+    bw = iw / bins
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="queue {s.q} events over time">',
-             f'<rect x="{pl}" y="{pt}" width="{iw}" height="{ih}" fill="#fafbfc" '
-             'stroke="#dde1e6"/>',
-             f'<text x="{pl - 4}" y="{pt + 9}" font-size="10" text-anchor="end">{ymax}</text>',
-             f'<text x="{pl - 4}" y="{pt + ih}" font-size="10" text-anchor="end">0</text>',
-             f'<text x="{pl}" y="{height - 6}" font-size="10">{t0:.3f} s</text>',
-             f'<text x="{pl + iw}" y="{height - 6}" font-size="10" text-anchor="end">'
-             f"{t1:.3f} s</text>"]
-    for k in kinds:
-        pts = " ".join(
-            f"{pl + (b + 0.5) * iw / bins:.1f},{pt + ih - v * ih / ymax:.1f}"
-            for b, v in enumerate(series[k]))
+             f'role="img" aria-label="queue {s.q} events over time">']
+    for r, k in enumerate(kinds):
+        y = r * (strip + gap)
+        vals = series[k]
+        vmax = max(vals) or 1
         color = _COLORS.get(k, _COLORS.get(k.split(".")[0], "#495057"))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
-                     f'points="{pts}"/>')
+        name = {"used.used": "used", "irq.irq": "interrupts", "irq.suppressed": "suppressed",
+                "kick": "kicks", "chain": "chains", "frame": "frames"}.get(k, k)
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{iw}" height="{strip}" '
+                     'fill="#fafbfc" stroke="#eef0f2"/>')
+        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" font-size="11" text-anchor="end">'
+                     f"{_e(name)} {sum(vals)}</text>")
+        for b, v in enumerate(vals):
+            if v:
+                h = max(1.5, v / vmax * (strip - 2))
+                parts.append(f'<rect x="{label_w + b * bw:.1f}" y="{y + strip - h:.1f}" '
+                             f'width="{max(bw - 0.6, 0.8):.1f}" height="{h:.1f}" '
+                             f'fill="{color}"><title>{_e(name)}: {v}</title></rect>')
+    ya = len(kinds) * (strip + gap) + 11
+    parts.append(f'<text x="{label_w}" y="{ya}" font-size="10">{t0:.3f} s</text>')
+    parts.append(f'<text x="{label_w + iw}" y="{ya}" font-size="10" text-anchor="end">'
+                 f"{t1:.3f} s</text>")
     parts.append("</svg>")
-    legend = "".join(f'<span><i style="background:{_COLORS.get(k, _COLORS.get(k.split(".")[0]))}'
-                     f'"></i>{_e(k.replace(".irq", "").replace(".used", ""))}</span>'
-                     for k in kinds)
     return (f'<div class="chart"><h3>queue {s.q} ({_e(s.role)}) &mdash; events per '
-            f'{span / bins * 1000:.2f} ms</h3>{"".join(parts)}<div class="legend">{legend}'
-            "</div></div>")
+            f'{span / bins * 1000:.2f} ms</h3>'
+            f'{"".join(parts)}</div>')
 
 
 def render_html(a: Analysis, title: str = "virtwire explain") -> str:
