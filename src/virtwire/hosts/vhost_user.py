@@ -320,7 +320,10 @@ class VhostUserBackend:
         self._closed = True
         if self._retry is not None:
             self._retry.cancel()
-        self.disconnect("closing")
+        if self.conn is not None:
+            self.disconnect("closing")
+        else:
+            self._reset_state()  # messages may have been handled without a socket (tests)
         if self.listener is not None:
             self.loop.remove_reader(self.listener)
             self.listener.close()
