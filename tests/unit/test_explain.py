@@ -139,7 +139,8 @@ def test_html_is_self_contained_and_escaped() -> None:
         assert f'id="seq-{p}"' in page and f'id="ph-{p}"' in page
     assert '<details class="row" data-cat="chain">' in page
     assert "<th>addr</th><th>len</th><th>flags</th>" in page  # descriptor tables
-    assert page.count("<svg") == 2  # rx and tx queue charts (ctrl had no traffic)
+    assert page.count("<div class=\"chart\">") == 2  # rx and tx (ctrl had no traffic)
+    assert page.count("class=\"timeline\"") == 1 and page.count("<polygon") == 7
 
 
 def test_long_steady_state_is_capped() -> None:

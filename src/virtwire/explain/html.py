@@ -16,7 +16,7 @@ import html
 import json
 from typing import Any
 
-from virtwire.explain.model import DATA_CATS, Analysis, QueueStats, names
+from virtwire.explain.model import DATA_CATS, PHASE_TITLES, Analysis, QueueStats, names
 from virtwire.explain.narrative import _INTRO, _VHOST_INTRO
 from virtwire.trace import CATEGORIES, LANES, flow
 
@@ -355,6 +355,49 @@ def _chart(s: QueueStats, t0: float, t1: float, width: int = 520) -> str:
             f'{"".join(parts)}</div>')
 
 
+_PHASE_COLORS = ("#e7f5ff", "#d0ebff", "#fff3bf", "#ffe8cc", "#d3f9d8", "#c3fae8", "#f3f0ff")
+
+
+def _timeline(a: Analysis, width: int = 1000) -> str:
+    """The phases as equal-width chevrons (durations differ by orders of magnitude), each
+    labelled with its start and length and linked to its place in the sequence."""
+    if not a.phases:
+        return ""
+    n = len(a.phases)
+    w = width / n
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="46" role="img" '
+             'aria-label="phases in order" class="timeline">']
+    for i, p in enumerate(a.phases):
+        x = i * w
+        tip = 10
+        pts = (f"{x:.1f},0 {x + w - tip:.1f},0 {x + w:.1f},23 {x + w - tip:.1f},46 {x:.1f},46 "
+               + (f"{x + tip:.1f},23" if i else f"{x:.1f},23"))
+        color = _PHASE_COLORS[i % len(_PHASE_COLORS)]
+        parts.append(f'<a href="#seq-{_e(p.id)}"><polygon points="{pts}" fill="{color}" '
+                     f'stroke="#fff" stroke-width="2"><title>{_e(p.title)}</title></polygon>'
+                     f'<text x="{x + w / 2:.1f}" y="19" font-size="12" font-weight="600" '
+                     f'text-anchor="middle">{_e(_short(a, p.id))}'
+                     f'</text><text x="{x + w / 2:.1f}" y="36" font-size="10.5" '
+                     f'text-anchor="middle" fill="#495057">t={p.start:.3f} s, '
+                     f"{_dur(p.end - p.start)}</text></a>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _short(a: Analysis, pid: str) -> str:
+    if a.transport == "vhost-user":
+        return {"bars": "Device set-up", "queues": "Memory, queues"}.get(pid, PHASE_TITLES[pid])
+    return PHASE_TITLES[pid]
+
+
+def _dur(d: float) -> str:
+    if d >= 1:
+        return f"{d:.2f} s"
+    if d >= 1e-3:
+        return f"{d * 1e3:.1f} ms"
+    return f"{d * 1e6:.0f} µs"
+
+
 def render_html(a: Analysis, title: str = "virtwire explain") -> str:
     """The whole page as one string (see module docstring)."""
     h: list[str] = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -369,7 +412,9 @@ def render_html(a: Analysis, title: str = "virtwire explain") -> str:
     h.append('<a href="#features">Features</a><a href="#queues">Queues</a>'
              '<a href="#seq">Sequence</a></nav></header>')
     # the story
-    h.append('<h2 id="story">What happened</h2><ol class="phases">')
+    h.append('<h2 id="story">What happened</h2>')
+    h.append(_timeline(a))
+    h.append('<ol class="phases">')
     for p in a.phases:
         intro = (_VHOST_INTRO.get(p.id) if a.transport == "vhost-user" else None) or \
             _INTRO.get(p.id, "")
