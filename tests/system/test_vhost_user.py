@@ -217,6 +217,8 @@ def test_64mib_tcp_each_way_checksums_match(tmp_path, guest_image):
         assert "HOST_TSO4" in feats and "CSUM" in feats
         assert rings["tx0"]["bytes"] > MIB64 and rings["rx0"]["bytes"] > MIB64
         assert rings["tx0"]["frames"] < MIB64 // 1448  # fewer frames than MSS-sized: GSO
+        # GSO super-frames (larger than the 1500-byte MTU) crossed the TAP in both directions.
+        assert rings["tx0"].get("tx_gso", 0) > 0 and rings["rx0"].get("rx_gso", 0) > 0, rings
 
 
 def test_mrg_rxbuf_off_and_packed_ring(tmp_path, guest_image):
@@ -345,3 +347,25 @@ def test_multiqueue_two_pairs_carry_traffic(tmp_path, guest_image):
         for role in ("rx0", "rx1", "tx0", "tx1"):
             assert rings[role]["started"] and rings[role]["enabled"], rings[role]
             assert rings[role]["frames"] > 50, (role, rings)
+
+
+def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image):
+    """``--net vhost-user,serve=tap:IF``: the launcher starts and stops ``virtwire serve``."""
+    with netns("vwv") as ns:
+        _add_tap(ns, "vwvs0", "10.79.0.1/24")
+        vm = GuestVM(net=["vhost-user,serve=tap:vwvs0,mrg_rxbuf=off"], ip="10.79.0.2/24",
+                     image=guest_image, netns=ns.name, name=f"vwv{os.getpid() % 10000}-sc")
+        with vm:
+            vm.wait_ready(90)
+            out = vm.run("ping -c 10 -i 0.1 -W 2 10.79.0.1", timeout=60).output
+            assert _ping_received(out) == 10, out
+            logs = list(vm.tmpdir.glob("*.serve.log"))
+            assert len(logs) == 1
+            sock = next(vm.tmpdir.glob("*.vhost.sock"))
+            st = json.loads(subprocess.run(
+                [sys.executable, "-m", "virtwire", "stats", str(sock), "--compact"],
+                capture_output=True, text=True, check=True, timeout=20).stdout)
+            assert "MRG_RXBUF" not in st["ports"][0]["vhost_user"]["features"]
+        # after the guest: the sidecar is gone
+        left = subprocess.run(["pgrep", "-f", f"path={sock}"], capture_output=True, text=True)
+        assert left.stdout.strip() == ""
