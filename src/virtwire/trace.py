@@ -141,6 +141,7 @@ TRACE: Tracer | None = None
 FRAMES: Callable[[str, Any, int], None] | None = None
 _PCAP: Any = None  # the active virtwire.pcap.PcapWriter, if any
 _EXPORTED = False  # configure_from_args put our settings into os.environ
+_ATEXIT = False  # stop() registered to run at exit
 
 
 class TraceError(Exception):
@@ -337,7 +338,10 @@ def start(
     TRACE = tracer
     frames_on = tracer is not None and "frame" in tracer.categories
     FRAMES = _frame_hook if (frames_on or _PCAP is not None) else None
-    atexit.register(stop)
+    global _ATEXIT
+    if not _ATEXIT:
+        atexit.register(stop)
+        _ATEXIT = True
     return tracer
 
 
