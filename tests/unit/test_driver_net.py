@@ -8,6 +8,8 @@ hostile one (bad num_buffers, over-long used length, refused FEATURES_OK).
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.driver import (
@@ -212,3 +214,46 @@ def test_legacy_without_any_layout_uses_split_header() -> None:
     rxd = device_queue(t, mem, 0, event_idx=False)
     (r,) = rxd.pop_batch(mem, 1)
     assert [n for _, n, _ in r.segments] == [10, 1518]
+
+
+# -- the device is hostile: any used-ring contents give frames or DeviceFault -------------------
+FEATS = BASE & ~bit(spec.VIRTIO_NET_F_STATUS)
+
+used_elem = st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    elems=st.lists(used_elem, min_size=1, max_size=8),
+    idx_jump=st.integers(0, 0xFFFF),
+    hdr=st.binary(min_size=12, max_size=12),
+    mrg=st.booleans(),
+    queue=st.sampled_from([0, 1]),
+)
+def test_any_used_ring_gives_frames_or_device_fault(elems, idx_jump, hdr, mrg, queue) -> None:
+    feats = FEATS if mrg else FEATS & ~bit(spec.VIRTIO_NET_F_MRG_RXBUF)
+    t = FakeTransport(feats)
+    mem = BytearrayGuestMemory(4 << 20)
+    drv = VirtioNetDriver(t, mem, DmaAllocator(0x1000, (4 << 20) - 0x1000),
+                          NetDriverConfig(rx_fill=8)).probe()
+    drv.send([b"\x01" * 64] * 4)
+    size, desc, avail, used = t.queues[queue]
+    # the device "wrote" headers into every posted RX buffer
+    for i in range(size):
+        addr = mem.read_u64(desc + 16 * i)
+        if addr and mem.contains(addr, 12):
+            mem.write(addr, hdr)
+    for k, (eid, ln) in enumerate(elems):
+        slot = k % size
+        mem.write_u32(used + 4 + 8 * slot, eid)
+        mem.write_u32(used + 8 + 8 * slot, ln)
+    mem.write_u16(used + 2, idx_jump)
+    limit = drv.rxqs[0].q.size * drv._rx_geometry()[0] * 64
+    try:
+        if queue == 0:
+            for f in drv.receive():
+                assert len(f.data) <= limit
+        else:
+            drv.reap_tx()
+    except DeviceFault:
+        pass
