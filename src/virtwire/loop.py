@@ -114,6 +114,7 @@ class EventLoop:
         self._soon: deque[tuple[Callback, tuple]] = deque()
         self._deferred: dict[Hashable, tuple[Callback, tuple]] = {}
         self._signal_handlers: dict[int, Callback] = {}
+        self._old_handlers: dict[int, Any] = {}
         self._pending_signals: list[int] = []
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -176,7 +177,8 @@ class EventLoop:
                                                        warn_on_full_buffer=False)
             self.add_reader(self._wake_r.fileno(), self._drain_signals)
         self._signal_handlers[signum] = callback
-        signal.signal(signum, self._on_signal)
+        old = signal.signal(signum, self._on_signal)
+        self._old_handlers.setdefault(signum, old)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._pending_signals.append(signum)
@@ -284,8 +286,10 @@ class EventLoop:
 
     def close(self) -> None:
         for signum in list(self._signal_handlers):
-            signal.signal(signum, signal.SIG_DFL)
+            old = self._old_handlers.get(signum)
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
         self._signal_handlers.clear()
+        self._old_handlers.clear()
         if self._wake_r is not None:
             try:
                 signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None

@@ -15,9 +15,11 @@ This is the one module that knows every layer (Firecracker's builder role). For 
 Everything is served by one ``loop.EventLoop``. Frames flow like this: a guest kick on a TX ring
 wakes the loop; the device drains the ring into the backend in one batch. A backend fd becoming
 readable (TAP, or the eventfd of an in-process backend) makes the device fill the pair's RX ring
-in one batch. RX flow control: while a pair's RX ring has no buffers the backend fd is *not*
-watched (a level-triggered TAP would otherwise spin the loop); the guest's next RX kick -- which
-the device asks for by re-enabling notifications when the ring runs dry -- resumes it.
+in one batch. RX flow control: a pair's backend fd is *not* watched while there is a reason
+(``Port.rx_paused``): "device" -- its RX ring ran dry (the device's ``rx_watch(pair, False)``;
+it re-enables notifications, and says ``True`` once the guest's RX kick brought buffers) -- or
+"ring" -- the RX ring is not started/enabled yet (the next RX ring service clears it). Without
+that a level-triggered TAP would spin the loop.
 
 Counters: ``Server.stats()`` (JSON-ready) merges the back end's per-ring counters (kicks,
 interrupts) with the device's (frames, bytes, drops) and the backends'. It is served on a small
@@ -52,7 +54,7 @@ class Port:
     host: VirtioDeviceHost
     vhost: VhostUserBackend
     backends: list[Any]
-    rx_paused: list[bool] = field(default_factory=list)
+    rx_paused: list[set[str]] = field(default_factory=list)  # why each pair's fd is unwatched
 
 
 def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
@@ -127,10 +129,11 @@ class Server:
         host.on_ring_error = vhost.ring_error
         # An RX kick means the guest posted buffers: a paused backend is watched again.
         host.on_kicked = lambda i: self._rx_kicked(i, host)
-        port = Port(cfg, device, host, vhost, backends, [False] * cfg.queues)
+        port = Port(cfg, device, host, vhost, backends, [set() for _ in range(cfg.queues)])
         # The device tells us when a pair's RX ring ran dry (stop watching the backend fd, a
         # level-triggered TAP would spin) and when a batch budget ran out (serve it again).
-        device.rx_watch = lambda pair, on: (self._resume_rx if on else self._pause_rx)(port, pair)
+        device.rx_watch = lambda pair, on: (self._resume_rx if on else self._pause_rx)(
+            port, pair, "device")
         device.more_work = vhost.kick_ring
         for pair, be in enumerate(backends):
             fd = be.fileno()
@@ -144,33 +147,41 @@ class Server:
             return
         for p in self.ports:
             if p.host is host:
-                self._resume_rx(p, index // 2)
+                self._resume_rx(p, index // 2, "ring")
 
     def _on_backend_readable(self, port: Port, pair: int) -> None:
         """A backend has RX frames for ``pair`` (or room again): serve the pair (one batch)."""
         vr = port.vhost.vrings[2 * pair]
         if not vr.started or not vr.enabled:
-            self._pause_rx(port, pair)  # nowhere to put frames; a ring start/kick resumes
+            self._pause_rx(port, pair, "ring")  # nowhere to put frames; a ring kick resumes
             return
         self.loop.defer(("rx", id(port), pair), self._serve_backend, port, pair)
 
     def _serve_backend(self, port: Port, pair: int) -> None:
         if not port.vhost.vrings[2 * pair].started or not port.device.active:
-            self._pause_rx(port, pair)  # a device that cannot take frames must not spin us
+            self._pause_rx(port, pair, "ring")  # a device that cannot take frames: no spinning
             return
         port.device.backend_ready(pair)
 
-    def _pause_rx(self, port: Port, pair: int) -> None:
+    def _pause_rx(self, port: Port, pair: int, why: str) -> None:
+        """Stop watching ``pair``'s backend fd for reason ``why`` ("device": its RX ring ran dry,
+        the device says when buffers came; "ring": not started/enabled, a ring kick resumes)."""
         fd = port.backends[pair].fileno()
-        if fd is not None and not port.rx_paused[pair] and fd >= 0:
+        if fd is None or fd < 0:
+            return
+        reasons = port.rx_paused[pair]
+        if not reasons:
             self.loop.remove_reader(fd)
-            port.rx_paused[pair] = True
+        reasons.add(why)
 
-    def _resume_rx(self, port: Port, pair: int) -> None:
+    def _resume_rx(self, port: Port, pair: int, why: str) -> None:
         fd = port.backends[pair].fileno()
-        if fd is not None and port.rx_paused[pair] and fd >= 0:
+        reasons = port.rx_paused[pair]
+        if fd is None or fd < 0 or why not in reasons:
+            return
+        reasons.discard(why)
+        if not reasons:
             self.loop.add_reader(fd, self._on_backend_readable, port, pair)
-            port.rx_paused[pair] = False
 
     def start(self, control_path: str | None = None) -> None:
         for p in self.ports:
