@@ -147,3 +147,12 @@ def test_netns_helper_cleans_up_on_failure():
         ns.add_tap("vwft1")
         with pytest.raises(TapError, match="cannot create TAP 'vwft1'"):
             ns.add_tap("vwft1")
+
+
+def test_netns_fixtures(tap_netns, bridge_netns):
+    ns, tap = tap_netns
+    ns2, br, taps = bridge_netns
+    assert ns.name != ns2.name
+    assert "tun" in ns.run(["ip", "-d", "link", "show", tap]).stdout
+    for t in taps:
+        assert f"master {br}" in ns2.run(["ip", "link", "show", t]).stdout
