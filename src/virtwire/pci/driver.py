@@ -702,8 +702,11 @@ class LegacyPciTransport(_PciTransportBase):
         if bar is None or not bar.io or bar.size < spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX:
             raise PciError(f"{fn.bdf}: no legacy I/O BAR0")
         self.regs = _Region(io, bar.address, bar.size, True, f"{fn.bdf} legacy")
-        # MSI-X stays disabled here, so device config starts at 20 (§4.1.4.8).
-        self.cfg_off = spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX
+        # §4.1.4.8: device config follows the MSI-X vector registers only while MSI-X is on.
+        msix_on = bool(fn.msix_cap and fn.read(fn.msix_cap + PCI_MSIX_FLAGS, 2)
+                       & PCI_MSIX_FLAGS_ENABLE)
+        self.cfg_off = (spec.VIRTIO_PCI_CONFIG_OFF_MSIX if msix_on
+                        else spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX)
 
     def reset(self, timeout: float = 1.0) -> None:
         self.regs.write(spec.VIRTIO_PCI_STATUS, 1, 0)
