@@ -120,3 +120,71 @@ def test_frame_helpers() -> None:
     f = b"\x01\x00\x5e\x00\x00\x01" + b"\x02" * 6 + b"\x86\xdd"
     assert ethertype(f) == 0x86DD and ethertype(f[:10]) == -1
     assert is_multicast(f[:6]) and not is_multicast(b"\x02" * 6)
+
+
+def _tcp_super(v6: bool, payload: bytes, flags: int = 0x19, vlan: bool = False) -> bytes:
+    import ipaddress
+    import struct
+
+    tcp = struct.pack(">HHIIBBHHH", 1, 2, 0xFFFFFF00, 7, 5 << 4, flags, 1000, 0, 0)
+    if v6:
+        ip = (b"\x60\0\0\0" + (20 + len(payload)).to_bytes(2, "big") + b"\x06\x40"
+              + ipaddress.IPv6Address("fd00::1").packed + ipaddress.IPv6Address("fd00::2").packed)
+        et = b"\x86\xdd"
+    else:
+        ip = bytearray(20)
+        ip[0], ip[8], ip[9] = 0x45, 64, 6
+        ip[2:4] = (40 + len(payload)).to_bytes(2, "big")
+        ip[4:6] = (0xFFFE).to_bytes(2, "big")
+        ip[12:16] = bytes([10, 0, 0, 1])
+        ip[16:20] = bytes([10, 0, 0, 2])
+        ip = bytes(ip)
+        et = b"\x08\x00"
+    eth = b"\x02" * 6 + b"\x04" * 6 + (b"\x81\x00\x00\x05" if vlan else b"") + et
+    return eth + ip + tcp + payload
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("vlan", [False, True])
+def test_gso_segment_tcp(v6: bool, vlan: bool) -> None:
+    from virtwire.net.header import gso_segment
+
+    payload = bytes((i * 7) & 0xFF for i in range(3500))
+    f = _tcp_super(v6, payload, vlan=vlan)
+    l3 = 18 if vlan else 14
+    l4 = l3 + (40 if v6 else 20)
+    gt = s.VIRTIO_NET_HDR_GSO_TCPV6 if v6 else s.VIRTIO_NET_HDR_GSO_TCPV4
+    segs = gso_segment(f, VirtioNetHdr(flags=1, gso_type=gt, gso_size=1000, csum_start=l4,
+                                       csum_offset=16))
+    assert [len(x) - l4 - 20 for x in segs] == [1000, 1000, 1000, 500]
+    assert b"".join(x[l4 + 20:] for x in segs) == payload
+    for i, x in enumerate(segs):
+        seq = int.from_bytes(x[l4 + 4:l4 + 8], "big")
+        assert seq == (0xFFFFFF00 + 1000 * i) & 0xFFFFFFFF  # wraps
+        fl = x[l4 + 13]
+        assert fl & 0x01 == (0x01 if i == 3 else 0) and fl & 0x08 == (0x08 if i == 3 else 0)
+        assert fl & 0x10  # ACK everywhere
+        tcp = x[l4:]
+        if v6:
+            pseudo = x[l3 + 8:l3 + 40] + len(tcp).to_bytes(4, "big") + b"\0\0\0\x06"
+            assert int.from_bytes(x[l3 + 4:l3 + 6], "big") == len(tcp)
+        else:
+            assert inet_checksum(x[l3:l4]) == 0
+            assert int.from_bytes(x[l3 + 2:l3 + 4], "big") == len(x) - l3
+            assert int.from_bytes(x[l3 + 4:l3 + 6], "big") == (0xFFFE + i) & 0xFFFF
+            pseudo = x[l3 + 12:l3 + 20] + b"\0\x06" + len(tcp).to_bytes(2, "big")
+        assert inet_checksum(pseudo + tcp) == 0
+
+
+def test_gso_segment_refuses_what_it_cannot_cut() -> None:
+    from virtwire.net.header import GsoError, gso_segment
+
+    f = _tcp_super(False, b"x" * 3000)
+    with pytest.raises(GsoError):
+        gso_segment(f, VirtioNetHdr(gso_type=s.VIRTIO_NET_HDR_GSO_UDP, gso_size=1000))
+    with pytest.raises(GsoError):
+        gso_segment(f, VirtioNetHdr(gso_type=s.VIRTIO_NET_HDR_GSO_TCPV6, gso_size=1000))
+    with pytest.raises(GsoError):
+        gso_segment(f[:40], VirtioNetHdr(gso_type=s.VIRTIO_NET_HDR_GSO_TCPV4, gso_size=100))
+    with pytest.raises(GsoError):
+        gso_segment(f, VirtioNetHdr(gso_type=s.VIRTIO_NET_HDR_GSO_TCPV4, gso_size=0))

@@ -20,10 +20,11 @@ an uplink, the uplink TAP's fd, so a host's event loop that watches every port f
 ``virtwire serve`` does) also learns when the uplink has frames: serving any port first drains
 the uplink (``drain_wakeup`` -> ``poll_uplink``), which queues those frames on their ports.
 
-Offloads: a port accepts checksum offload from its guest (CSUM) but no segmentation offload, so
-no GSO frame ever enters the switch. A NEEDS_CSUM frame is delivered as such to a guest that
-negotiated GUEST_CSUM and completed in software for one that did not (and for the uplink TAP,
-whose kernel side takes partial checksums anyway, it is passed as is).
+Offloads travel with the frame, as between two TAPs on a Linux bridge: a port takes checksum
+and TCP segmentation offload from its guest (CSUM, HOST_TSO4/6/ECN), so a guest sends 64 KiB TCP
+super-frames. Each egress adapts: a guest that negotiated the matching GUEST_* offloads gets
+the frame as it is; otherwise the switch segments it (``header.gso_segment``) and/or completes
+its checksum in software. The uplink TAP takes everything as is (its kernel side handles it).
 """
 
 from __future__ import annotations
@@ -39,14 +40,25 @@ from virtwire.backends.base import BackendBase, Frame
 from virtwire.net.header import (
     ETH_HLEN,
     MAX_FRAME,
+    GsoError,
     VirtioNetHdr,
     finish_checksum,
+    gso_segment,
     scatter,
 )
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
     bit,
 )
 
@@ -54,22 +66,26 @@ __all__ = ["L2Switch", "SwitchPort", "Switch"]
 
 log = logging.getLogger(__name__)
 
-# A queued frame: (flags, csum_start, csum_offset, frame bytes). No GSO ever enters the switch.
-_Item = tuple[int, int, int, bytes]
+# A queued frame: (flags, gso_type, gso_size, hdr_len, csum_start, csum_offset, frame bytes).
+_Item = tuple[int, int, int, int, int, int, bytes]
+_GSO_NEEDS = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
+              VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6}
 
 
 class SwitchPort(BackendBase):
     """One port of an ``L2Switch``: the backend of one device (see module docstring)."""
 
     vnet_hdr = True
-    host_offloads = bit(VIRTIO_NET_F_CSUM)
+    host_offloads = bit(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+                        VIRTIO_NET_F_HOST_ECN)
 
     def __init__(self, switch: L2Switch, name: str) -> None:
         super().__init__(f"switch:{switch.name}:{name}")
         self.port_name = name
         self.switch = switch
         self.rx: deque[_Item] = deque()
-        self.counters.update({"rx_queue_drops": 0, "tx_bad": 0})
+        self.counters.update({"rx_queue_drops": 0, "tx_bad": 0, "gso_segmented": 0,
+                              "gso_errors": 0})
         self.guest_csum = False
         self._ep: select.epoll | None = None
 
@@ -106,16 +122,40 @@ class SwitchPort(BackendBase):
             if len(data) < hl + ETH_HLEN:
                 c["tx_bad"] += 1
                 continue
-            flags = data[0]
-            cs = int.from_bytes(data[6:8], "little")
-            co = int.from_bytes(data[8:10], "little")
-            items.append((flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, cs, co, data[hl:]))
+            h = VirtioNetHdr.unpack(data, 10)
+            items.append((h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, h.gso_type, h.gso_size,
+                          h.hdr_len, h.csum_start, h.csum_offset, data[hl:]))
             c["tx_frames"] += 1
             c["tx_bytes"] += len(data) - hl
         self.switch.forward(self, items)
         return len(frames)
 
+    def _takes_gso(self, gso_type: int) -> bool:
+        need = _GSO_NEEDS.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
+        f = self.features
+        if need is None or not f >> need & 1:
+            return False
+        return not gso_type & VIRTIO_NET_HDR_GSO_ECN or bool(f >> VIRTIO_NET_F_GUEST_ECN & 1)
+
     def enqueue(self, item: _Item) -> bool:
+        if item[1] and not self._takes_gso(item[1]):
+            # This guest cannot receive the super-frame: cut it as a NIC would (TSO).
+            h = VirtioNetHdr(flags=item[0], gso_type=item[1], gso_size=item[2],
+                             hdr_len=item[3], csum_start=item[4], csum_offset=item[5])
+            try:
+                segs = gso_segment(item[6], h)
+            except GsoError:
+                self.counters["gso_errors"] += 1
+                self.counters["drops"] += 1
+                return False
+            self.counters["gso_segmented"] += 1
+            ok = False
+            for sg in segs:
+                ok = self._put((0, 0, 0, 0, 0, 0, sg)) or ok
+            return ok
+        return self._put(item)
+
+    def _put(self, item: _Item) -> bool:
         if len(self.rx) >= self.switch.queue_limit:
             self.counters["rx_queue_drops"] += 1
             self.counters["drops"] += 1
@@ -124,12 +164,12 @@ class SwitchPort(BackendBase):
         return True
 
     def pending_len(self) -> int | None:
-        return self.hdr_len + len(self.rx[0][3]) if self.rx else 0
+        return self.hdr_len + len(self.rx[0][6]) if self.rx else 0
 
     def recv(self, bufs: Sequence[memoryview]) -> int:
         if not self.rx:
             return 0
-        flags, cs, co, frame = self.rx.popleft()
+        flags, gso_type, gso_size, hdr_len, cs, co, frame = self.rx.popleft()
         if flags and not self.guest_csum:
             fb = bytearray(frame)
             try:
@@ -139,8 +179,9 @@ class SwitchPort(BackendBase):
                 return 0
             frame = bytes(fb)
             flags = 0
-        hdr = VirtioNetHdr(flags=flags, csum_start=cs if flags else 0,
-                           csum_offset=co if flags else 0, num_buffers=1).pack(self.hdr_len)
+        hdr = VirtioNetHdr(flags=flags, gso_type=gso_type, hdr_len=hdr_len, gso_size=gso_size,
+                           csum_start=cs if flags else 0, csum_offset=co if flags else 0,
+                           num_buffers=1).pack(self.hdr_len)
         n = scatter(bufs, hdr) + scatter(bufs, frame, self.hdr_len)
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += len(frame)
@@ -165,9 +206,10 @@ class _Uplink:
         self._scratch = bytearray(12 + MAX_FRAME)
 
     def enqueue(self, item: _Item) -> bool:
-        flags, cs, co, frame = item
-        hdr = VirtioNetHdr(flags=flags, csum_start=cs if flags else 0,
-                           csum_offset=co if flags else 0).pack(12)
+        flags, gso_type, gso_size, hdr_len, cs, co, frame = item
+        hdr = VirtioNetHdr(flags=flags, gso_type=gso_type, hdr_len=hdr_len, gso_size=gso_size,
+                           csum_start=cs if flags else 0, csum_offset=co if flags else 0
+                           ).pack(12)
         if self.tap.send([[memoryview(hdr), memoryview(frame)]]):
             self.counters["tx_frames"] += 1
             return True
@@ -239,10 +281,9 @@ class L2Switch:
             if n < 12 + ETH_HLEN or n > len(view):
                 up.counters["drops"] += 1
                 continue
-            flags = view[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM
-            cs = int.from_bytes(view[6:8], "little")
-            co = int.from_bytes(view[8:10], "little")
-            items.append((flags, cs, co, bytes(view[12:n])))
+            h = VirtioNetHdr.unpack(view, 10)
+            items.append((h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, h.gso_type, h.gso_size,
+                          h.hdr_len, h.csum_start, h.csum_offset, bytes(view[12:n])))
             up.counters["rx_frames"] += 1
         if items:
             self.forward(up, items, skip_wake=skip_wake)
@@ -272,7 +313,7 @@ class L2Switch:
         woken: dict[int, Any] = {}
         flood: list[Any] | None = None
         for item in items:
-            frame = item[3]
+            frame = item[6]
             src, dst = frame[6:12], frame[0:6]
             if not src[0] & 1:
                 old = fdb.get(src)

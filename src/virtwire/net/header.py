@@ -62,6 +62,8 @@ __all__ = [
     "is_multicast",
     "MAX_FRAME",
     "ETH_HLEN",
+    "gso_segment",
+    "GsoError",
 ]
 
 ETH_HLEN = 14
@@ -291,3 +293,77 @@ def ethertype(frame: bytes | memoryview) -> int:
 def is_multicast(mac: bytes | memoryview) -> bool:
     """Group bit of a MAC address (broadcast included)."""
     return bool(mac[0] & 1)
+
+
+# --- software segmentation (GSO) ----------------------------------------------------------------
+class GsoError(ValueError):
+    """A GSO frame this module cannot segment (not Ethernet/IPv4|IPv6/TCP, or inconsistent)."""
+
+
+def _pseudo_sum(frame: bytes | bytearray, l3: int, v6: bool, l4_len: int) -> int:
+    if v6:
+        return inet_sum(bytes(frame[l3 + 8 : l3 + 40]) + l4_len.to_bytes(4, "big") + b"\0\0\0\x06")
+    return inet_sum(bytes(frame[l3 + 12 : l3 + 20]) + b"\x00\x06" + l4_len.to_bytes(2, "big"))
+
+
+def gso_segment(frame: bytes | bytearray | memoryview, hdr: VirtioNetHdr) -> list[bytes]:
+    """Cut a TCP GSO super-frame (VIRTIO_NET_HDR_GSO_TCPV4/TCPV6, §5.1.6.2) into MSS-sized
+    frames with complete IPv4 and TCP checksums, as a NIC doing TSO would (RFC 9293 sequence
+    numbers; FIN/PSH only on the last segment, CWR only on the first; IPv4 ids incremented).
+
+    Raises ``GsoError`` for anything else (the caller drops the frame, counted).
+    """
+    f = bytes(frame)
+    gso = hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6) or hdr.gso_size == 0:
+        raise GsoError(f"cannot segment gso_type {hdr.gso_type} / gso_size {hdr.gso_size}")
+    l3 = ETH_HLEN
+    et = ethertype(f)
+    if et == 0x8100 and len(f) >= 18:
+        l3, et = 18, (f[16] << 8) | f[17]
+    v6 = gso == VIRTIO_NET_HDR_GSO_TCPV6
+    if v6:
+        if et != 0x86DD or len(f) < l3 + 40 or f[l3 + 6] != 6:
+            raise GsoError("not an IPv6/TCP frame (extension headers are not segmented)")
+        l4 = l3 + 40
+    else:
+        if et != 0x0800 or len(f) < l3 + 20 or f[l3] >> 4 != 4 or f[l3 + 9] != 6:
+            raise GsoError("not an IPv4/TCP frame")
+        l4 = l3 + (f[l3] & 0x0F) * 4
+    if len(f) < l4 + 20:
+        raise GsoError("truncated TCP header")
+    hlen = l4 + (f[l4 + 12] >> 4) * 4
+    if hlen < l4 + 20 or len(f) < hlen:
+        raise GsoError("bad TCP header length")
+    mss = hdr.gso_size
+    payload = f[hlen:]
+    n = max(1, -(-len(payload) // mss))
+    if n > 1024:
+        raise GsoError(f"{n} segments")
+    seq0 = int.from_bytes(f[l4 + 4 : l4 + 8], "big")
+    flags0 = f[l4 + 13]
+    ip_id = int.from_bytes(f[l3 + 4 : l3 + 6], "big") if not v6 else 0
+    out = []
+    for i in range(n):
+        data = payload[i * mss : (i + 1) * mss]
+        seg = bytearray(f[:hlen]) + data
+        if v6:
+            seg[l3 + 4 : l3 + 6] = (len(seg) - l3 - 40).to_bytes(2, "big")
+        else:
+            seg[l3 + 2 : l3 + 4] = (len(seg) - l3).to_bytes(2, "big")
+            seg[l3 + 4 : l3 + 6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            seg[l3 + 10 : l3 + 12] = b"\0\0"
+            seg[l3 + 10 : l3 + 12] = (~inet_sum(seg[l3:l4]) & 0xFFFF).to_bytes(2, "big")
+        seg[l4 + 4 : l4 + 8] = ((seq0 + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+        fl = flags0
+        if i < n - 1:
+            fl &= ~0x09  # FIN, PSH only on the last segment
+        if i > 0:
+            fl &= ~0x80  # CWR only on the first
+        seg[l4 + 13] = fl
+        seg[l4 + 16 : l4 + 18] = b"\0\0"
+        tcp_len = len(seg) - l4
+        c = ~inet_sum(seg[l4:], _pseudo_sum(seg, l3, v6, tcp_len)) & 0xFFFF
+        seg[l4 + 16 : l4 + 18] = c.to_bytes(2, "big")
+        out.append(bytes(seg))
+    return out
