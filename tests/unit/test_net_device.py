@@ -656,3 +656,33 @@ def test_trace_frames_and_ctrl(tmp_path) -> None:
     assert any(e["class_name"] == "RX" and e["cmd_name"] == "PROMISC" and e["ack"] == 0
                for e in ctrl)
     assert any(e["cat"] == "config" and e.get("link") == "down" for e in ev)
+
+
+def test_tso_across_switch_whole_or_segmented() -> None:
+    from virtwire.backends.switch import L2Switch
+
+    sw = L2Switch("t")
+    a = NetPair(backends=[sw.port("a")])
+    b = NetPair(backends=[sw.port("b")])
+    c = NetPair(backends=[sw.port("c")], options="guest_tso4=off,guest_tso6=off,guest_ecn=off")
+    assert a.dev.has_feature(s.VIRTIO_NET_F_HOST_TSO4)
+    import ipaddress
+
+    payload = bytes(range(200)) * 20
+    tcp = struct.pack(">HHIIBBHHH", 1, 2, 100, 7, 5 << 4, 0x18, 1000, 0, 0)
+    ip = bytearray(20)
+    ip[0], ip[8], ip[9] = 0x45, 64, 6
+    ip[2:4] = (40 + len(payload)).to_bytes(2, "big")
+    ip[12:16] = ipaddress.IPv4Address("10.0.0.1").packed
+    ip[16:20] = ipaddress.IPv4Address("10.0.0.2").packed
+    ip[10:12] = inet_checksum(bytes(ip)).to_bytes(2, "big")
+    frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x0a\x08\x00" + bytes(ip) + tcp + payload
+    assert a.drv.send([frame], flags=s.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                      gso_type=s.VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=54, gso_size=1448,
+                      csum_start=34, csum_offset=16) == 1
+    (gb,) = b.drv.poll_receive(1, timeout=1.0)
+    assert gb.gso_type == s.VIRTIO_NET_HDR_GSO_TCPV4 and gb.data == frame
+    gc = c.drv.poll_receive(3, timeout=1.0)
+    assert [len(g.data) for g in gc] == [54 + 1448, 54 + 1448, 54 + 1104]
+    assert b"".join(g.data[54:] for g in gc) == payload
+    assert a.dev.counters[1]["tx_gso"] == 1 and b.dev.counters[0]["rx_gso"] == 1
