@@ -349,11 +349,14 @@ def test_multiqueue_two_pairs_carry_traffic(tmp_path, guest_image):
             assert rings[role]["frames"] > 50, (role, rings)
 
 
-def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image):
-    """``--net vhost-user,serve=tap:IF``: the launcher starts and stops ``virtwire serve``."""
+@pytest.mark.parametrize("server", ["on", "off"], ids=["serve-listens", "qemu-listens"])
+def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image, server):
+    """``--net vhost-user,serve=tap:IF``: the launcher starts and stops ``virtwire serve``;
+    ``server=off`` makes QEMU listen and our back end connect (client mode)."""
     with netns("vwv") as ns:
         _add_tap(ns, "vwvs0", "10.79.0.1/24")
-        vm = GuestVM(net=["vhost-user,serve=tap:vwvs0,mrg_rxbuf=off"], ip="10.79.0.2/24",
+        vm = GuestVM(net=[f"vhost-user,serve=tap:vwvs0,mrg_rxbuf=off,server={server}"],
+                     ip="10.79.0.2/24",
                      image=guest_image, netns=ns.name, name=f"vwv{os.getpid() % 10000}-sc")
         with vm:
             vm.wait_ready(90)

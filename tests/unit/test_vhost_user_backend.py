@@ -282,3 +282,34 @@ def test_add_mem_reg_is_reference_counted_across_queue_pairs(setup):
     fe.send(R.ADD_MEM_REG, P.MEMREG, MemRegion(GPA + 4096, 4096, UVA + 8192, 0),
             fds=[fe.memfd], need_reply=True)
     assert fe.reply(R.ADD_MEM_REG) == 1
+
+
+def test_client_mode_connects_and_reconnects(tmp_path):
+    """server=off: we connect to the front end's socket, and again after it went away."""
+    loop = EventLoop(raise_errors=True)
+    path = str(tmp_path / "vwv-fe.sock")
+    be = VhostUserBackend(VirtioDeviceHost(LoopbackDevice([64, 64])), loop, path, server=False,
+                          reconnect=0.05)
+    be.start()  # nobody listens yet: retried
+    loop.run(timeout=0.1)
+    assert be.conn is None
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(1)
+    lst.settimeout(2)
+    try:
+        for n in (1, 2):
+            assert loop.run_until(lambda n=n: be.connections == n, 2.0)
+            conn, _ = lst.accept()
+            vp.send_message(conn, vp.encode(R.GET_FEATURES))
+            loop.run_once(0.5)
+            conn.settimeout(2)
+            msg = vp.recv_message(conn)
+            assert msg is not None and vp.decode_reply(R.GET_FEATURES, msg) >> 32 & 1
+            conn.close()  # the front end restarts
+            loop.run_once(0.5)
+            assert be.conn is None
+    finally:
+        lst.close()
+        be.close()
+        loop.close()
