@@ -15,6 +15,13 @@ CSUM are finished in software on a private copy (the device must not write TX bu
 ``push`` per chain, one ``publish``, one interrupt decision. Frames the backend did not take
 (back-pressure) stay pending with their chains un-used and go first on the next call.
 
+Native fast path: for split rings and a backend with ``native_tx_fd`` (TAP: writev on its fd;
+null: discard), a small C function (``virtwire._native``, built on first use) consumes each run
+of chains it can take whole -- readable, inside guest RAM, header acceptable -- and stops at the
+first it cannot; that chain goes through the Python checks right away, then C resumes, so
+frames leave in ring order and every drop is decided and counted in one place. Without a C
+compiler (or while frames are traced) the pure-Python path does everything; tests run both.
+
 RX: the backend is read only once buffers for a frame exist, so no frame is lost while the guest
 has none -- the device then enables notifications and waits for the RX kick (``rx_watch(pair,
 False)`` tells a host's event loop to stop watching the backend fd meanwhile, and ``True``
