@@ -38,35 +38,38 @@ only while their category, or a pcap, is on: their hooks are not installed other
 cat        ev               fields
 =========  ===============  ==================================================================
 trace      start            version, wall, pid, argv, host, categories, sample
-trace      end              counts {"cat.ev": n}, dropped
-pci        cfg_read         off, size, val, reg ("vendor_id", "cap@0x40.cfg_type", ...)
+trace      end              counts {"cat.ev": n}
+host       start|stop       kind ("vhost-user" | "pci-proxy"), detail fields (ports, ...)
+pci        cfg_read         off, size, val, reg: header fields ("vendor_id|device_id", "bar4",
+                            "command", "pci_status") or capability fields
+                            ("cap.common_cfg.cfg_type", "cap.notify_cfg.notify_off_multiplier")
 pci        cfg_write        off, size, val, reg
-pci        bar_size         bar, size, kind ("mem32" | "io")       (a sizing probe was answered)
-pci        bar_map          bar, addr, size, kind                   (the guest programmed a BAR)
-pci        bar_read         bar, off, size, val, reg ("common_cfg.queue_desc", "isr", ...)
+pci        bar_size         bar, size, kind ("mem32" | "io")      (an all-ones sizing probe)
+pci        bar_map          bar, addr, size, kind                  (the guest placed a BAR)
+pci        bar_read         bar, off, size, val, reg ("common_cfg.queue_desc_lo", "isr",
+                            "notify.q1", "device_cfg.mac", "legacy.queue_pfn")
 pci        bar_write        bar, off, size, val, reg
-pci        reset            -
-vhost      msg              req (name, "VHOST_USER_SET_FEATURES"), code, size, fds, payload {}
+vhost      msg              req ("VHOST_USER_SET_FEATURES"), code, size, fds, payload {decoded;
+                            feature words as {"features": hex, "names": [...]}}
 vhost      reply            req, code, payload {}
-feature    offer            features (hex), names []                (device -> driver)
-feature    ack              features (hex), names [], sel?          (driver -> device)
-feature    negotiated       features (hex), names []                (at FEATURES_OK / SET_FEATURES)
-status     set              old, new, old_names [], new_names []
-status     reset            -
-queue      setup            q, size, desc, avail, used, packed (bool)  (addresses are GPAs)
-queue      enable           q, enabled (bool)
-queue      reset            q
-kick       kick             q                                        (driver -> device)
-chain      chain            q, head, descs [[addr, len, flags], ...], rlen, wlen, indirect
+feature    offer            features (hex), names []               (device -> driver)
+feature    ack              features (hex), names []               (driver -> device)
+feature    negotiated       features (hex), names []               (accepted at FEATURES_OK)
+status     set              old, new, old_names [], new_names []   (a status write; 0 = reset)
+status     reset            -                                      (the device was reset)
+queue      setup            q, size, desc, avail, used, packed     (ring areas as GPAs)
+kick       kick             q                                      (driver -> device)
+chain      chain            q, head, descs [[addr, len, flags]], rlen, wlen, indirect
+                            (flags rebuilt per virtq_desc: NEXT=1, WRITE=2)
 used       used             q, id, len
-used       publish          q, n                                     (one used-index store)
-irq        irq              q (or -1 for config), kind ("msix" | "intx" | "call"), vector?, level?
-irq        suppressed       q                                        (event idx / NO_INTERRUPT)
-config     change           field, val                               (e.g. link status)
-ctrl       cmd              class, cmd, class_name, cmd_name, ack
-frame      frame            dir ("tx": guest -> network, "rx": network -> guest), len, q, summary,
-                            proto (the decoded summary dict of ``virtwire.net.frame``)
-host       start|stop       kind ("pci-proxy" | "vhost-user" | ...), detail fields
+used       publish          q, n                                   (one used-index store)
+irq        irq              q (-1: configuration change), kind ("intx" | "call" | "msix"),
+                            level (INTx) or vector (MSI-X)
+irq        suppressed       q                (no interrupt: EVENT_IDX / NO_INTERRUPT said so)
+config     change           field, val, link?
+ctrl       cmd              class, cmd, class_name, cmd_name, ack (0 = OK), data (hex)?
+frame      frame            dir ("tx": guest -> network, "rx": network -> guest), len, q,
+                            summary, proto (``virtwire.net.frame.decode`` of the frame)
 =========  ===============  ==================================================================
 
 Who speaks (for sequence diagrams) is a function of the event: ``flow(event)`` returns

@@ -220,3 +220,12 @@ def test_a_vmm_reset_before_discovery_does_not_start_negotiation() -> None:
     evs.insert(1, {"t": 0.000005, "cat": "pci", "ev": "reset"})
     a = analyze(evs)
     assert a.in_order(), [p.id for p in a.phases]
+
+
+def test_cli_schema(capsys) -> None:
+    assert cli.main(["explain", "--schema"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Event schema (version 1)")
+    for cat in ("pci", "vhost", "feature", "status", "queue", "kick", "chain", "used", "irq",
+                "config", "ctrl", "frame"):
+        assert f"\n{cat} " in out

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true",
                         help="trace virtwire's own PCI driver driving virtwire's virtio-net "
                              "device in process (enumeration to ping), then explain that")
+    parser.add_argument("--schema", action="store_true",
+                        help="print the trace event schema (what --trace writes) and exit")
     parser.add_argument("--save", metavar="TRACE",
                         help="with --live: keep the trace (and TRACE.pcapng) here")
     parser.add_argument("--width", type=int, default=100, help="text width (default 100)")
@@ -65,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from virtwire.explain import analyze, load, narrate
     from virtwire.explain.html import render_html
 
+    if args.schema:
+        from virtwire import trace
+
+        doc = trace.__doc__ or ""
+        start = doc.index("Event schema")
+        sys.stdout.write(doc[start:].rstrip() + "\n")
+        return 0
     paths = list(args.traces)
     tmp = None
     if args.live:
