@@ -547,6 +547,31 @@ def c_config(ctx: Context) -> Result:
                         f"({d['source']})", d)
 
 
+@check("config.before_features_ok", "Device config is readable before FEATURES_OK",
+       "virtio 1.2 §2.5.1 / §3.1.1 (device MUST allow reading any device-specific "
+       "configuration field before FEATURES_OK is set)")
+def c_config_early(ctx: Context) -> Result:
+    if ctx.t.kind == "vhost-user":
+        fe: Any = ctx.driver().t
+        if not getattr(fe, "protocol_features", 0) >> 9 & 1:
+            return Result(SKIP, "no VHOST_USER_PROTOCOL_F_CONFIG: the front end supplies config")
+    drv = ctx.driver()
+    mac_after = drv.mac
+    t = drv.t
+    t.reset()
+    t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER)
+    early = t.read_config(0, 6)
+    status = t.read_config(6, 2)
+    t.reset()
+    d = {"mac_before": early.hex(":"), "mac_after": mac_after.hex(":"),
+         "status_before": int.from_bytes(status, "little")}
+    if early != mac_after:
+        return Result(FAIL, f"MAC read before FEATURES_OK {d['mac_before']} differs from "
+                            f"{d['mac_after']}", d)
+    return Result(PASS, f"MAC {d['mac_before']} and status readable after ACKNOWLEDGE|DRIVER", d)
+
+
 @check("config.generation", "A link change is visible: status, config interrupt, generation",
        "virtio 1.2 §4.1.4.3.1 (device MUST present a changed config_generation after a read "
        "config field changed), §4.1.4.5 (ISR bit 1), §5.1.4 (VIRTIO_NET_S_LINK_UP)")
