@@ -686,3 +686,26 @@ def test_tso_across_switch_whole_or_segmented() -> None:
     assert [len(g.data) for g in gc] == [54 + 1448, 54 + 1448, 54 + 1104]
     assert b"".join(g.data[54:] for g in gc) == payload
     assert a.dev.counters[1]["tx_gso"] == 1 and b.dev.counters[0]["rx_gso"] == 1
+
+
+def test_stop_returns_stash_unwritten_when_not_the_ring_tail() -> None:
+    class Blind(MemoryBackend):
+        def pending_len(self) -> int | None:
+            return None if self.rx else 0
+
+    b = Blind("blind")
+    p = NetPair(backends=[b], rx_fill=0)
+    rq = p.drv.rxqs[0]
+    for tok, n in (("c1", 2048), ("c2", 2048), ("c3", 4)):
+        rq.q.add(p.mem, (), [(p.drv.alloc.alloc(2048, 64), n)], tok)
+    b.inject(_frame(100))
+    rq.q.publish(p.mem)
+    p.dev.notify(0)
+    q = p.dev.queues[0]
+    assert len(p.dev.pairs[0].stash) == 1  # c2; c3 (too small) was returned at once
+    p.dev.queue_stopped(0)
+    used = []
+    while (u := rq.q.get_used(p.mem)) is not None:
+        used.append((u[0], u[1]))
+    assert used == [("c3", 0), ("c1", 112), ("c2", 0)]
+    assert q.get_base() == q.next_used == 3

@@ -187,11 +187,14 @@ def _mac_bytes(mac: str | bytes) -> bytes:
     return b
 
 
-def _rewind(q: Any, chains: Sequence[DescriptorChain]) -> None:
-    """Give ``chains`` (the last ones popped, none used) back to the ring: move next-avail back.
+def _rewind(q: Any, chains: Sequence[DescriptorChain], mem: GuestMemory | None = None) -> None:
+    """Give ``chains`` (popped, none used) back to the ring: move next-avail back over them.
 
-    Split rings count chains (§2.7.13); packed rings count descriptors and may cross a wrap
-    (§2.8.1). Used positions are unchanged (``set_base`` would reset them, so restore).
+    That is only right when they are exactly the last ones popped, in order -- the usual case.
+    A split ring is checked against its avail entries; when a chain popped in between was
+    already used (a guest's too-small RX buffer, a dropped TX frame), the chains are returned
+    as used with length 0 instead (§2.7.8: a device may return a buffer unwritten).
+    Split rings count chains (§2.7.13); packed rings count descriptors and may cross a wrap.
     """
     if not chains:
         return
@@ -205,8 +208,25 @@ def _rewind(q: Any, chains: Sequence[DescriptorChain]) -> None:
             wrap ^= 1
         q.set_base(idx | wrap << 15)
         q.set_used_base(used)
-    else:
-        q.set_base((q.get_base() - len(chains)) & 0xFFFF)
+        return
+    n = len(chains)
+    start = (q.get_base() - n) & 0xFFFF
+    contiguous = (start - q.next_used) & 0xFFFF == 0
+    if contiguous and mem is not None:
+        try:
+            for k, c in enumerate(chains):
+                slot = (start + k) & (q.size - 1)
+                if mem.read_u16(q.avail_addr + 4 + 2 * slot) != c.head:
+                    contiguous = False
+                    break
+        except Exception:  # noqa: BLE001 - memory already gone: give back by count
+            pass
+    if contiguous:
+        q.set_base(start)
+        return
+    for c in chains:
+        q.push(mem, c, 0)
+    q.publish(mem)
 
 
 class _Pair:
@@ -550,12 +570,12 @@ class VirtioNet(VirtioDevice):
         except Exception as e:  # guest memory may already be gone
             log.debug("%s: publish at stop of queue %d: %s", self.name, index, e)
         if role == "rx":
-            _rewind(q, [c for c, _v in p.stash])
+            _rewind(q, [c for c, _v in p.stash], self.mem)
             held = p.held  # a frame already read from the backend survives the restart
             p.clear()
             p.held = held
         else:
-            _rewind(q, [c for c, _i in p.tx_pending])
+            _rewind(q, [c for c, _i in p.tx_pending], self.mem)
             p.tx_pending.clear()
 
     def queue_enabled(self, index: int, enabled: bool) -> None:
