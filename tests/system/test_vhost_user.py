@@ -140,6 +140,12 @@ def test_guest_pings_the_tap_100_of_100(tmp_path, guest_image):
         assert "VERSION_1" in feats and "MRG_RXBUF" in feats
         # The TAP really carried the frames (host kernel counters).
         assert ns.link_stats("vwvt0")["rx_packets"] >= 100
+        assert vm.run("cat /sys/class/net/eth0/operstate", timeout=20).output.strip() == "up"
+        # An idle guest leaves the event loop idle too (no busy loop on a level-triggered TAP).
+        it0 = srv.stats(sock)["loop"]["iterations"]
+        time.sleep(2.0)
+        it1 = srv.stats(sock)["loop"]["iterations"]
+        assert it1 - it0 < 500, (it0, it1)
 
 
 HOST_SINK = r"""

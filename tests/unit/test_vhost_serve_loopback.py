@@ -7,12 +7,14 @@ import json
 import os
 import random
 import signal
+import struct
 import threading
 
 import pytest
 
 from virtwire.config import parse_port
 from virtwire.drive.vhost_user_frontend import VhostUserFrontend
+from virtwire.hosts.vhost_user_proto import VhostUserRequest as R
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.serve import build, query_stats
 from virtwire.virtio import spec
@@ -62,6 +64,17 @@ def test_frames_both_ways_and_counters(served):
         assert rings["tx0"]["frames"] == 300 and rings["rx0"]["frames"] == 300
         assert rings["tx0"]["kicks"] >= 1  # (interrupts depend on the driver polling or not)
         assert st["ports"][0]["vhost_user"]["connected"]
+        # SEND_RARP: an announcement leaves through the backend; NET_SET_MTU reaches the device.
+        fe._set(R.SEND_RARP, struct.pack("<Q", int.from_bytes(b"\x52\x54\x00\xab\xcd\xef",
+                                                              "little")))
+        fe._set(R.NET_SET_MTU, struct.pack("<Q", 9000))
+        deadline = 0
+        while be.frames()[-1][12:14] != b"\x80\x35" and deadline < 100:
+            threading.Event().wait(0.02)
+            deadline += 1
+        rarp = be.frames()[-1]
+        assert rarp[12:14] == b"\x80\x35" and rarp[6:12] == b"\x52\x54\x00\xab\xcd\xef"
+        assert srv.ports[0].device.mtu == 9000
         drv.shutdown()
     finally:
         fe.close()
