@@ -102,3 +102,17 @@ def test_qemu_going_away_silences_the_line(caplog):
     assert line.dead
     line.set_level(True)  # no exception, nothing sent
     assert "interrupts stop" in caplog.text
+
+
+def test_async_lower_mode_does_not_wait():
+    gate = threading.Event()
+    line, q, _ = pair(gate)
+    line.wait_lower = False
+    line.set_level(True)
+    line.set_level(False)  # returns although nothing was answered
+    assert line.outstanding == 2 and not line.dead
+    gate.set()
+    line.wait_lower = True
+    line.set_level(True)
+    line.set_level(False)  # the two late OKs and the two new ones, in order
+    assert line.outstanding == 0 and len(line.lower_samples) == 2

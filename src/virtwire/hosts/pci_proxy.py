@@ -692,7 +692,9 @@ class PciProxyServer:
             "proxy": {"messages": dict(self.remote.counts), "refused": self.remote.refused,
                       "service_seconds": dict(self.remote.service_seconds)},
             "transport": self.transport.stats(),
-            "intx": dict(getattr(intx, "counters", {})),
+            "intx": {**getattr(intx, "counters", {}),
+                     **({"lower_seconds": intx.lower_seconds}
+                        if hasattr(intx, "lower_seconds") else {})},
             "device": self.device.stats() if hasattr(self.device, "stats") else {},
             "backends": [{"name": getattr(b, "name", "?"), **b.stats()} for b in self.backends],
         }

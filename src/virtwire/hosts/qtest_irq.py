@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,11 +70,12 @@ class QtestIntx:
     """An ``IntxLine`` (pci.device) that sets an IOAPIC input over qtest (module docstring)."""
 
     def __init__(self, sock: socket.socket, gsi: Callable[[], int],
-                 path: str = IOAPIC_PATH) -> None:
+                 path: str = IOAPIC_PATH, wait_lower: bool = True) -> None:
         self.sock = sock
         self.sock.setblocking(True)
         self.gsi = gsi
         self.path = path
+        self.wait_lower = wait_lower
         self.level = False
         self.raised_gsi: int | None = None
         self.dead = False
@@ -81,6 +83,7 @@ class QtestIntx:
         self._buf = bytearray()
         self.counters = {"raises": 0, "lowers": 0, "lower_timeouts": 0, "round_trips": 0}
         self.lower_seconds = 0.0  # total time spent waiting for lowers (per-access figures)
+        self.lower_samples: deque[float] = deque(maxlen=4096)  # recent lower round trips, s
 
     @classmethod
     def connect(cls, path: str | Path, gsi: Callable[[], int], timeout: float = 10.0
@@ -145,11 +148,13 @@ class QtestIntx:
                 t0 = time.perf_counter()
                 self._send(self.raised_gsi, False)
                 self.raised_gsi = None
-                if not self._collect(wait_all=True):
+                if self.wait_lower and not self._collect(wait_all=True):
                     self.counters["lower_timeouts"] += 1
                     log.warning("qtest INTx: no answer to a lower within %.1f s; going on",
                                 LOWER_TIMEOUT)
-                self.lower_seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.lower_seconds += dt
+                self.lower_samples.append(dt)
                 self.counters["lowers"] += 1
             self.level = level
         except (OSError, QtestIrqError) as e:

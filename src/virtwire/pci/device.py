@@ -166,7 +166,7 @@ class VirtioPciDevice:
         self.gfselect = 0
         self.legacy_queue_select = 0
         self.pending: list[int] = []
-        self.counters: dict[str, int] = {"bad_accesses": 0, "isr_reads": 0, "raises": 0,
+        self.counters: dict[str, int] = {"bad_accesses": 0, "isr_reads": 0, "isr_zero_reads": 0, "raises": 0,
                                          "notifies": 0}
         self._bad_seen: dict[str, int] = {}
         self._common = self._common_table()
@@ -482,6 +482,8 @@ class VirtioPciDevice:
         v = self.isr
         self.isr = 0
         self.counters["isr_reads"] += 1
+        if not v:
+            self.counters["isr_zero_reads"] += 1  # shared or spurious interrupt
         self._drive_line()
         return v
 
