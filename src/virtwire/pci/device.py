@@ -166,8 +166,8 @@ class VirtioPciDevice:
         self.gfselect = 0
         self.legacy_queue_select = 0
         self.pending: list[int] = []
-        self.counters: dict[str, int] = {"bad_accesses": 0, "isr_reads": 0, "isr_zero_reads": 0, "raises": 0,
-                                         "notifies": 0}
+        self.counters: dict[str, int] = {"bad_accesses": 0, "isr_reads": 0, "isr_zero_reads": 0,
+                                         "raises": 0, "notifies": 0}
         self._bad_seen: dict[str, int] = {}
         self._common = self._common_table()
         self._legacy = self._legacy_table()
