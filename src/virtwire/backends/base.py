@@ -19,7 +19,12 @@ Readiness: ``fileno()`` is an fd the event loop watches for RX frames (the TAP f
 the in-process backends write when a frame is queued); ``None`` means the backend never has RX.
 
 Back-pressure: ``send`` returns how many frames of the batch it took; the device keeps the rest
-(their chains stay un-used) and retries on the next kick or when ``writable_fileno`` is ready.
+(their chains stay un-used) and retries on the next kick or on the backend's next wake-up
+(``VirtioNet.backend_ready``).
+
+Optional: ``native_tx_fd()`` (TAP: its fd; null: -1) lets the device's C fast path write
+frames itself; ``drain_wakeup()`` is called before each RX pass (in-process backends clear their
+eventfd there).
 ``recv`` copies or reads *one* frame into the given buffers and returns its length (header
 included when ``vnet_hdr``), or 0 when nothing is pending. ``pending_len`` is the length of the
 next frame when the backend knows it (in-process backends) and ``None`` when it cannot tell
