@@ -150,6 +150,15 @@ def test_modern_device_binds_pings_and_carries_16mib_each_way(guest_image):
         out = vm.run("ping -c 100 -i 0.05 -W 2 10.78.1.1", timeout=120).output
         assert _ping_received(out) == 100, out
         tcp_both_ways(vm, ns, "10.78.1.1", "10.78.1.2", MIB16)
+        # A link change is a configuration interrupt (ISR bit 1) through the same INTx path.
+        px = vm.pci_proxy
+        for up, want in ((False, "0"), (True, "1")):
+            px.call_in_loop(lambda up=up: px.device.set_link(up))
+            deadline = time.monotonic() + 10
+            while vm.run("cat /sys/class/net/eth0/carrier", timeout=20).output.strip() != want:
+                assert time.monotonic() < deadline, f"guest carrier never became {want}"
+                time.sleep(0.2)
+        assert _ping_received(vm.run("ping -c 5 -i 0.1 -W 2 10.78.1.1", timeout=30).output) == 5
         st = _check_sidecar(vm)
         assert "VERSION_1" in st["device"]["features"]
         assert not vm.pci_proxy.device.legacy

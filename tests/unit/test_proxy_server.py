@@ -167,3 +167,17 @@ def test_rx_frames_waiting_before_driver_ok_are_delivered_after(rig):
     got: list[bytes] = []
     _wait(lambda: got.extend(f.data for f in drv.receive()) or len(got) >= 1)
     assert got[0][14:19] == b"early"
+
+
+@pytest.mark.parametrize("rig", [False], ids=["modern"], indirect=True)
+def test_link_change_reaches_the_driver_as_a_config_interrupt(rig):
+    bus, server, net, be, mem, _ = rig
+    drv = _bring_up(bus, mem, False)
+    assert drv.link_up
+    gen = net.config_generation
+    server.call_in_loop(lambda: net.set_link(False))
+    assert server.transport.isr & 2 and net.config_generation != gen  # ISR config bit set
+    assert not drv.link_up
+    assert drv.t.read_isr() == 2 and server.transport.isr == 0  # read-to-clear over the wire
+    with pytest.raises(ZeroDivisionError):
+        server.call_in_loop(lambda: 1 // 0)  # errors come back to the caller

@@ -66,6 +66,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -592,6 +593,8 @@ class PciProxyServer:
         self._watched: dict[int, bool] = {}
         self._parked: set[int] = set()
         self.thread: threading.Thread | None = None
+        self._calls: deque[tuple[Callable[[], Any], list[Any]]] = deque()
+        self._stop_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.loop.add_reader(self._wake_r, self._on_wake)
@@ -656,7 +659,32 @@ class PciProxyServer:
                 pass
         except BlockingIOError:
             pass
-        self.loop.stop()
+        while self._calls:
+            fn, done = self._calls.popleft()
+            try:
+                done.append((True, fn()))
+            except Exception as e:  # handed back to the calling thread
+                done.append((False, e))
+        if self._stop_requested:
+            self.loop.stop()
+
+    def call_in_loop(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run ``fn`` on the loop's thread (device state is only touched there) and return its
+        result; e.g. ``server.call_in_loop(lambda: server.device.set_link(False))``."""
+        if self.thread is None or not self.thread.is_alive():
+            return fn()
+        done: list[Any] = []
+        self._calls.append((fn, done))
+        self._wake_w.send(b"c")
+        deadline = time.monotonic() + timeout
+        while not done:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the PCI proxy loop did not run the call")
+            time.sleep(0.001)
+        ok, value = done[0]
+        if not ok:
+            raise value
+        return value
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -670,6 +698,7 @@ class PciProxyServer:
         self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stop_requested = True
         try:
             self._wake_w.send(b"x")
         except OSError:
