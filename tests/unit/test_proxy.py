@@ -52,6 +52,7 @@ class FakeTarget:
 
     def set_memory(self, mem):
         self.mem = mem
+        self.memory_sets = getattr(self, "memory_sets", 0) + 1
 
 
 @pytest.fixture
@@ -275,12 +276,14 @@ def test_sync_sysmem_maps_keeps_and_replaces_regions(link):
     send(qemu, pp.MPQEMU_CMD_SYNC_SYSMEM, sysmem(layout), fds=[fd, fd])
     remote.handle_one()
     assert target.mem.regions[1] is region
+    assert target.memory_sets == 1  # nothing changed: the device is not told again
     assert open_fds() == held
     # A changed layout: the high region moves; old one unmapped, its fd closed.
     send(qemu, pp.MPQEMU_CMD_SYNC_SYSMEM,
          sysmem([(0, 0xA0000, 0), (0x200000, 0x100000, 0x100000)]), fds=[fd, fd])
     remote.handle_one()
     assert [r.gpa for r in target.mem.regions] == [0, 0x200000]
+    assert target.memory_sets == 2
     assert target.mem.read(0x200010, 5) == b"hello"
     assert not target.mem.contains(0x100010, 1)
     assert open_fds() == held

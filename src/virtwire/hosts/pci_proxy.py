@@ -287,6 +287,7 @@ class PciProxyRemote:
         self.mem = MmapGuestMemory()
         self._region_keys: dict[int, _RegionKey] = {}
         self._region_fds: dict[int, int] = {}
+        self._memory_set = False
         self.irqfd: IrqfdIntx | None = None
         self.on_irqfd: Callable[[IrqfdIntx], None] | None = None
         self.after_reply: list[Callable[[], None]] = []
@@ -522,7 +523,8 @@ class PciProxyRemote:
                 keep.add(key.gpa)
         # Drop regions that are gone or changed (their old fds too), after the device has let go
         # of every view into them.
-        if any(gpa not in keep for gpa in self._region_keys):
+        dropped = any(gpa not in keep for gpa in self._region_keys)
+        if dropped:
             release = getattr(self.target, "release_memory_views", None)
             if callable(release):
                 release()
@@ -545,10 +547,12 @@ class PciProxyRemote:
             self._region_keys[key.gpa] = key
             self._region_fds[key.gpa] = fd
             changed = True
-        if changed or len(keep) != len(keys):
+        if changed or dropped or not self._memory_set:
+            # Only a real change is announced: the device rebuilds cached views on it.
             log.info("proxy: guest RAM: %s", ", ".join(
                 f"{r.gpa:#x}+{r.size:#x}" for r in self.mem.regions))
-        self.target.set_memory(self.mem)
+            self.target.set_memory(self.mem)
+            self._memory_set = True
 
     def close(self) -> None:
         if self.irqfd is not None:
