@@ -252,7 +252,11 @@ class Server:
         except OSError:
             pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.bind(path)
+        try:
+            s.bind(path)
+        except OSError as e:
+            s.close()
+            raise OSError(e.errno, e.strerror, path) from None
         s.listen(4)
         s.setblocking(False)
         self.control, self.control_path = s, path

@@ -67,3 +67,16 @@ def test_vhost_user_nic_kind_builds_qemu_args(tmp_path):
     with pytest.raises(CliError, match="serve="):
         get_nic_kind("vhost-user").builder(
             parse_nic_spec("vhost-user,serve=bogus"), ctx)
+
+
+def test_serve_cli_errors_are_one_line(capsys, tmp_path):
+    from virtwire.cli import main
+
+    assert main(["serve", "-q", "--port", f"vhost-user,path={tmp_path}/no/dir/x.sock,"
+                 "backend=null"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen on" in err and "Traceback" not in err
+    assert main(["serve"]) == 2
+    assert main(["serve", "--port", "vhost-user,path=/x,queues=99"]) == 2
+    assert main(["stats", str(tmp_path / "none.ctl")]) == 1
+    assert "cannot read counters" in capsys.readouterr().err

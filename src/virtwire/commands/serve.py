@@ -43,10 +43,16 @@ def run(args: argparse.Namespace) -> int:
     control = args.control or configs[0].path + ".ctl"
     try:
         srv = serve.build(configs)
-    except (OSError, ImportError) as e:
+    except UserFacingError:
+        raise
+    except Exception as e:  # TapError, BackendError, OSError...: our side, one clear line
         raise UserFacingError(f"serve: cannot set up the ports: {e}") from None
     try:
-        srv.start(control)
+        try:
+            srv.start(control)
+        except OSError as e:
+            raise UserFacingError(f"serve: cannot listen on {e.filename or 'a socket'}: "
+                                  f"{e.strerror or e}") from None
         if not args.quiet:
             _print_snippets(configs, control, args.kvm, args.json, serve)
         if os.environ.get("VIRTWIRE_SERVE_READY_FD"):

@@ -243,7 +243,11 @@ class VhostUserBackend:
             if stat.S_ISSOCK(st.st_mode):
                 os.unlink(self.path)  # a stale socket of an earlier run
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.bind(self.path)
+        try:
+            s.bind(self.path)
+        except OSError as e:
+            s.close()
+            raise OSError(e.errno, e.strerror, self.path) from None
         s.listen(2)
         s.setblocking(False)
         self.listener = s
