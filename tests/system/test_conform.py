@@ -20,14 +20,14 @@ EXPECTED = {
     "qemu": {"used.packed_write_flag": "fail", "notify.no_stall": "fail", "ctrl.mq": "skip",
              **NO_OFFLOADS},
     "qemu-legacy": {"features.version_1": "skip", "used.packed_write_flag": "skip",
-                    "ctrl.mq": "skip", "irq.msix": "skip", **NO_OFFLOADS},
+                    "ctrl.mq": "skip", "irq.msix": "skip", "reset.queue": "skip", **NO_OFFLOADS},
     "qemu-tap": {"used.packed_write_flag": "fail"},
     "dpdk": {"features.dependencies": "fail", "config.generation": "skip", "ctrl.mq": "skip",
-             "config.before_features_ok": "skip",
+             "config.before_features_ok": "skip", "reset.queue": "skip",
              "irq.msix": "skip",
              "ctrl.commands": "skip", "offload.tx_tso": "skip", "offload.rx_gso": "skip"},
     "virtwire": {"config.generation": "skip", "ctrl.mq": "skip", "ctrl.commands": "skip",
-                 "irq.msix": "skip"},
+                 "irq.msix": "skip", "reset.queue": "skip"},
 }
 
 

@@ -264,6 +264,32 @@ def c_reset(ctx: Context) -> Result:
     return Result(PASS, "; ".join(details))
 
 
+@check("reset.queue", "A single queue resets and restarts on new rings (RING_RESET)",
+       "virtio 1.2 §2.6.1 (virtqueue reset), §4.1.4.3.2 (queue_reset reads 0 again once the "
+       "queue is reset, and queue_enable 0)")
+def c_queue_reset(ctx: Context) -> Result:
+    drv = ctx.driver()
+    if not drv.has(spec.VIRTIO_F_RING_RESET):
+        return Result(SKIP, "VIRTIO_F_RING_RESET not offered")
+    if not hasattr(drv.t, "reset_queue"):
+        return Result(SKIP, "this transport has no per-queue reset")
+    if ctx.t.has_peer:
+        ctx.exchange(drv, [200] * 20)
+    done = []
+    for qq in (drv.txqs[0], drv.rxqs[0]):
+        if not drv.reset_queue(qq):
+            return Result(FAIL, f"queue {qq.index}: queue_reset did not return to 0, or "
+                                "queue_enable still 1")
+        done.append(qq.index)
+    if ctx.t.has_peer:
+        ex = ctx.exchange(drv, [ctx.rnd.randint(60, 1514) for _ in range(200)])
+        bad = _mismatch(ex.sent_out, ex.got_out) + _mismatch(ex.sent_in, ex.got_in)
+        if bad:
+            return Result(FAIL, f"after queue reset: {bad[:4]}")
+    return Result(PASS, f"queues {done} reset (queue_reset back to 0, queue_enable 0) and "
+                        "re-enabled on new rings; 200 frames each way afterwards")
+
+
 @check("queue.size_limits", "Queue sizes are valid; a smaller driver-chosen size works",
        "virtio 1.2 §2.7 (split: power of 2, at most 32768), §4.1.4.3.2 (driver MAY reduce "
        "queue_size)")

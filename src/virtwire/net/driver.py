@@ -159,7 +159,7 @@ DEFAULT_NET_FEATURES = bit(
     spec.VIRTIO_NET_F_CTRL_RX_EXTRA, spec.VIRTIO_NET_F_GUEST_ANNOUNCE,
     spec.VIRTIO_NET_F_CTRL_MAC_ADDR, spec.VIRTIO_NET_F_MQ,
     spec.VIRTIO_F_ANY_LAYOUT, spec.VIRTIO_F_INDIRECT_DESC, spec.VIRTIO_F_EVENT_IDX,
-    spec.VIRTIO_F_VERSION_1, spec.VIRTIO_F_RING_PACKED,
+    spec.VIRTIO_F_VERSION_1, spec.VIRTIO_F_RING_PACKED, spec.VIRTIO_F_RING_RESET,
 )
 
 
@@ -720,6 +720,28 @@ class VirtioNetDriver:
 
     def announce_ack(self) -> int:
         return self.ctrl(spec.VIRTIO_NET_CTRL_ANNOUNCE, spec.VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+
+    # -- single-queue reset (VIRTIO_F_RING_RESET, §2.6.1 / §4.1.4.3.2) ---------------------------
+    def reset_queue(self, qq: _Queue) -> bool:
+        """Reset one queue, then re-enable it on fresh rings (a receive queue is refilled).
+
+        Returns False when the device did not acknowledge the reset. In-flight buffers of the old
+        rings are dropped (their memory is not reused: the device might still write it).
+        """
+        reset = getattr(self.t, "reset_queue", None)
+        if reset is None or not self.has(spec.VIRTIO_F_RING_RESET):
+            raise DeviceFault("VIRTIO_F_RING_RESET not negotiated (or no transport support)")
+        if not reset(qq.index):
+            return False
+        new = self._make_queue(qq.index, size_cap=qq.size)
+        for lst in (self.rxqs, self.txqs):
+            for i, q in enumerate(lst):
+                if q is qq:
+                    lst[i] = new
+                    if lst is self.rxqs:
+                        self._rx_partial.pop(i, None)
+                        self.refill(new)
+        return True
 
     # -- polling helpers -------------------------------------------------------------------------
     def service(self) -> None:

@@ -653,6 +653,21 @@ class ModernPciTransport(_PciTransportBase):
     def queue_ring_align(self) -> int:
         return 0  # modern: the driver chooses each area (§2.7 alignment only)
 
+    def reset_queue(self, index: int, timeout: float = 1.0) -> bool:
+        """§4.1.4.3.2 (VIRTIO_F_RING_RESET): write 1 to queue_reset, then wait until it reads 0
+        (reset done; the polarity settled by oasis-tcs/virtio-spec#139, as Linux waits); True
+        when it did and queue_enable then reads 0 (the queue is disabled)."""
+        c = self.common
+        c.write(spec.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
+        c.write(spec.VIRTIO_PCI_COMMON_Q_RESET, 2, 1)
+        deadline = time.monotonic() + timeout
+        while c.read(spec.VIRTIO_PCI_COMMON_Q_RESET, 2) != 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        self._notify_off.pop(index, None)
+        return c.read(spec.VIRTIO_PCI_COMMON_Q_ENABLE, 2) == 0
+
     def notify(self, index: int) -> None:
         """Queue notification: write the queue index at its notify address (§4.1.4.4)."""
         off = self._notify_off.get(index)
