@@ -489,6 +489,7 @@ class VirtioNet(VirtioDevice):
         self.mrg_rxbuf = bool(f >> s.VIRTIO_NET_F_MRG_RXBUF & 1)
         self.curr_pairs = 1 if f >> s.VIRTIO_NET_F_CTRL_VQ & 1 else self.max_pairs
         self._reset_ctrl_state()
+        self._update_filter()  # with CTRL_VLAN, tagged frames need their VLAN added (as QEMU)
         self._configure_backends(f)
         for p in self.pairs:
             p.clear()
