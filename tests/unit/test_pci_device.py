@@ -9,6 +9,8 @@ slot 3, and absolute BAR addresses decoded by the device itself, as QEMU's proxy
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.pci import driver as pdrv
@@ -345,3 +347,39 @@ def test_function_reset_clears_bars_and_device():
     pci.reset()
     assert dev.status == 0 and not line.level and pci.modern_bar.base == 0
     assert pci.config_read(0x04, 2) == 0
+
+
+# -- hostile register traffic ----------------------------------------------------------------
+
+_access = st.tuples(
+    st.sampled_from(["cfg", "mem", "io"]),
+    st.one_of(st.integers(0, 0x4100), st.integers(0, 2**64 - 1)),
+    st.sampled_from([0, 1, 2, 3, 4, 8]),
+    st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.lists(_access, max_size=60))
+def test_random_register_traffic_never_raises(transitional, accesses):
+    dev = NetLikeDevice((8, 8))
+    pci = VirtioPciDevice(dev, transitional=transitional, intx=Line())
+    pci.set_memory(BytearrayGuestMemory(0x10000))
+    probe(pci)  # BARs assigned, so absolute addresses decode
+    mbase = pci.modern_bar.base
+    ibase = pci.legacy_bar.base if pci.legacy_bar else 0xC000
+    for space, off, width, value in accesses:
+        if space == "cfg":
+            if value is None:
+                pci.config_read(off & 0xFF, width)
+            else:
+                pci.config_write(off & 0xFF, width, value & 0xFFFFFFFF)
+            continue
+        addr = (mbase if space == "mem" else ibase) + off
+        if value is None:
+            v = pci.bar_read(addr, width, memory=space == "mem")
+            assert v is None or 0 <= v < 1 << 64
+        else:
+            pci.bar_write(addr, width, value, memory=space == "mem")
+        pci.flush()
+    assert 0 <= pci.isr <= 3
