@@ -365,3 +365,14 @@ def test_random_messages_never_crash_the_remote(msgs):
         remote.close()
         qemu.close()
     assert len(os.listdir("/proc/self/fd")) <= base - 1  # nothing leaked
+
+
+def test_a_flood_of_bad_messages_is_answered_but_logged_sparingly(link, caplog):
+    qemu, remote, _ = link
+    for _ in range(100):
+        send(qemu, *bar(pp.MPQEMU_CMD_BAR_READ, 0xDEAD0000))
+        assert remote.handle_one()
+        assert ret(qemu) == 0  # every blocked vCPU is released
+    assert remote.refused == 100
+    lines = [r for r in caplog.records if "refused message" in r.getMessage()]
+    assert len(lines) == 7  # 1, 2, 4, 8, 16, 32, 64

@@ -294,6 +294,7 @@ class PciProxyRemote:
         self.counts: dict[str, int] = {}
         self.service_seconds: dict[str, float] = {}  # time from message read to reply, per name
         self.refused = 0
+        self._refused_by: dict[str, int] = {}
         self.closed = False
         self._handlers: dict[int, Callable[[ProxyMessage], int | None]] = {
             MPQEMU_CMD_SYNC_SYSMEM: self._sync_sysmem,
@@ -321,9 +322,9 @@ class PciProxyRemote:
         except (BlockingIOError, InterruptedError):
             raise ProxyProtocolError("spurious wake-up: nothing to read") from None
         except OSError as e:
-            if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF):
-                return None
-            raise
+            if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF):
+                log.warning("proxy: receive failed: %s; treating the peer as gone", e)
+            return None
         for level, typ, cdata in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
@@ -398,15 +399,24 @@ class PciProxyRemote:
         try:
             value = self._handlers[msg.cmd](msg)
         except ProxyProtocolError as e:
-            self._refuse(msg.cmd, f"{name}: {e}", counted=True)
+            self._refuse(msg.cmd, f"{name}: {e}")
             return True
         if spec.reply:
             self._send_ret(value or 0, t0, name)
         return True
 
-    def _refuse(self, cmd: int | None, reason: str, counted: bool = False) -> None:
+    def _refuse(self, cmd: int | None, reason: str) -> None:
         self.refused += 1
-        log.warning("proxy: refused message: %s", reason)
+        # One line per refusal, rate-limited so a flood cannot fill the log: each distinct reason
+        # is logged on its 1st, 2nd, 4th, 8th... occurrence (at most 256 reasons are tracked;
+        # beyond that the running total decides), always with the running total.
+        seen = self._refused_by
+        if reason in seen or len(seen) < 256:
+            n = seen[reason] = seen.get(reason, 0) + 1
+        else:
+            n = self.refused
+        if n & (n - 1) == 0:
+            log.warning("proxy: refused message: %s (%d refused so far)", reason, self.refused)
         spec = MESSAGES.get(cmd) if cmd is not None else None
         # Answer whatever QEMU may be blocked on (see module docstring), never a no-reply command.
         if cmd is not None and (spec is None or spec.reply):
