@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print QEMU arguments for KVM (MSI-X) instead of TCG (vectors=0)")
     parser.add_argument("--json", action="store_true",
                         help="print the attachment snippets as one JSON object")
+    from virtwire.trace import add_trace_arguments
+
+    add_trace_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     paths = [c.path for c in configs]
     if len(set(paths)) != len(paths):
         raise CliError("serve: two ports share one socket path")
-    from virtwire import serve
+    from virtwire import serve, trace
 
     control = args.control or configs[0].path + ".ctl"
+    tracer = trace.configure_from_args(args)
     try:
         srv = serve.build(configs)
     except UserFacingError:
@@ -61,9 +65,15 @@ def run(args: argparse.Namespace) -> int:
             os.write(fd, b"1")
             os.close(fd)
         logging.getLogger("virtwire.serve").info("serving %d port(s)", len(configs))
+        if tracer is not None:
+            tracer.emit("host", "start", kind="vhost-user",
+                        ports=[c.describe() for c in configs])
         srv.run()
     finally:
         srv.close()
+        if tracer is not None:
+            tracer.emit("host", "stop", kind="vhost-user")
+        trace.stop()
     return 0
 
 

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from virtwire import trace as _trace
 from virtwire.hosts import vhost_user_proto as vp
 from virtwire.hosts.vhost_user_proto import (
     ConfigSpace,
@@ -121,8 +122,9 @@ class HostedDevice(Protocol):
     def write_config(self, offset: int, data: bytes) -> None:
         """SET_CONFIG; raise ``Refused``/``DriverError`` for read-only fields."""
 
-    def set_features(self, features: int) -> None:
-        """SET_FEATURES (the driver's acked bits, VHOST_USER_F_PROTOCOL_FEATURES removed)."""
+    def set_features(self, features: int) -> int | None:
+        """SET_FEATURES (the driver's acked bits, VHOST_USER_F_PROTOCOL_FEATURES removed);
+        returns the bits the device took on when it drops some (e.g. QEMU-owned ones)."""
 
     def queue_started(self, index: int, queue: Any, mem: Any, notify: Callable[[], None]) -> None:
         ...
@@ -369,6 +371,9 @@ class VhostUserBackend:
             self._refuse(msg, str(e), expects_reply=bool(
                 vp.REQUESTS.get(msg.request) and vp.REQUESTS[msg.request].reply))
             return
+        if _trace.TRACE is not None:
+            _trace.vhost_message(rspec.name, msg.request, len(msg.payload), len(msg.fds),
+                                 payload)
         handler = _HANDLERS.get(msg.request)
         try:
             if handler is None:
@@ -382,8 +387,12 @@ class VhostUserBackend:
         log.debug("%s: %s %s", self.name, rspec.name, payload if payload is not None else "")
         if rspec.reply is not None:
             self._send(msg.request, vp.encode_payload(rspec.reply, result))
+            if _trace.TRACE is not None:
+                _trace.vhost_reply(rspec.name, msg.request, result)
         elif msg.need_reply and self._acks():
             self._send(msg.request, vp.encode_payload(P.U64, 0))
+            if _trace.TRACE is not None:
+                _trace.vhost_reply(rspec.name, msg.request, 0)
 
     def _acks(self) -> bool:
         return bool(self.protocol_features >> vp.VHOST_USER_PROTOCOL_F_REPLY_ACK & 1)
@@ -484,6 +493,7 @@ class VhostUserBackend:
                          self.name, vr.index, vr.base & 0xFFFF, used_idx)
                 q.set_base(used_idx)
         q.ready = True
+        q = _trace.wrap_queue(q, vr.index)  # itself unless tracing is on
         vr.queue = q
         vr.started = True
         self.device.queue_started(vr.index, q, self.mem, lambda vr=vr: self._notify(vr))
@@ -521,6 +531,9 @@ class VhostUserBackend:
             return
         if vr.kick.read():
             vr.kicks += 1
+            tr = _trace.TRACE
+            if tr is not None:
+                tr.emit("kick", "kick", q=vr.index)
             self.loop.defer(("vring", id(self), vr.index), self._kicked, vr)
 
     def _kicked(self, vr: Vring) -> None:
@@ -535,6 +548,9 @@ class VhostUserBackend:
         if vr.call is not None:
             vr.interrupts += 1
             vr.call.write(1)
+            tr = _trace.TRACE
+            if tr is not None:
+                tr.emit("irq", "irq", q=vr.index, kind="call")
 
     def kick_ring(self, index: int) -> None:
         """Process ring ``index`` as if kicked (a frame backend has data for an RX ring)."""
@@ -563,7 +579,12 @@ class VhostUserBackend:
         self.features = features
         if any(vr.started for vr in self.vrings) and old_packed != self.packed:
             raise Refused("ring format changed while rings run")
-        self.device.set_features(features & ~spec.bit(spec.VHOST_USER_F_PROTOCOL_FEATURES))
+        acked = features & ~spec.bit(spec.VHOST_USER_F_PROTOCOL_FEATURES)
+        if _trace.TRACE is not None:
+            _trace.features_event("ack", acked)
+        applied = self.device.set_features(acked)
+        if _trace.TRACE is not None:  # no FEATURES_OK over vhost-user: accepted is negotiated
+            _trace.features_event("negotiated", applied if isinstance(applied, int) else acked)
         if not features >> spec.VHOST_USER_F_PROTOCOL_FEATURES & 1:
             for vr in self.vrings:  # without protocol features every ring is enabled
                 self._set_enabled(vr, True)
@@ -910,7 +931,7 @@ class VirtioDeviceHost:
         if offset + len(data) > len(cfg) or not self.dev.config_write_hook(offset, data):
             raise Refused(f"config write {len(data)}@{offset:#x} is read-only or out of range")
 
-    def set_features(self, features: int) -> None:
+    def set_features(self, features: int) -> int:
         from virtwire.virtio import spec as s
 
         d = self.dev
@@ -919,7 +940,7 @@ class VirtioDeviceHost:
             # forwards GUEST_ANNOUNCE in SET_FEATURES: drop what depends on CTRL_VQ here.
             features &= ~_CTRL_VQ_DEPENDENTS
         if d.status & s.VIRTIO_CONFIG_S_FEATURES_OK and d.negotiated == features:
-            return  # repeated SET_FEATURES (QEMU re-sends on start): nothing changes
+            return features  # repeated SET_FEATURES (QEMU re-sends on start): nothing changes
         d.reset()
         d.write_status(s.VIRTIO_CONFIG_S_ACKNOWLEDGE)
         d.write_status(s.VIRTIO_CONFIG_S_ACKNOWLEDGE | s.VIRTIO_CONFIG_S_DRIVER)
@@ -928,6 +949,7 @@ class VirtioDeviceHost:
                             | s.VIRTIO_CONFIG_S_FEATURES_OK)
         if not ok or not d.status & s.VIRTIO_CONFIG_S_FEATURES_OK:
             raise Refused(f"device refused features: {d.last_error}")
+        return features
 
     def _ensure_driver_ok(self, mem: Any) -> None:
         from virtwire.virtio import spec as s
