@@ -45,15 +45,18 @@ the resample eventfd). Under TCG that path is dead; ``hosts.qtest_irq`` drives t
 instead. ``IrqfdIntx`` is the KVM route: raising the line writes the eventfd; KVM lowers it at EOI
 and signals the resample fd, on which the device re-raises if its ISR is still set.
 
-Cost (measured on the 2-core development machine under TCG, with a load average of 6-8 from other
-jobs; ``python3 tools/bench_pci_proxy.py --rounds 2``). Every config and BAR access is a
-synchronous round trip on a vCPU thread: a guest config read of our device took 57-216 us against
-8-10 us for one QEMU emulates itself (host bridge), i.e. 47-208 us per proxied access, of which
-the sidecar's own decode-dispatch-reply is 4-16 us (the rest is the two thread wake-ups on a
-busy machine; a Python-to-Python round trip over a socketpair alone is ~18 us). An ISR read also
-waits for the qtest lower (p50 24-61 us, p90 0.15-2 ms). iperf3 over TCP (offloads on), six runs:
-280-1000 Mbit/s guest->host and 460-920 host->guest, beside 990-2280 / 690-1080 for the vhost-user
-device on the same set-up (QEMU keeps PCI there; kicks are eventfds, interrupts irqfds).
+Cost (measured on the 2-core development machine under TCG, with a load average of 5-9 from other
+jobs; ``python3 tools/bench_pci_proxy.py --rounds 2``, four rounds). Every config and BAR access
+is a synchronous round trip on a vCPU thread: a guest config read of our device took 52-291 us
+against 4-10 us for one QEMU emulates itself (host bridge), i.e. 47-283 us per proxied access, of
+which the sidecar's own decode-dispatch-reply is 4-16 us (the rest is thread wake-ups on a busy
+machine; a Python-to-Python round trip over a socketpair alone is ~18 us). An ISR read also waits
+for the qtest lower: p50 24-72 us, p90 0.15-3.4 ms (QEMU's main loop must get a CPU). iperf3 over
+TCP (offloads on): 320-1210 Mbit/s guest->host and 300-920 host->guest, beside 990-2730 /
+690-1120 for the vhost-user device in the same runs (QEMU keeps PCI there; kicks are eventfds,
+interrupts irqfds). Not waiting for the lower (``QtestIntx.wait_lower = False``) removed that
+wait but made 60% of the guest's ISR reads spurious (the IOAPIC re-delivers after an EOI that
+overtook the lower), so the spec-exact order is the default.
 """
 
 from __future__ import annotations
