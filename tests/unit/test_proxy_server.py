@@ -181,3 +181,33 @@ def test_link_change_reaches_the_driver_as_a_config_interrupt(rig):
     assert drv.t.read_isr() == 2 and server.transport.isr == 0  # read-to-clear over the wire
     with pytest.raises(ZeroDivisionError):
         server.call_in_loop(lambda: 1 // 0)  # errors come back to the caller
+
+
+@pytest.mark.parametrize("rig", [False], ids=["modern"], indirect=True)
+def test_kvm_irqfd_route_raises_and_resamples(rig):
+    bus, server, net, be, mem, _ = rig
+    intr = os.eventfd(0, os.EFD_NONBLOCK)
+    resample = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        bus.sock.sendmsg([pp.encode(pp.MPQEMU_CMD_SET_IRQFD)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [intr,
+                                                                                    resample]))])
+        _wait(lambda: isinstance(server.transport.intx, pp.IrqfdIntx))
+        server.call_in_loop(lambda: server.transport.queue(0))  # a used-buffer interrupt
+        _wait(lambda: _read_efd(intr) == 1)
+        os.eventfd_write(resample, 1)  # KVM: EOI while the ISR is still set -> raised again
+        _wait(lambda: _read_efd(intr) == 1)
+        _bring_up(bus, mem, False)  # the ISR read (reset path) drops the level: no re-raise
+        os.eventfd_write(resample, 1)
+        time.sleep(0.05)
+        assert _read_efd(intr) == 0
+    finally:
+        os.close(intr)
+        os.close(resample)
+
+
+def _read_efd(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0

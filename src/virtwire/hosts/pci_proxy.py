@@ -666,9 +666,17 @@ class PciProxyServer:
 
     def _on_irqfd(self, irqfd: IrqfdIntx) -> None:
         # Under KVM the irqfd is the INTx route; the launcher replaces it with the qtest line
-        # under TCG (where the irqfd does nothing). Keep whichever was set explicitly.
-        if getattr(self.transport, "intx_is_default", False):
+        # under TCG (where the irqfd does nothing). Keep whichever was set explicitly. KVM lowers
+        # the line itself at EOI and signals the resample eventfd: re-raise there while the
+        # device still asserts it.
+        old = self.transport.intx
+        if getattr(self.transport, "intx_is_default", False) or isinstance(old, IrqfdIntx):
+            if isinstance(old, IrqfdIntx):
+                self.loop.remove_reader(old.resample_fd)
             self.transport.intx = irqfd
+            irqfd.level = bool(getattr(self.transport, "level", False))
+            os.set_blocking(irqfd.resample_fd, False)
+            self.loop.add_reader(irqfd.resample_fd, irqfd.on_resample)
 
     def _on_wake(self) -> None:
         try:
@@ -730,6 +738,8 @@ class PciProxyServer:
             self._rx_watch(pair, False)
         self.loop.remove_reader(self.remote.sock)
         self.loop.remove_reader(self._wake_r)
+        if self.remote.irqfd is not None:
+            self.loop.remove_reader(self.remote.irqfd.resample_fd)
         self.transport.release_memory_views()
         self.remote.close()
         for be in self.backends:
