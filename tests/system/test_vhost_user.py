@@ -378,3 +378,20 @@ def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image, s
         # after the guest: the sidecar is gone
         left = subprocess.run(["pgrep", "-f", f"path={sock}"], capture_output=True, text=True)
         assert left.stdout.strip() == ""
+
+
+def test_switch_with_tap_uplink_reaches_the_host(tmp_path, guest_image):
+    with netns("vwv") as ns:
+        _add_tap(ns, "vwvu0", "10.80.0.1/24")
+        sock = str(tmp_path / "vwv-up.sock")
+        srv = Server(ns, [f"vhost-user,path={sock},backend=switch,switch=vwvsw,uplink=vwvu0"],
+                     tmp_path / "serve.log")
+        srv.start()
+        try:
+            with _guest(sock, "10.80.0.2/24", guest_image) as vm:
+                vm.wait_ready(90)
+                out = vm.run("ping -c 20 -i 0.1 -W 2 10.80.0.1", timeout=60).output
+                assert _ping_received(out) == 20, out
+        finally:
+            srv.stop()
+        assert "Traceback" not in srv.log.read_text()
