@@ -877,6 +877,8 @@ class VirtioNet(VirtioDevice):
         drain = getattr(be, "drain_wakeup", None)
         if drain is not None:
             drain()
+        # RX kicks are only wanted while we wait for buffers (re-enabled when starved below).
+        q.disable_notifications(mem)
         frames = 0
         starved = False
         limit = self.budget * self.max_batches if self.more_work is not None else 1 << 62
