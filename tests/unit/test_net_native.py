@@ -17,13 +17,14 @@ from virtwire.net.driver import DmaAllocator
 from virtwire.net.header import VirtioNetHdr
 from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
+from virtwire.virtio.packed_ring import PackedDriverQueue
 from virtwire.virtio.split_ring import SplitDriverQueue
 
 pytestmark = pytest.mark.skipif(_native.load() is None, reason="no C compiler")
 MEM = 4 << 20
 
 
-def run(native: bool) -> tuple[list, dict, dict]:
+def run(native: bool, packed: bool = False) -> tuple[list, dict, dict]:
     be = NullBackend()
     d = VirtioNet(be, options="ctrl_vq=off")
     d.native = native
@@ -31,14 +32,18 @@ def run(native: bool) -> tuple[list, dict, dict]:
     alloc = DmaAllocator(0x10000, MEM - 0x10000)
     qs = []
     for i in range(2):
-        q = SplitDriverQueue.allocate(alloc, 256, indirect=True)
+        if packed:
+            q = PackedDriverQueue.allocate(alloc, 256, indirect=True)
+        else:
+            q = SplitDriverQueue.allocate(alloc, 256, indirect=True)
         q.setup(mem)
         d.set_queue_size(i, 256)
         d.set_queue_addresses(i, *q.layout())
         d.set_queue_ready(i)
         qs.append(q)
     d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_CSUM, s.VIRTIO_NET_F_MRG_RXBUF,
-                         s.VIRTIO_F_INDIRECT_DESC, s.VIRTIO_NET_F_HOST_TSO4),
+                         s.VIRTIO_F_INDIRECT_DESC, s.VIRTIO_NET_F_HOST_TSO4)
+                   | (s.bit(s.VIRTIO_F_RING_PACKED) if packed else 0),
                    mem, RecordingInterrupt())
     tq = qs[1]
 
@@ -83,9 +88,10 @@ def run(native: bool) -> tuple[list, dict, dict]:
     return used, st["queues"][1], {"active": d.active, "status": st["status"], **be.stats()}
 
 
-def test_native_matches_python_path() -> None:
-    u1, c1, b1 = run(native=False)
-    u2, c2, b2 = run(native=True)
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_matches_python_path(packed: bool) -> None:
+    u1, c1, b1 = run(native=False, packed=packed)
+    u2, c2, b2 = run(native=True, packed=packed)
     assert c1["tx_drop_gso_not_negotiated"] > 0 and c1["tx_drop_runt"] > 0
     assert c2.get("tx_native", 0) > 80  # kinds 0, 1, 2 and 6 of 9
     # The used order may differ (dropped chains are returned ahead of their batch); the set of

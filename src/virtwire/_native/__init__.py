@@ -26,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "VwRegion", "VwSplit", "VwResult", "GuestView"]
+__all__ = ["load", "VwRegion", "VwSplit", "VwPacked", "VwResult", "GuestView"]
 
 _SRC = Path(__file__).with_name("vwnet.c")
 _lib: Any = None
@@ -42,6 +42,12 @@ class VwSplit(ctypes.Structure):
     _fields_ = [("desc", ctypes.c_void_p), ("avail", ctypes.c_void_p),
                 ("used", ctypes.c_void_p), ("size", ctypes.c_uint32),
                 ("next_avail", ctypes.c_uint16), ("next_used", ctypes.c_uint16)]
+
+
+class VwPacked(ctypes.Structure):
+    _fields_ = [("desc", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("next_avail", ctypes.c_uint16), ("avail_wrap", ctypes.c_uint16),
+                ("inflight", ctypes.c_uint32)]
 
 
 class VwResult(ctypes.Structure):
@@ -90,6 +96,13 @@ def load() -> Any:
                                           ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
                                           ctypes.c_int, ctypes.POINTER(VwResult)]
+        lib.vw_packed_tx_pop.restype = ctypes.c_int
+        lib.vw_packed_tx_pop.argtypes = [ctypes.POINTER(VwPacked), ctypes.POINTER(VwRegion),
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_uint64,
+                                         ctypes.c_int, ctypes.POINTER(ctypes.c_uint16),
+                                         ctypes.POINTER(ctypes.c_uint16),
+                                         ctypes.POINTER(VwResult)]
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native helper unavailable (%s): using the pure-Python path", e)

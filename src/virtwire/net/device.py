@@ -79,6 +79,7 @@ from virtwire.virtio import spec as s
 from virtwire.virtio.chain import DescriptorChain
 from virtwire.virtio.device import VirtioDevice
 from virtwire.virtio.errors import FeatureError
+from virtwire.virtio.packed_ring import PackedQueue
 from virtwire.virtio.split_ring import SplitQueue
 
 __all__ = ["VirtioNet", "parse_options", "NET_OPTIONS", "random_mac"]
@@ -738,7 +739,7 @@ class VirtioNet(VirtioDevice):
 
     def _native_tx_fd(self, be: NetBackend | None, q: Any) -> int | None:
         """The fd for the native TX fast path (-1: discard), or None when it does not apply."""
-        if be is None or not isinstance(q, SplitQueue):
+        if be is None or not isinstance(q, SplitQueue | PackedQueue):
             return None
         fd_of = getattr(be, "native_tx_fd", None)
         if fd_of is None:
@@ -755,6 +756,8 @@ class VirtioNet(VirtioDevice):
     def _tx_native(self, q: SplitQueue, mem: GuestMemory, fd: int, keep_hdr: bool,
                    cnt: dict[str, int], be: Any) -> tuple[int, int]:
         """Consume the simple TX chains in C (``_native/vwnet.c``); the rest stays for Python."""
+        if isinstance(q, PackedQueue):
+            return self._tx_native_packed(q, mem, fd, keep_hdr, cnt, be)
         if q.in_flight or not q.has_available(mem):
             return 0, 0
         from virtwire._native import GuestView, VwResult, VwSplit
@@ -781,20 +784,58 @@ class VirtioNet(VirtioDevice):
         if n:
             q.next_avail = ring.next_avail
             q.next_used = ring.next_used
-            cnt["frames"] += res.frames
-            cnt["bytes"] += res.bytes
-            cnt["chains"] += n
-            cnt["tx_native"] = cnt.get("tx_native", 0) + n
-            if res.gso:
-                cnt["tx_gso"] = cnt.get("tx_gso", 0) + res.gso
-            bc = getattr(be, "counters", None)
-            if bc is not None:
-                bc["tx_frames"] = bc.get("tx_frames", 0) + res.frames - res.errors
-                bc["tx_bytes"] = bc.get("tx_bytes", 0) + res.bytes + (
-                    self.hdr_len * res.frames if keep_hdr else 0)
-                if res.errors:
-                    bc["tx_errors"] = bc.get("tx_errors", 0) + res.errors
+            self._tx_native_count(n, res, keep_hdr, cnt, be)
         return n, res.stop
+
+    def _tx_native_packed(self, q: PackedQueue, mem: GuestMemory, fd: int, keep_hdr: bool,
+                          cnt: dict[str, int], be: Any) -> tuple[int, int]:
+        """Packed rings: C pops, checks and sends; the used side goes through the ring object
+        (``push_batch``; ``publish`` follows in ``process_tx``)."""
+        if not q.has_available(mem):
+            return 0, 0
+        import ctypes
+
+        from virtwire._native import GuestView, VwPacked, VwResult
+
+        lim = self.budget
+        ids = (ctypes.c_uint16 * lim)()
+        nds = (ctypes.c_uint16 * lim)()
+        gv = GuestView(mem)
+        try:
+            ring = VwPacked(gv.host(q.desc_addr, 16 * q.size), q.size, q.next_avail,
+                            q.avail_wrap, q.inflight)
+            res = VwResult()
+            feats = self.negotiated & be.host_offloads if keep_hdr else 0
+            n = self._native_lib.vw_packed_tx_pop(ctypes.byref(ring), gv.table, gv.n,
+                                                  self.hdr_len, fd, int(keep_hdr), lim, feats,
+                                                  int(q.indirect), ids, nds, ctypes.byref(res))
+        except ValueError:
+            return 0, 0
+        finally:
+            gv.release()
+        if n:
+            q.next_avail, q.avail_wrap, q.inflight = (ring.next_avail, ring.avail_wrap,
+                                                      ring.inflight)
+            q.push_batch(mem, [(DescriptorChain(head=ids[i], ring_descs=nds[i]), 0)
+                               for i in range(n)])
+            self._tx_native_count(n, res, keep_hdr, cnt, be)
+        return n, res.stop
+
+    def _tx_native_count(self, n: int, res: Any, keep_hdr: bool, cnt: dict[str, int],
+                         be: Any) -> None:
+        cnt["frames"] += res.frames
+        cnt["bytes"] += res.bytes
+        cnt["chains"] += n
+        cnt["tx_native"] = cnt.get("tx_native", 0) + n
+        if res.gso:
+            cnt["tx_gso"] = cnt.get("tx_gso", 0) + res.gso
+        bc = getattr(be, "counters", None)
+        if bc is not None:
+            bc["tx_frames"] = bc.get("tx_frames", 0) + res.frames - res.errors
+            bc["tx_bytes"] = bc.get("tx_bytes", 0) + res.bytes + (
+                self.hdr_len * res.frames if keep_hdr else 0)
+            if res.errors:
+                bc["tx_errors"] = bc.get("tx_errors", 0) + res.errors
 
     def _tx_frame(self, c: DescriptorChain, mem: GuestMemory, cnt: dict[str, int],
                   features: int, hl: int, be: NetBackend | None) -> list[Any] | None:
