@@ -82,6 +82,9 @@ __all__ = [
     "Refused",
     "DEFAULT_PROTOCOL_FEATURES",
     "VHOST_F_LOG_ALL",
+    "VirtioDeviceHost",
+    "build_rarp",
+    "packed_position_from_ring",
 ]
 
 VHOST_F_LOG_ALL = 26  # dirty logging for migration (never offered: no LOG_SHMFD)
@@ -179,6 +182,45 @@ def build_rarp(mac: bytes) -> bytes:
     body = (b"\x00\x01" b"\x08\x00" b"\x06\x04" b"\x00\x03" + mac + b"\x00" * 4 + mac
             + b"\x00" * 4)
     return (eth + body).ljust(60, b"\x00")
+
+
+def packed_position_from_ring(mem: Any, desc: int, n: int) -> int | None:
+    """The device's position in a packed ring read back from the descriptor flags, as
+    ``idx | wrap << 15`` -- or None when the ring does not say it unambiguously.
+
+    QEMU keeps no used index for a packed ring in shared memory, so after a back-end crash it
+    re-sends a stale SET_VRING_BASE. The flags tell the position when every buffer took one slot
+    (Linux with INDIRECT_DESC: single-buffer chains, indirect tables for the rest; the caller
+    only asks then, and any NEXT flag in the ring answers None): for the device at slot ``p``
+    with wrap counter ``W`` (virtio 1.2 §2.8.1), slot ``i`` expects wrap ``e_i = W`` for
+    ``i >= p`` and ``!W`` before; each slot is either available for ``e_i`` (AVAIL == e_i != USED)
+    or used in the lap before (AVAIL == USED == !e_i), and the available ones run contiguously
+    from ``p``. Anything else (multi-slot chains, a ring being written) answers None.
+    """
+    if n <= 0:
+        return None
+    avail_bit, used_bit = 1 << 7, 1 << 15
+    e: list[int] = []
+    avail: list[bool] = []
+    for i in range(n):
+        f = mem.read_u16(desc + 16 * i + 14)
+        if f & spec.VIRTQ_DESC_F_NEXT:
+            return None  # multi-slot chains: a used chain's tail looks available
+        a, u = int(bool(f & avail_bit)), int(bool(f & used_bit))
+        avail.append(a != u)
+        e.append(a if a != u else 1 - a)
+    changes = [i for i in range(1, n) if e[i] != e[i - 1]]
+    if not changes:
+        p, w = 0, e[0]
+    elif len(changes) == 1 and e[0] != e[changes[0]]:
+        p, w = changes[0], e[changes[0]]
+    else:
+        return None
+    order = [avail[(p + k) % n] for k in range(n)]
+    first_used = order.index(False) if False in order else n
+    if any(order[first_used:]):
+        return None  # available slots after used ones: not a single contiguous run
+    return p | w << 15
 
 
 class VhostUserBackend:
@@ -492,6 +534,12 @@ class VhostUserBackend:
                 log.info("%s: ring %d: base %d but used.idx %d; resuming from used.idx",
                          self.name, vr.index, vr.base & 0xFFFF, used_idx)
                 q.set_base(used_idx)
+        elif self.features >> spec.VIRTIO_F_INDIRECT_DESC & 1:
+            found = packed_position_from_ring(self.mem, desc, vr.num)
+            if found is not None and found != q.get_base():
+                log.info("%s: ring %d: base %#x but the ring says %#x; resuming from the ring",
+                         self.name, vr.index, q.get_base(), found)
+                q.set_base(found)
         q.ready = True
         q = _trace.wrap_queue(q, vr.index)  # itself unless tracing is on
         vr.queue = q
