@@ -37,6 +37,9 @@ back end. When QEMU could not read GET_VRING_BASE (we were killed) it restores a
 next-avail index from the used index in guest memory and sends that as SET_VRING_BASE; we also
 compare with ``used.idx`` ourselves and resume from it (buffers popped but never used are offered
 again; an RX buffer we had taken was never filled, a TX frame may be sent twice -- as DPDK does).
+A packed ring has no used index in shared memory, and QEMU re-sends the base it had when the
+ring last started; ``packed_position_from_ring`` reads the position back from the descriptor
+flags instead (unambiguous when every buffer took one slot, as Linux's with INDIRECT_DESC).
 """
 
 from __future__ import annotations
