@@ -239,11 +239,14 @@ def test_mrg_rxbuf_off_and_packed_ring(tmp_path, guest_image):
         assert "RING_PACKED" in feats and "MRG_RXBUF" not in feats
 
 
-@pytest.mark.parametrize("ring", ["split", "packed"])
+@pytest.mark.parametrize("ring", ["split", "packed", "split-mq"])
 def test_backend_killed_and_restarted_mid_ping(tmp_path, guest_image, ring):
     opts = "packed=on" if ring == "packed" else "packed=off"
-    with vhost_setup(tmp_path, "", tap_addr="10.74.0.1/24", port_opts=opts) as (ns, srv, sock), \
-            _guest(sock, "10.74.0.2/24", guest_image, nic_opts=opts) as vm:
+    mq = 2 if ring.endswith("-mq") else 1
+    with vhost_setup(tmp_path, "", tap_addr="10.74.0.1/24", port_opts=opts,
+                     queues=mq) as (ns, srv, sock), \
+            _guest(sock, "10.74.0.2/24", guest_image, smp=mq,
+                   nic_opts=opts + (f",queues={mq}" if mq > 1 else "")) as vm:
         vm.wait_ready(90)
         assert _ping_received(vm.run("ping -c 5 -i 0.1 -W 2 10.74.0.1", timeout=30).output) == 5
         vm.run("ping -i 0.2 -W 1 -c 100 10.74.0.1 > /tmp/ping.log 2>&1 &", timeout=20)
