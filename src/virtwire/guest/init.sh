@@ -19,9 +19,18 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 
+# busybox insmod does not read /proc/cmdline: pass each `module.param=value` kernel argument to its
+# module ourselves (as the kernel does for built-in code), e.g. virtio_pci.force_legacy=1.
+cmdline=$(cat /proc/cmdline)
 while read -r mod; do
   [ -n "$mod" ] || continue
-  insmod "/lib/modules/$mod" || echo "virtwire-init: insmod $mod failed"
+  name=${mod##*/}; name=${name%.ko}; name=$(echo "$name" | tr - _)
+  params=
+  for arg in $cmdline; do
+    case "$arg" in "$name".*=*) params="$params ${arg#"$name".}" ;; esac
+  done
+  # shellcheck disable=SC2086
+  insmod "/lib/modules/$mod" $params || echo "virtwire-init: insmod $mod failed"
 done < /lib/modules/load-order
 
 ip link set lo up
