@@ -16,7 +16,7 @@ from virtwire.virtio.spec import (
     bit,
 )
 
-FORMATS = ["split"]
+FORMATS = ["split", "packed"]
 
 step = st.one_of(
     st.tuples(st.just("send"), st.integers(1, 12)),

@@ -14,7 +14,7 @@ from virtwire.virtio.notify import vring_need_event
 from virtwire.virtio.queue import QueueFull
 from virtwire.virtio.spec import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
 
-FORMATS = ["split"]
+FORMATS = ["split", "packed"]
 
 # Queue sizes 1..32768: split rings need a power of 2, so sample every power; the small ones
 # most often (the interesting wrap behaviour), the largest still covered.
