@@ -818,6 +818,8 @@ class VirtioNet(VirtioDevice):
                                                       ring.inflight)
             q.push_batch(mem, [(DescriptorChain(head=ids[i], ring_descs=nds[i]), 0)
                                for i in range(n)])
+            # Visible now: a malformed chain met next must not strand these (NEEDS_RESET).
+            q.publish(mem)
             self._tx_native_count(n, res, keep_hdr, cnt, be)
         return n, res.stop
 
