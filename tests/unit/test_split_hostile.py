@@ -230,6 +230,16 @@ def test_hostile_ring_marks_device_needs_reset_and_stays_quiet():
         (lambda m, d, a: m.write_u16(a + 2, 100), "ahead"),
         (lambda m, d, a: m.write_u16(a + 4 + 2, 9), "head 9"),
         (lambda m, d, a: m.write(d, struct.pack("<QIHH", 0x6000, 16, INDIRECT, 0)), "INDIRECT"),
+        (lambda m, d, a: m.write(d, struct.pack("<QIHH", 0x20000, 1, NEXT, 0)), "longer than 8"),
+        (lambda m, d, a: m.write(d, struct.pack("<QIHH", 0x20000, 1, NEXT, 8)), "next 8"),
+        (lambda m, d, a: m.write(d, struct.pack("<QIHH", 8 << 20, 1, 0, 0)), "outside guest RAM"),
+        (
+            lambda m, d, a: (
+                m.write(d, struct.pack("<QIHH", 0x20000, 1, NEXT | WRITE, 1)),
+                m.write(d + 16, struct.pack("<QIHH", 0x20000, 1, 0, 0)),
+            ),
+            "readable descriptor after writable",
+        ),
     ],
 )
 def test_device_turns_each_fault_into_needs_reset(corrupt, msg):
@@ -261,3 +271,19 @@ def test_good_chains_before_a_bad_one_are_served_then_the_bad_one_raises():
         with pytest.raises(QueueError, match="next 9"):
             r.q.pop_batch(r.mem, 10)
     assert r.q.next_avail == 1
+
+
+def test_nested_indirect_through_the_device():
+    pair = DevicePair(LoopbackDevice([8]))
+    pair.start()  # INDIRECT_DESC negotiated
+    q = pair.driver.queues[0]
+    desc, avail, _ = q.layout()
+    table = pair.alloc.alloc(32)
+    pair.mem.write(table, struct.pack("<QIHH", table, 16, INDIRECT, 0))
+    pair.mem.write(desc, struct.pack("<QIHH", table, 16, INDIRECT, 0))
+    pair.mem.write_u16(avail + 4, 0)
+    pair.mem.write_u16(avail + 2, 1)
+    pair.device.notify(0)
+    assert pair.device.status & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert "nested indirect" in pair.device.last_error
+    assert pair.interrupts.config_count == 1
