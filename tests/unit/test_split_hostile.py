@@ -287,3 +287,16 @@ def test_nested_indirect_through_the_device():
     assert pair.device.status & VIRTIO_CONFIG_S_NEEDS_RESET
     assert "nested indirect" in pair.device.last_error
     assert pair.interrupts.config_count == 1
+
+
+def test_indirect_table_larger_than_any_queue_is_refused():
+    r = RawRing(indirect=True, mem=BytearrayGuestMemory(1 << 20))
+    r.d(0, 0x10000, 16 * 32769, INDIRECT)
+    r.offer(0)
+    with pytest.raises(QueueError, match="32769 descriptors exceeds 32768"):
+        r.pop()
+    r2 = RawRing(indirect=True, mem=BytearrayGuestMemory(1 << 20))
+    r2.mem.write(0x10000, struct.pack("<QIHH", BUF, 4, 0, 0))
+    r2.d(0, 0x10000, 16 * 32768, INDIRECT)  # the largest allowed table
+    r2.offer(0)
+    assert r2.pop().segments == [(BUF, 4, False)]

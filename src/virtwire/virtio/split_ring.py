@@ -335,6 +335,13 @@ class SplitQueue:
     ) -> None:
         """§2.7.5.3: walk an indirect table (entries chained by ``next`` within the table)."""
         entries = b.enter_indirect(addr, length, flags)
+        if entries > SPLIT_MAX_SIZE:
+            # §2.7.5.3.1: no chain is longer than the largest queue; bounds the walk (a looping
+            # table in a huge guest would otherwise cost millions of steps per chain).
+            raise QueueError(
+                f"chain at head {b.chain.head}: indirect table of {entries} descriptors exceeds "
+                f"{SPLIT_MAX_SIZE}"
+            )
         table = mem.view(addr, length)
         unpack = _DESC.unpack_from
         j = 0
