@@ -603,7 +603,7 @@ def pci_bar_access(dev: Any, addr: int, width: int, value: int, memory: bool,
     tr.emit("pci", "bar_write" if write else "bar_read", bar=bar, off=off, size=width,
             val=value, reg=reg)
     if not write and (reg == "common_cfg.device_feature" and getattr(dev, "dfselect", 0) == 0
-                      or reg == "legacy.host_features"):
+                      or reg == "legacy.HOST_FEATURES"):
         d = getattr(dev, "device", None)
         feats = int(getattr(d, "offered_features", 0))
         from virtwire.virtio.spec import feature_names
@@ -629,6 +629,34 @@ def ctrl_command(cls: int, cmd: int, ack: int, data: bytes | bytearray | memoryv
     cname, cmds = _CTRL_NAMES.get(cls, (f"class{cls}", {}))
     tr.emit("ctrl", "cmd", **{"class": cls}, cmd=cmd, class_name=cname,
             cmd_name=cmds.get(cmd, f"cmd{cmd}"), ack=ack, data=bytes(data[:64]).hex())
+
+
+def pci_bar_written(dev: Any, addr: int, width: int, value: int, memory: bool) -> None:
+    """After a guest BAR write took effect: the feature word it completed (``feature.ack``), or
+    the features FEATURES_OK accepted (``feature.negotiated``; legacy: at DRIVER_OK)."""
+    tr = TRACE
+    if tr is None:
+        return
+    pci = getattr(dev, "pci", None)
+    hit = pci.bar_at(addr, width, memory) if pci is not None else None
+    if hit is None:
+        return
+    reg = pci_bar_name(dev, hit[0].index, hit[1])
+    d = getattr(dev, "device", None)
+    if d is None:
+        return
+    from virtwire.virtio import spec
+
+    if reg in ("common_cfg.driver_feature", "legacy.GUEST_FEATURES"):
+        sel = getattr(dev, "gfselect", 0) if reg.startswith("common") else 0
+        features_event("ack", int(getattr(d, "driver_features", 0)), sel=sel)
+    elif reg in ("common_cfg.device_status", "legacy.STATUS"):
+        fok, dok = spec.VIRTIO_CONFIG_S_FEATURES_OK, spec.VIRTIO_CONFIG_S_DRIVER_OK
+        legacy = reg.startswith("legacy")
+        status = int(getattr(d, "status", 0))
+        if (not legacy and value & fok and not value & dok and status & fok) or (
+                legacy and value & dok and status & dok):
+            features_event("negotiated", int(getattr(d, "negotiated", 0)))
 
 
 def _plain(v: Any, depth: int = 0) -> Any:

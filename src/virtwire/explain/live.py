@@ -139,9 +139,12 @@ class _Line:
         self.level = level
 
 
-def run_pci_session(pings: int = 3, wanted: int | None = None) -> dict[str, Any]:
+def run_pci_session(pings: int = 3, wanted: int | None = None,
+                    legacy: bool = False) -> dict[str, Any]:
     """Run the session (trace it by calling ``virtwire.trace.start`` first); returns what the
-    driver saw: ``features`` negotiated, ``bar4`` address, ``sent`` frames, the ``device``."""
+    driver saw: ``features`` negotiated, ``bar4`` address, ``sent`` frames, the ``device``.
+
+    ``legacy``: a transitional device (0x1000) driven through its legacy I/O BAR (§4.1.4.8)."""
     from virtwire.backends.memory import MemoryBackend
     from virtwire.memory import BytearrayGuestMemory
     from virtwire.net.device import VirtioNet
@@ -151,13 +154,15 @@ def run_pci_session(pings: int = 3, wanted: int | None = None) -> dict[str, Any]
     from virtwire.virtio.driver import GuestAllocator, VirtioDriver
 
     if wanted is None:
-        wanted = spec.bit(spec.VIRTIO_F_VERSION_1, spec.VIRTIO_NET_F_MAC,
-                          spec.VIRTIO_NET_F_STATUS, spec.VIRTIO_F_EVENT_IDX,
-                          spec.VIRTIO_F_INDIRECT_DESC)
+        wanted = spec.bit(spec.VIRTIO_NET_F_MAC, spec.VIRTIO_NET_F_STATUS,
+                          spec.VIRTIO_F_EVENT_IDX, spec.VIRTIO_F_INDIRECT_DESC)
+        if not legacy:
+            wanted |= spec.bit(spec.VIRTIO_F_VERSION_1)
     be = MemoryBackend()
     pci = VirtioPciDevice(VirtioNet(be, mac=GUEST_MAC, options="mrg_rxbuf=off"),
-                          intx=_Line())
-    t = pdrv.probe_pci_transport(_Bus(pci))  # enumeration, BAR sizing, capability walk
+                          intx=_Line(), transitional=legacy)
+    # enumeration, BAR sizing, capability walk
+    t = pdrv.probe_pci_transport(_Bus(pci), legacy=legacy)
     mem = BytearrayGuestMemory(0x200000)
     pci.set_memory(mem)
     drv = VirtioDriver(_Transport(t), mem, GuestAllocator(0x10000, 0x1F0000))
@@ -173,10 +178,11 @@ def run_pci_session(pings: int = 3, wanted: int | None = None) -> dict[str, Any]
     exchange += [(fr.icmp_echo(GUEST_MAC, PEER_MAC, GUEST_IP, PEER_IP, 7, s),
                   fr.icmp_echo(PEER_MAC, GUEST_MAC, PEER_IP, GUEST_IP, 7, s, reply=True))
                  for s in range(1, pings + 1)]
+    hl = 10 if legacy else 12  # legacy without MRG_RXBUF: no num_buffers (§5.1.6)
     for out, back in exchange:
-        b = drv.allocator.alloc(12 + len(out))
-        mem.write(b, bytes(12) + out)
-        txq.add(mem, [(b, 12 + len(out))], [], ("tx", b))
+        b = drv.allocator.alloc(hl + len(out))
+        mem.write(b, bytes(hl) + out)
+        txq.add(mem, [(b, hl + len(out))], [], ("tx", b))
         drv.kick(1)
         pci.flush()
         t.read_isr()  # the interrupt handler's ISR read lowers INTx

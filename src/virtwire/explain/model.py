@@ -169,7 +169,7 @@ def _trigger(e: dict[str, Any]) -> str | None:
     if cat == "pci":
         if ev in ("bar_size", "bar_map"):
             return "bars"
-        if ev == "bar_write" and str(e.get("reg", "")).startswith(
+        if ev == "bar_write" and str(e.get("reg", "")).lower().startswith(
                 ("common_cfg.queue_", "legacy.queue_")):
             return "queues"  # the driver programs a virtqueue (§4.1.5.1.3)
         if ev in ("cfg_read", "cfg_write"):
