@@ -176,3 +176,18 @@ def test_tables_render_as_markdown():
     assert "legacy also: ACKNOWLEDGE+DRIVER+DRIVER_OK" in md
     assert all(line.count("|") in (3, 4) for line in md.splitlines() if line)
     assert "| queue_notify | DRIVER_OK |" in md
+
+
+
+def test_bad_queue_base_marks_needs_reset_instead_of_raising():
+    """A base the ring refuses (a packed slot beyond an 8-entry ring) is the driver's fault."""
+    from virtwire.testing.pair import DevicePair, LoopbackDevice
+    from virtwire.virtio.spec import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_RING_PACKED
+
+    pair = DevicePair(device=LoopbackDevice(packed=True))
+    features = pair.start(size=8)
+    assert features >> VIRTIO_F_RING_PACKED & 1
+    dev = pair.device
+    assert dev.queues[0] is not None
+    assert dev.set_queue_base(0, 0x7FFF) is False
+    assert dev.status & VIRTIO_CONFIG_S_NEEDS_RESET

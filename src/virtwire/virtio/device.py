@@ -455,7 +455,11 @@ class VirtioDevice:
         q.base = base & 0xFFFF
         ring = self.queues[index]
         if ring is not None:
-            ring.set_base(q.base)
+            try:
+                ring.set_base(q.base)
+            except DriverError as e:  # e.g. a packed base beyond the ring: the driver's fault
+                self.needs_reset(f"queue {index}: base {base:#x} refused: {e}")
+                return False
         return True
 
     def make_queue(self, index: int) -> Any:
