@@ -204,7 +204,8 @@ def _page(tmp_path: Path, example: str) -> Path:
     from virtwire import cli
 
     out = tmp_path / f"{example}.html"
-    assert cli.main(["explain", "--example", example, "--html", str(out)]) == 0
+    how = ["--live"] if example == "live" else ["--example", example]
+    assert cli.main(["explain", *how, "--html", str(out)]) == 0
     return out
 
 
@@ -214,7 +215,7 @@ def _check_png(png: Path) -> None:
     assert len(data) > 20_000  # a real page, not a blank canvas
 
 
-@pytest.mark.parametrize("example", ["pci-proxy", "vhost-user"])
+@pytest.mark.parametrize("example", ["pci-proxy", "vhost-user", "live"])
 def test_explain_page_renders_without_errors(tmp_path: Path, example: str) -> None:
     page = _page(tmp_path, example)
     png = tmp_path / f"{example}.png"
@@ -224,7 +225,7 @@ def test_explain_page_renders_without_errors(tmp_path: Path, example: str) -> No
     ready, opened, closed, hidden, rows, lines = rep.results
     assert ready == "1"
     assert opened >= rows > 20 and closed == 0
-    if example == "pci-proxy":
+    if example in ("pci-proxy", "live"):
         assert hidden > 10  # the pci filter hid the config-space rows
     assert lines >= 20  # chart bars
     _check_png(png)

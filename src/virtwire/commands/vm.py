@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds allowed for boot and for --command (default 60)")
     parser.add_argument("--json", action="store_true", help="machine-readable result")
+    from virtwire.trace import add_trace_arguments
+
+    add_trace_arguments(parser)  # exported to sidecars (serve, PCI proxy): FILE.<cmd>.<pid>
 
 
 def _process_age() -> float:
@@ -54,6 +57,9 @@ def _process_age() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtwire import trace
+
+    trace.configure_from_args(args)
     if args.demo:
         return demo(json_out=args.json, accel=args.accel, timeout=args.timeout)
     vm = GuestVM(net=args.net, ip=args.ip, gw=args.gw, hostname=args.hostname,

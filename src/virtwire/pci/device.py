@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from virtwire import trace as _trace
 from virtwire.pci.config_space import (
     PCI_CAP_ID_VNDR,
     PCI_COMMAND,
@@ -238,10 +239,15 @@ class VirtioPciDevice:
 
     # -- config space (PCI) ------------------------------------------------------------------
     def config_read(self, offset: int, width: int) -> int:
-        return self.pci.read(offset, width)
+        v = self.pci.read(offset, width)
+        if _trace.TRACE is not None:
+            _trace.pci_config_access(self, offset, width, v, False)
+        return v
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         self.pci.write(offset, width, value)
+        if _trace.TRACE is not None:
+            _trace.pci_config_access(self, offset, width, value, True)
 
     def _config_written(self, off: int, width: int, value: int) -> None:
         if off <= PCI_COMMAND + 1 and off + width > PCI_COMMAND:
@@ -252,13 +258,20 @@ class VirtioPciDevice:
         hit = self.pci.bar_at(addr, width, memory)
         if hit is None:
             return None
-        return self._bar_access(hit[0].index, hit[1], width, None)
+        v = self._bar_access(hit[0].index, hit[1], width, None)
+        if _trace.TRACE is not None:
+            _trace.pci_bar_access(self, addr, width, v, memory, False)
+        return v
 
     def bar_write(self, addr: int, width: int, value: int, memory: bool) -> bool:
         hit = self.pci.bar_at(addr, width, memory)
         if hit is None:
             return False
+        if _trace.TRACE is not None:
+            _trace.pci_bar_access(self, addr, width, value, memory, True)
         self._bar_access(hit[0].index, hit[1], width, value)
+        if _trace.TRACE is not None:
+            _trace.pci_bar_written(self, addr, width, value, memory)
         return True
 
     def _bar_access(self, bar: int, off: int, width: int, value: int | None) -> int:
@@ -459,6 +472,8 @@ class VirtioPciDevice:
 
     def _kick(self, index: int) -> None:
         self.counters["notifies"] += 1
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("kick", "kick", q=index)
         if self.defer_notify:
             if index not in self.pending:
                 self.pending.append(index)
@@ -491,10 +506,14 @@ class VirtioPciDevice:
     def queue(self, index: int) -> None:
         self.isr |= spec.VIRTIO_PCI_ISR_QUEUE
         self._drive_line()
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("irq", "irq", q=index, kind="intx", level=int(self.level))
 
     def config(self) -> None:  # type: ignore[override]
         self.isr |= spec.VIRTIO_PCI_ISR_CONFIG
         self._drive_line()
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("irq", "irq", q=-1, kind="intx", level=int(self.level))
 
     def _drive_line(self) -> None:
         want = bool(self.isr) and not self.pci.command & PCI_COMMAND_INTX_DISABLE

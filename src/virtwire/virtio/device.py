@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from virtwire import trace as _trace
 from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.errors import DriverError, FeatureError, StatusError
 from virtwire.virtio.spec import (
@@ -370,6 +371,8 @@ class VirtioDevice:
         """A driver write of the device status byte; returns True if it took effect."""
         value &= 0xFF
         if value == 0:
+            if _trace.TRACE is not None:
+                _trace.status_change(self.status, 0)
             self.reset()
             return True
         old = self.status
@@ -392,6 +395,8 @@ class VirtioDevice:
                 return False
             self.negotiated = self.driver_features
         self.status = value | (old & NEEDS_RESET)
+        if _trace.TRACE is not None:
+            _trace.status_change(old, self.status)
         if value & DOK and not old & DOK:
             if self.legacy and not old & FOK:
                 self.negotiated = self.driver_features & self.offered_features
@@ -496,6 +501,8 @@ class VirtioDevice:
             except (DriverError, GuestMemoryError) as e:
                 self.needs_reset(f"queue {i}: {e}")
                 return False
+            if _trace.TRACE is not None:
+                ring = _trace.wrap_queue(ring, i)
             self.queues[i] = ring
         self.on_activate()
         deferred, self._deferred_kicks = self._deferred_kicks, set()
@@ -509,6 +516,8 @@ class VirtioDevice:
 
     def reset(self) -> None:
         """§2.1 / §4.1.4.3: writing 0 to status resets the device (queues, features, status)."""
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("status", "reset")
         self.status = 0
         self.driver_features = 0
         self.negotiated = 0
@@ -598,6 +607,8 @@ class VirtioDevice:
             self.counters[index]["interrupts"] += 1
             self.interrupt.queue(index)
             return True
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("irq", "suppressed", q=index)
         return False
 
     def _config_interrupt(self) -> None:
