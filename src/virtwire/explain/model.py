@@ -466,8 +466,9 @@ def _phase_facts(a: Analysis, p: Phase) -> None:
                 f.append(f"device offers {len(names(e.get('names')))} features: "
                          f"{' '.join(names(e.get('names')))}")
             elif cat == "feature" and ev == "ack" and e.get("names") is not None:
-                sel = f" (word {e['sel']})" if "sel" in e else ""
-                f.append(f"driver accepts{sel} {' '.join(names(e.get('names'))) or 'none'}")
+                acc = ' '.join(names(e.get('names'))) or 'none'
+                f.append(f"driver writes feature word {e['sel']}; accepted so far: {acc}"
+                         if "sel" in e else f"driver accepts {acc}")
             elif cat == "feature" and ev == "negotiated":
                 f.append(f"negotiated {e.get('features')}: {' '.join(names(e.get('names')))}")
             elif cat == "vhost" and ev == "msg":
