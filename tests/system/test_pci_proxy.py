@@ -157,11 +157,9 @@ def test_modern_device_binds_pings_and_carries_16mib_each_way(guest_image):
 
 
 def test_transitional_device_under_force_legacy(guest_image):
-    # event_idx=off: VirtioNet.process_ctrl (net/device.py) never moves avail_event on a split
-    # ring, so with EVENT_IDX the guest's second control command is never kicked and Linux spins
-    # in virtnet_send_command. The legacy interface has no packed rings, so it always hits this;
-    # drop the option once the control queue re-enables notifications after a batch.
-    with pci_guest(guest_image, 2, transitional=True, opts="event_idx=off") as (ns, tap, vm):
+    # EVENT_IDX stays on: the legacy interface is always split, so the guest's control commands
+    # are kicked only if the device re-arms avail_event after each one.
+    with pci_guest(guest_image, 2, transitional=True) as (ns, tap, vm):
         out = vm.run(_FORCE_LEGACY, timeout=20).output
         assert out.strip().endswith("Y"), out
         f = _sysfs(vm)
@@ -178,5 +176,6 @@ def test_transitional_device_under_force_legacy(guest_image):
         tcp_both_ways(vm, ns, "10.78.2.1", "10.78.2.2", MIB16)
         st = _check_sidecar(vm)
         assert "VERSION_1" not in st["device"]["features"]
+        assert "EVENT_IDX" in st["device"]["features"]  # the control queue re-arms its kicks
         assert vm.pci_proxy.transport.legacy_bar.base != 0
 

@@ -1201,29 +1201,24 @@ class VirtioNet(VirtioDevice):
 
     # -- control queue (§5.1.6.5) ------------------------------------------------------------
     def process_ctrl(self, index: int) -> None:
-        q = self.queues[index]
+        """§5.1.6.5: serve every control command, then re-arm kicks (``drain_queue`` moves
+        avail_event / clears NO_NOTIFY, so with EVENT_IDX the driver's next command is kicked)."""
         mem = self.mem
-        if q is None or mem is None:
+        if self.queues[index] is None or mem is None:
             return
-        while True:
-            chains = q.pop_batch(mem, 64)
-            if not chains:
-                break
-            for c in chains:
-                self.counters[index]["chains"] += 1
-                if c.writable_len < 1 or c.readable_len < 2:
-                    self.ctrl_counters["bad_chains"] += 1
-                    log.warning("%s: control chain without class/command or ack byte",
-                                self.name)
-                    q.push(mem, c, 0)
-                    continue
-                data = gather(list(c.readable(mem)), min(c.readable_len, 4 + 2 * (
-                    4 + 6 * (MAC_TABLE_MAX * 64))))
-                ack = self.control_command(data[0], data[1], data[2:])
-                c.write(mem, bytes([ack]))
-                q.push(mem, c, 1)
-            if q.publish(mem):
-                self.signal_used(index)
+
+        def handle(c: Any) -> int:
+            if c.writable_len < 1 or c.readable_len < 2:
+                self.ctrl_counters["bad_chains"] += 1
+                log.warning("%s: control chain without class/command or ack byte", self.name)
+                return 0
+            data = gather(list(c.readable(mem)), min(c.readable_len, 4 + 2 * (
+                4 + 6 * (MAC_TABLE_MAX * 64))))
+            ack = self.control_command(data[0], data[1], data[2:])
+            c.write(mem, bytes([ack]))
+            return 1
+
+        self.drain_queue(index, handle, batch=64)
 
     def control_command(self, cls: int, cmd: int, data: bytes) -> int:
         """Run one control command; VIRTIO_NET_OK or VIRTIO_NET_ERR (never raises)."""

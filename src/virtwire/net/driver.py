@@ -673,7 +673,10 @@ class VirtioNetDriver:
         self.mem.write(ack, b"\xff")
         cq.q.add(self.mem, [(g, 2 + len(data))], [(ack, 1)], "ctrl")
         cq.q.publish(self.mem)
-        self.t.notify(cq.index)  # Linux always kicks the control queue
+        # As Linux's virtnet_send_command: virtqueue_kick() honours EVENT_IDX / NO_NOTIFY, so a
+        # device that never re-arms avail_event after a command leaves the next one unkicked.
+        if cq.q.kick_needed(self.mem):
+            self.t.notify(cq.index)
         self.stats.ctrl_cmds += 1
         deadline = time.monotonic() + self.cfg.ctrl_timeout
         while True:
