@@ -19,59 +19,13 @@ from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import decode, icmp_echo
 from virtwire.testing.netns import netns, unique_name
-from virtwire.testing.pair import RecordingInterrupt
+from virtwire.testing.pair import LocalNetTransport, RecordingInterrupt
 from virtwire.virtio import spec as s
 
 pytestmark = pytest.mark.system
 
 DEV_MAC = "02:76:77:00:00:02"
 DEV_IP, NS_IP = "10.77.0.2", "10.77.0.1"
-
-
-class _Transport:
-    def __init__(self, dev: VirtioNet) -> None:
-        self.dev = dev
-
-    def reset(self) -> None:
-        self.dev.write_status(0)
-
-    def get_status(self) -> int:
-        return self.dev.read_status()
-
-    def set_status(self, v: int) -> None:
-        self.dev.write_status(v)
-
-    def device_features(self) -> int:
-        return self.dev.offered_features
-
-    def set_driver_features(self, f: int) -> None:
-        self.dev.set_driver_features(f)
-
-    def num_queues(self) -> int:
-        return self.dev.num_queues
-
-    def queue_max_size(self, i: int) -> int:
-        return self.dev.queue_config[i].max_size if i < self.dev.num_queues else 0
-
-    def queue_ring_align(self) -> int:
-        return 0
-
-    def setup_queue(self, i: int, size: int, desc: int, drv: int, dev: int) -> None:
-        self.dev.set_queue_size(i, size)
-        self.dev.set_queue_addresses(i, desc, drv, dev)
-        self.dev.set_queue_ready(i)
-
-    def notify(self, i: int) -> None:
-        self.dev.notify(i)
-
-    def read_config(self, off: int, n: int) -> bytes:
-        return bytes(self.dev.config[off:off + n]).ljust(n, b"\0")
-
-    def config_generation(self) -> int:
-        return self.dev.config_generation
-
-    def read_isr(self) -> int:
-        return 0
 
 
 @pytest.fixture
@@ -85,7 +39,7 @@ def _bring_up(taps: list[TapBackend], options: str | None, packed: bool = False,
     dev = VirtioNet(taps if len(taps) > 1 else taps[0], options=options, mac=DEV_MAC)
     mem = BytearrayGuestMemory(64 << 20)
     dev.attach(mem, RecordingInterrupt())
-    drv = VirtioNetDriver(_Transport(dev), mem, DmaAllocator(0x10000, (64 << 20) - 0x10000),
+    drv = VirtioNetDriver(LocalNetTransport(dev), mem, DmaAllocator(0x10000, (64 << 20) - 0x10000),
                           NetDriverConfig(packed=packed, pairs=pairs))
     drv.probe()
     return dev, drv

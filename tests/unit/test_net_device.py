@@ -17,58 +17,8 @@ from virtwire.net.device import VirtioNet, parse_options
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import inet_checksum
 from virtwire.net.header import VirtioNetHdr
-from virtwire.testing.pair import RecordingInterrupt
+from virtwire.testing.pair import LocalNetTransport, RecordingInterrupt
 from virtwire.virtio import spec as s
-
-
-class LocalNetTransport:
-    """``net.driver.VirtioTransport`` mapped straight onto a ``VirtioDevice``."""
-
-    def __init__(self, dev: VirtioNet) -> None:
-        self.dev = dev
-
-    def reset(self) -> None:
-        self.dev.write_status(0)
-
-    def get_status(self) -> int:
-        return self.dev.read_status()
-
-    def set_status(self, status: int) -> None:
-        self.dev.write_status(status)
-
-    def device_features(self) -> int:
-        return self.dev.offered_features
-
-    def set_driver_features(self, features: int) -> None:
-        self.dev.set_driver_features(features)
-
-    def num_queues(self) -> int:
-        return self.dev.num_queues
-
-    def queue_max_size(self, index: int) -> int:
-        if 0 <= index < self.dev.num_queues:
-            return self.dev.queue_config[index].max_size
-        return 0
-
-    def queue_ring_align(self) -> int:
-        return 0
-
-    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
-        self.dev.set_queue_size(index, size)
-        self.dev.set_queue_addresses(index, desc, driver, device)
-        self.dev.set_queue_ready(index, True)
-
-    def notify(self, index: int) -> None:
-        self.dev.notify(index)
-
-    def read_config(self, off: int, n: int) -> bytes:
-        return bytes(self.dev.config[off:off + n]).ljust(n, b"\0")
-
-    def config_generation(self) -> int:
-        return self.dev.config_generation
-
-    def read_isr(self) -> int:
-        return 0
 
 
 class NetPair:

@@ -38,6 +38,7 @@ __all__ = [
     "make_ring_pair",
     "make_device_queue",
     "DevicePair",
+    "LocalNetTransport",
 ]
 
 RING_BASE = 0x10000  # leave page 0 unused: a zero address is then always a bad one
@@ -233,6 +234,57 @@ class LocalTransport:
 
     def notify(self, index: int) -> None:
         self.device.notify(index)
+
+
+class LocalNetTransport:
+    """``net.driver.VirtioTransport`` mapped straight onto an in-process ``VirtioDevice`` (what
+    PCI registers would do), for ``VirtioNetDriver`` against ``VirtioNet`` without QEMU."""
+
+    def __init__(self, dev: VirtioDevice) -> None:
+        self.dev = dev
+
+    def reset(self) -> None:
+        self.dev.write_status(0)
+
+    def get_status(self) -> int:
+        return self.dev.read_status()
+
+    def set_status(self, status: int) -> None:
+        self.dev.write_status(status)
+
+    def device_features(self) -> int:
+        return self.dev.offered_features
+
+    def set_driver_features(self, features: int) -> None:
+        self.dev.set_driver_features(features)
+
+    def num_queues(self) -> int:
+        return self.dev.num_queues
+
+    def queue_max_size(self, index: int) -> int:
+        if 0 <= index < self.dev.num_queues:
+            return self.dev.queue_config[index].max_size
+        return 0
+
+    def queue_ring_align(self) -> int:
+        return 0
+
+    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
+        self.dev.set_queue_size(index, size)
+        self.dev.set_queue_addresses(index, desc, driver, device)
+        self.dev.set_queue_ready(index, True)
+
+    def notify(self, index: int) -> None:
+        self.dev.notify(index)
+
+    def read_config(self, off: int, n: int) -> bytes:
+        return bytes(self.dev.config[off:off + n]).ljust(n, b"\0")
+
+    def config_generation(self) -> int:
+        return self.dev.config_generation
+
+    def read_isr(self) -> int:
+        return 0
 
 
 @dataclass
