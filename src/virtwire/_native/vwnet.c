@@ -155,6 +155,41 @@ static long walk(const vw_split *q, const vw_region *regs, int nregs, uint16_t h
     return total;
 }
 
+/* What both ring formats do with one popped chain (``iov``/``niov``, ``total`` bytes, header
+ * first): a header with flags or gso_type is taken only when the backend keeps the header and
+ * hdr_ok() accepts it; then the frame is written to ``fd`` (without the header unless kept).
+ * Returns 0 to go on, else the vw_result.stop code: 1 (chain not taken) or 2 (backend full). */
+static int tx_send(struct iovec *iov, int niov, long total, int hdr_len, int fd, int keep_hdr,
+                   uint64_t features, vw_result *res) {
+    const uint8_t *h = iov[0].iov_base;
+    if (h[0] || h[1]) {
+        if (!keep_hdr || !features || !hdr_ok(h, (uint32_t)(total - hdr_len), features))
+            return 1;
+        if (h[1])
+            res->gso++;
+    }
+    if (fd >= 0) {
+        struct iovec *v = iov;
+        int cnt = niov;
+        if (!keep_hdr) {
+            if (iov[0].iov_len == (size_t)hdr_len) {
+                v++;
+                cnt--;
+            } else {
+                iov[0].iov_base = (uint8_t *)iov[0].iov_base + hdr_len;
+                iov[0].iov_len -= hdr_len;
+            }
+        }
+        ssize_t w = writev(fd, v, cnt);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 2;
+            res->errors++;
+        }
+    }
+    return 0;
+}
+
 /* features: the negotiated feature word if the backend takes offloads (header kept), else 0
  * (then only headers without flags/gso_type are taken). */
 int vw_split_tx_burst(vw_split *q, const vw_region *regs, int nregs, int hdr_len, int fd,
@@ -187,35 +222,10 @@ int vw_split_tx_burst(vw_split *q, const vw_region *regs, int nregs, int hdr_len
             res->stop = 1;
             break;
         }
-        const uint8_t *h = iov[0].iov_base;
-        if (h[0] || h[1]) {
-            if (!keep_hdr || !features || !hdr_ok(h, (uint32_t)(total - hdr_len), features)) {
-                res->stop = 1;
-                break;
-            }
-            if (h[1])
-                res->gso++;
-        }
-        if (fd >= 0) {
-            struct iovec *v = iov;
-            int cnt = niov;
-            if (!keep_hdr) {
-                if (iov[0].iov_len == (size_t)hdr_len) {
-                    v++;
-                    cnt--;
-                } else {
-                    iov[0].iov_base = (uint8_t *)iov[0].iov_base + hdr_len;
-                    iov[0].iov_len -= hdr_len;
-                }
-            }
-            ssize_t w = writev(fd, v, cnt);
-            if (w < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    res->stop = 2;
-                    break;
-                }
-                res->errors++;
-            }
+        int st = tx_send(iov, niov, total, hdr_len, fd, keep_hdr, features, res);
+        if (st) {
+            res->stop = st;
+            break;
         }
         uint8_t *u = q->used + 4 + 8 * (q->next_used & mask);
         uint32_t id = head, zero = 0;
@@ -364,35 +374,10 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
             res->stop = 1;
             break;
         }
-        const uint8_t *h = iov[0].iov_base;
-        if (h[0] || h[1]) {
-            if (!keep_hdr || !features || !hdr_ok(h, (uint32_t)(total - hdr_len), features)) {
-                res->stop = 1;
-                break;
-            }
-            if (h[1])
-                res->gso++;
-        }
-        if (fd >= 0) {
-            struct iovec *v = iov;
-            int cnt = niov;
-            if (!keep_hdr) {
-                if (iov[0].iov_len == (size_t)hdr_len) {
-                    v++;
-                    cnt--;
-                } else {
-                    iov[0].iov_base = (uint8_t *)iov[0].iov_base + hdr_len;
-                    iov[0].iov_len -= hdr_len;
-                }
-            }
-            ssize_t wr = writev(fd, v, cnt);
-            if (wr < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    res->stop = 2;
-                    break;
-                }
-                res->errors++;
-            }
+        int st = tx_send(iov, niov, total, hdr_len, fd, keep_hdr, features, res);
+        if (st) {
+            res->stop = st;
+            break;
         }
         ids[done] = id;
         ndescs[done] = (uint16_t)n;
