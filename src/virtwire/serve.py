@@ -338,8 +338,12 @@ def qemu_args(cfg: PortConfig, index: int = 0, *, tcg: bool = True,
     return args
 
 
-def libvirt_xml(cfg: PortConfig) -> str:
-    """The libvirt ``<interface type='vhostuser'>`` element (plus the memory note it needs)."""
+def libvirt_xml(cfg: PortConfig, alias: str | None = None) -> str:
+    """The libvirt ``<interface type='vhostuser'>`` element (plus the memory note it needs).
+
+    ``alias`` (a user alias, ``ua-...``) adds ``<alias name=...>``, which a TCG domain's
+    ``<qemu:override>`` (vectors=0) refers to; see ``virtwire.libvirt.check``.
+    """
     mode = "client" if cfg.server else "server"  # QEMU's role, the opposite of ours
     reconnect = "\n    <reconnect enabled='yes' timeout='1'/>" if cfg.server else ""
     src = (f"<source type='unix' path='{cfg.path}' mode='{mode}'>{reconnect}\n  </source>"
@@ -352,5 +356,6 @@ def libvirt_xml(cfg: PortConfig) -> str:
         f"  <mac address='{cfg.mac}'/>\n"
         f"  {src}\n"
         f"  <model type='virtio'/>{driver}\n"
-        "</interface>"
+        + (f"  <alias name='{alias}'/>\n" if alias else "")
+        + "</interface>"
     )
