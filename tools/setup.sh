@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=(qemu-system-x86 qemu-utils iproute2 kmod cpio busybox-static iperf3 dpdk dpdk-dev tshark
-      ethtool socat chromium gcc)
+      ethtool socat chromium gcc
+      libxml2-utils libvirt-clients)  # virt-xml-validate + libvirt's schemas (virtwire libvirt)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then
