@@ -328,3 +328,20 @@ def test_interface_server_mode_and_bad_values(capsys):
     assert main(["libvirt", "interface", "--path", "/tmp/x'.sock"]) == 2
     err = capsys.readouterr().err
     assert "--alias" in err and "--queues" in err and "Traceback" not in err
+
+
+def test_interface_from_serve_port_spec(capsys):
+    """--port takes what `virtwire serve --port` took: server=off makes QEMU the server."""
+    assert main(["libvirt", "interface", "--kvm", "--port",
+                 "vhost-user,path=/tmp/vwl-p.sock,server=off,queues=3,mac=52:54:00:00:00:07,"
+                 "backend=null"]) == 0
+    out = capsys.readouterr().out
+    iface = ET.fromstring(out[out.index("<interface"):out.index("</interface>") + 12])
+    assert iface.find("source").get("path") == "/tmp/vwl-p.sock"
+    assert iface.find("source").get("mode") == "server"
+    assert iface.find("driver").get("queues") == "3"
+    assert iface.find("mac").get("address") == "52:54:00:00:00:07"
+    assert main(["libvirt", "interface", "--port", "vhost-user,path=/tmp/a.sock",
+                 "--path", "/tmp/b.sock"]) == 2
+    assert main(["libvirt", "interface"]) == 2
+    assert "--path" in capsys.readouterr().err

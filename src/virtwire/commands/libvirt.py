@@ -8,7 +8,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-from virtwire.config import _MAC_RE, PortConfig
+from virtwire.config import _MAC_RE, PortConfig, parse_port
 from virtwire.errors import CliError, UserFacingError
 
 NAME = "libvirt"
@@ -26,14 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="do not look at the socket paths on this host")
     i = sub.add_parser("interface", help="print the <interface type='vhostuser'> element and the "
                                          "domain-level parts it needs")
-    i.add_argument("--path", required=True, metavar="SOCK", help="the vhost-user socket path")
+    i.add_argument("--path", metavar="SOCK", help="the vhost-user socket path")
+    i.add_argument("--port", metavar="vhost-user,path=SOCK,...",
+                   help="instead of --path/--queues/--mode/--mac: the --port given to "
+                        "virtwire serve (server=on -> mode client, queues, mac)")
     i.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs (default 1)")
     i.add_argument("--alias", default="ua-vw0", metavar="NAME",
                    help="the interface's user alias (ua- is prepended if missing; default ua-vw0)")
     i.add_argument("--mode", choices=("client", "server"), default="client",
                    help="QEMU's role on the socket: client (default; virtwire serve listens) or "
                         "server (virtwire serve ...,server=off)")
-    i.add_argument("--mac", default="52:54:00:12:34:56", help="the guest MAC")
+    i.add_argument("--mac", default="52:54:00:12:34:56",
+                   help="the guest MAC (default 52:54:00:12:34:56, virtwire serve's default)")
     i.add_argument("--kvm", action="store_true",
                    help="the domain is type='kvm': no <qemu:override> (MSI-X works)")
     i.add_argument("--into", metavar="FILE.xml",
@@ -66,6 +70,14 @@ def _interface(args: argparse.Namespace) -> int:
     alias = args.alias if args.alias.startswith("ua-") else "ua-" + args.alias
     if not valid_alias(alias):
         raise CliError(f"libvirt interface --alias {args.alias}: letters, digits, _ and - only")
+    if args.port:
+        if args.path:
+            raise CliError("libvirt interface: give --path or --port, not both")
+        cfg = parse_port(args.port)
+        args.path, args.queues, args.mac = cfg.path, cfg.queues, cfg.mac
+        args.mode = "client" if cfg.server else "server"
+    if not args.path:
+        raise CliError("libvirt interface: give --path SOCK (or --port vhost-user,path=SOCK,...)")
     if not 1 <= args.queues <= 64:
         raise CliError(f"libvirt interface --queues {args.queues}: expected 1..64")
     if not _MAC_RE.match(args.mac) or int(args.mac[:2], 16) & 1:
