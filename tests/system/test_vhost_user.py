@@ -30,15 +30,6 @@ pytestmark = pytest.mark.system
 MIB64 = 64 << 20
 
 
-def _add_tap(ns: Netns, name: str, addr: str, multi_queue: bool = False) -> None:
-    argv = ["ip", "-n", ns.name, "tuntap", "add", "dev", name, "mode", "tap"]
-    if multi_queue:
-        argv.append("multi_queue")
-    subprocess.run(argv, check=True, capture_output=True)
-    subprocess.run(["ip", "-n", ns.name, "addr", "add", addr, "dev", name], check=True)
-    subprocess.run(["ip", "-n", ns.name, "link", "set", name, "up"], check=True)
-
-
 class Server:
     """``virtwire serve`` as a subprocess in a namespace (restartable)."""
 
@@ -92,7 +83,7 @@ def vhost_setup(tmp_path: Path, net: str, *, tap_addr: str, port_opts: str = "",
     """A namespace with a TAP ``vwvt0`` (``tap_addr``) and ``virtwire serve`` on it."""
     sock = str(tmp_path / "vwv.sock")
     with netns("vwv") as ns:
-        _add_tap(ns, "vwvt0", tap_addr, multi_queue=queues > 1)
+        ns.add_tap("vwvt0", addr=tap_addr, multi_queue=queues > 1)
         port = (f"vhost-user,path={sock},backend=tap,ifname=vwvt0,queues={queues}"
                 + (f",{port_opts}" if port_opts else ""))
         srv = Server(ns, [port], tmp_path / "serve.log")
@@ -370,7 +361,7 @@ def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image, s
     """``--net vhost-user,serve=tap:IF``: the launcher starts and stops ``virtwire serve``;
     ``server=off`` makes QEMU listen and our back end connect (client mode)."""
     with netns("vwv") as ns:
-        _add_tap(ns, "vwvs0", "10.79.0.1/24")
+        ns.add_tap("vwvs0", addr="10.79.0.1/24")
         vm = GuestVM(net=[f"vhost-user,serve=tap:vwvs0,mrg_rxbuf=off,server={server}"],
                      ip="10.79.0.2/24",
                      image=guest_image, netns=ns.name, name=f"vwv{os.getpid() % 10000}-sc")
@@ -392,7 +383,7 @@ def test_vm_net_vhost_user_starts_its_own_serve_sidecar(tmp_path, guest_image, s
 
 def test_switch_with_tap_uplink_reaches_the_host(tmp_path, guest_image):
     with netns("vwv") as ns:
-        _add_tap(ns, "vwvu0", "10.80.0.1/24")
+        ns.add_tap("vwvu0", addr="10.80.0.1/24")
         sock = str(tmp_path / "vwv-up.sock")
         srv = Server(ns, [f"vhost-user,path={sock},backend=switch,switch=vwvsw,uplink=vwvu0"],
                      tmp_path / "serve.log")

@@ -69,12 +69,14 @@ class Netns:
                               text=True, check=check, timeout=timeout)
 
     def add_tap(self, ifname: str, *, addr: str | None = None, master: str | None = None,
-                up: bool = True) -> str:
-        """Create a persistent TAP ``ifname`` in this namespace (for QEMU to open by name)."""
+                up: bool = True, multi_queue: bool = False) -> str:
+        """Create a persistent TAP ``ifname`` in this namespace (for QEMU to open by name);
+        ``multi_queue`` makes it IFF_MULTI_QUEUE (one fd per queue pair)."""
         if not valid_ifname(ifname):
             raise TapError(f"cannot create TAP {ifname!r}: bad interface name "
                            f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or whitespace)")
-        _ip(["-n", self.name, "tuntap", "add", "dev", ifname, "mode", "tap"],
+        _ip(["-n", self.name, "tuntap", "add", "dev", ifname, "mode", "tap",
+             *(["multi_queue"] if multi_queue else [])],
             f"cannot create TAP {ifname!r}", TapError)
         self.links.append(ifname)
         self._configure(ifname, addr=addr, master=master, up=up)
