@@ -345,3 +345,21 @@ def test_interface_from_serve_port_spec(capsys):
                  "--path", "/tmp/b.sock"]) == 2
     assert main(["libvirt", "interface"]) == 2
     assert "--path" in capsys.readouterr().err
+
+
+def test_listening_socket_seen_without_connecting(sock):
+    """check finds a listening back end in /proc/net/unix: serve never sees a probe connection."""
+    from virtwire.libvirt import check as mod
+
+    assert sock in mod._proc_listening_paths()
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(sock + "2")
+    lst.listen(1)
+    lst.setblocking(False)
+    try:
+        assert mod._is_listening(sock + "2")
+        with pytest.raises(BlockingIOError):
+            lst.accept()  # nobody connected
+    finally:
+        lst.close()
+        os.unlink(sock + "2")
