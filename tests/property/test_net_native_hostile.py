@@ -49,7 +49,10 @@ def build(descs, table, heads, avail_idx, hdr_bytes) -> BytearrayGuestMemory:
     return mem
 
 
-def run(mem: BytearrayGuestMemory, native: bool):
+def _serve_tx(mem: BytearrayGuestMemory, native: bool, extra_features: int = 0
+              ) -> tuple[VirtioNet, NullBackend, dict]:
+    """A device with its TX queue on the hostile ring, started and kicked once; the device,
+    its backend and the TX counters both paths keep (``tx_native``/``interrupts`` left out)."""
     be = NullBackend()
     d = VirtioNet(be, options="ctrl_vq=off")
     d.native = native
@@ -60,11 +63,16 @@ def run(mem: BytearrayGuestMemory, native: bool):
     d.set_queue_addresses(0, 0x8000, 0x9000, 0xA000)
     d.set_queue_ready(0)
     d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_F_INDIRECT_DESC, s.VIRTIO_NET_F_CSUM,
-                         s.VIRTIO_NET_F_HOST_TSO4), mem, RecordingInterrupt())
+                         s.VIRTIO_NET_F_HOST_TSO4) | extra_features, mem, RecordingInterrupt())
     d.notify(1)
     c = dict(d.counters[1])
     c.pop("tx_native", None)
     c.pop("interrupts", None)
+    return d, be, c
+
+
+def run(mem: BytearrayGuestMemory, native: bool):
+    d, be, c = _serve_tx(mem, native)
     n = mem.read_u16(USED + 2)
     # Used order may differ (Python returns a batch's dropped chains first); the elements not.
     used = sorted((mem.read_u32(USED + 4 + 8 * i), mem.read_u32(USED + 8 + 8 * i))
@@ -107,22 +115,7 @@ def build_packed(descs, table, hdr_bytes) -> BytearrayGuestMemory:
 
 
 def run_packed(mem: BytearrayGuestMemory, native: bool):
-    be = NullBackend()
-    d = VirtioNet(be, options="ctrl_vq=off")
-    d.native = native
-    d.set_queue_size(1, SIZE)
-    d.set_queue_addresses(1, DESC, AVAIL, USED)
-    d.set_queue_ready(1)
-    d.set_queue_size(0, SIZE)
-    d.set_queue_addresses(0, 0x8000, 0x9000, 0xA000)
-    d.set_queue_ready(0)
-    d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_F_INDIRECT_DESC, s.VIRTIO_NET_F_CSUM,
-                         s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_F_RING_PACKED), mem,
-                   RecordingInterrupt())
-    d.notify(1)
-    c = dict(d.counters[1])
-    c.pop("tx_native", None)
-    c.pop("interrupts", None)
+    d, be, c = _serve_tx(mem, native, s.bit(s.VIRTIO_F_RING_PACKED))
     # Where each used descriptor lands depends on the order chains of different lengths are
     # returned in (Python returns a batch's dropped chains first), so compare the used side's
     # position, the status and every counter instead of slot contents.
