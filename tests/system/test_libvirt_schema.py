@@ -57,3 +57,62 @@ def test_good_example_validates_and_schema_rejects_a_bad_one(tmp_path):
                                                                    "mode='both'>"))
     r = _validate(bad)
     assert r.returncode != 0
+
+
+@pytest.fixture
+def live_serve(tmp_path):
+    """A real ``virtwire serve`` (null backend) listening on a fresh socket; stopped after."""
+    import os
+    import select
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="vwl-lvs-")
+    sock = os.path.join(d, "vw0.sock")
+    port = f"vhost-user,path={sock},backend=null,queues=2,name=vwl0"
+    r, w = os.pipe()
+    env = dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w))
+    log = tmp_path / "serve.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "virtwire", "-v", "serve", "-q",
+                                 "--port", port], stdout=f, stderr=f, pass_fds=(w,), env=env,
+                                stdin=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 20)
+        assert ready and os.read(r, 1) == b"1", log.read_text()[-2000:]
+        yield port, sock, proc, log
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_against_a_running_serve(tmp_path, capsys, live_serve):
+    """interface --port (serve's own spec) into a domain: valid, and check passes while serve
+    listens - without serve seeing a connection; once serve is gone check fails, naming the fix."""
+    port, sock, proc, log = live_serve
+    bare = tmp_path / "bare.xml"
+    bare.write_text(BARE)
+    assert main(["libvirt", "interface", "--port", port, "--into", str(bare)]) == 0
+    merged = tmp_path / "merged.xml"
+    merged.write_text(capsys.readouterr().out)
+    r = _validate(merged)
+    assert r.returncode == 0, r.stderr
+    assert main(["libvirt", "check", "--json", str(merged)]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    path_f = [f for f in rep["findings"] if f["element"].endswith("/source/path")]
+    assert path_f and path_f[0]["status"] == "ok" and "listens" in path_f[0]["message"]
+    assert "front end connected" not in log.read_text()
+    proc.terminate()
+    proc.wait(10)
+    assert main(["libvirt", "check", str(merged)]) == 1
+    out = capsys.readouterr().out
+    assert "CANNOT WORK" in out and f"virtwire serve --port vhost-user,path={sock}" in out
