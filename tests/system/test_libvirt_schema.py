@@ -116,3 +116,17 @@ def test_against_a_running_serve(tmp_path, capsys, live_serve):
     assert main(["libvirt", "check", str(merged)]) == 1
     out = capsys.readouterr().out
     assert "CANNOT WORK" in out and f"virtwire serve --port vhost-user,path={sock}" in out
+
+
+def test_queues_compared_with_the_running_serve(tmp_path, capsys, live_serve):
+    """serve runs queues=2: a domain asking for 4 queue pairs is named, with both fixes."""
+    port, sock, _, _ = live_serve
+    bare = tmp_path / "bare.xml"
+    bare.write_text(BARE)
+    assert main(["libvirt", "interface", "--path", sock, "--queues", "4", "--into",
+                 str(bare)]) == 0
+    merged = tmp_path / "merged.xml"
+    merged.write_text(capsys.readouterr().out)
+    assert main(["libvirt", "check", str(merged)]) == 1
+    out = capsys.readouterr().out
+    assert "serves 2 queue pair(s)" in out and "<driver queues='2'/>" in out

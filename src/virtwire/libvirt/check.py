@@ -209,6 +209,8 @@ def _check_interface(iface: ET.Element, i: int, rep: Report, *, tcg: bool,
     else:
         _check_source(src, tag, rep, check_paths=check_paths)
         mode = src.get("mode")
+        if check_paths and mode == "client" and src.get("path"):
+            _check_against_serve(src.get("path", ""), iface, tag, rep)
     model = iface.find("model")
     mtype = model.get("type") if model is not None else None
     if mtype == "virtio":
@@ -291,6 +293,35 @@ def _check_source(src: ET.Element, tag: str, rep: Report, *, check_paths: bool) 
             rep.add(f"{el}/path", "ok",
                     f"QEMU creates it; run virtwire serve --port vhost-user,path={path},"
                     "server=off")
+
+
+def _check_against_serve(path: str, iface: ET.Element, tag: str, rep: Report) -> None:
+    """Compare with the running ``virtwire serve`` on ``path`` (its ``PATH.ctl`` counters)."""
+    if not os.path.exists(path + ".ctl"):
+        return
+    from virtwire.serve import query_stats
+
+    try:
+        data = query_stats(path + ".ctl", timeout=2.0)
+    except (UserFacingError, ValueError):
+        return
+    ports = [p for p in data.get("ports", []) if isinstance(p, dict)
+             and os.path.abspath(str(p.get("vhost_user", {}).get("path", ""))) ==
+             os.path.abspath(path)]
+    if not ports:
+        return
+    vu = ports[0]["vhost_user"]
+    pairs = len(vu.get("rings", [])) // 2
+    drv = iface.find("driver")
+    q = drv.get("queues", "1") if drv is not None else "1"
+    if q.isdigit() and pairs and int(q) != pairs:
+        rep.add(f"{tag}/driver", "error",
+                f"queues={q} but virtwire serve on {path} serves {pairs} queue pair(s)",
+                f"<driver queues='{pairs}'/> (or serve ...,queues={q})")
+    if vu.get("connected"):
+        rep.add(f"{tag}/source/path", "warn",
+                f"virtwire serve on {path} already has a front end; it refuses a second one",
+                "one guest per port: give this guest its own --port")
 
 
 def _is_listening(path: str) -> bool:
