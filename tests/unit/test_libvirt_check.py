@@ -363,3 +363,18 @@ def test_listening_socket_seen_without_connecting(sock):
     finally:
         lst.close()
         os.unlink(sock + "2")
+
+
+def test_each_interface_checked_on_its_own(sock):
+    """Two vhost-user NICs and a bridge NIC: only the second vhost-user one lacks its override."""
+    good = GOOD.format(sock=sock)
+    second = (f"<interface type='vhostuser'><source type='unix' path='{sock}' mode='client'>"
+              "<reconnect enabled='yes'/></source><model type='virtio'/>"
+              "<alias name='ua-vw1'/></interface>"
+              "<interface type='bridge'><source bridge='br0'/><model type='e1000'/></interface>"
+              )
+    rep = check_domain(ET.fromstring(good.replace("<serial type='pty'>",
+                                                  second + "<serial type='pty'>")))
+    errs = [f.element for f in rep.findings if f.status == "error"]
+    assert errs == ["interface[1](ua-vw1)/qemu:override"]
+    assert "alias='ua-vw1'" in [f for f in rep.findings if f.status == "error"][0].fix
