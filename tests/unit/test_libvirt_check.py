@@ -378,3 +378,24 @@ def test_each_interface_checked_on_its_own(sock):
     errs = [f.element for f in rep.findings if f.status == "error"]
     assert errs == ["interface[1](ua-vw1)/qemu:override"]
     assert "alias='ua-vw1'" in [f for f in rep.findings if f.status == "error"][0].fix
+
+
+def test_domain_name_read_through_virsh(tmp_path, monkeypatch, capsys, sock):
+    """A name that is not a file is read with `virsh dumpxml --inactive` (a stand-in virsh here)."""
+    fake = tmp_path / "virsh"
+    xml = tmp_path / "dom.xml"
+    xml.write_text(GOOD.format(sock=sock))
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" > {tmp_path}/argv\n"
+                    f"if [ \"$6\" = vwl-guest ]; then cat {xml}; exit 0; fi\n"
+                    "echo \"error: failed to get domain '$6'\" >&2; exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["libvirt", "check", "vwl-guest"]) == 0
+    assert "result: OK" in capsys.readouterr().out
+    assert (tmp_path / "argv").read_text().split() == [
+        "-c", "qemu:///system", "dumpxml", "--inactive", "--", "vwl-guest"]
+    assert main(["libvirt", "check", "-c", "qemu:///session", "vwl-nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "failed to get domain 'vwl-nope'" in err

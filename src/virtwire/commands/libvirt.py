@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
@@ -20,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 parser_class=type(parser))
     c = sub.add_parser("check", help="report, element by element, what a vhost-user NIC needs "
                                      "and what is wrong (exit 1 when it cannot work)")
-    c.add_argument("file", metavar="FILE.xml", help="a domain XML (virsh dumpxml output)")
+    c.add_argument("file", metavar="FILE.xml|DOMAIN",
+                   help="a domain XML (virsh dumpxml output), or a defined domain's name "
+                        "(read with virsh dumpxml --inactive)")
+    c.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
+                   help="libvirt URI for a DOMAIN name (default qemu:///system)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--no-path-check", action="store_true",
                    help="do not look at the socket paths on this host")
@@ -56,12 +63,40 @@ def run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from virtwire.libvirt.check import check_file
 
-    rep = check_file(args.file, check_paths=not args.no_path_check)
+    name = args.file
+    if not os.path.exists(name) and "/" not in name and not name.endswith(".xml"):
+        from virtwire.libvirt.check import check_domain
+
+        root = _dumpxml(name, args.connect)
+        rep = check_domain(root, check_paths=not args.no_path_check)
+    else:
+        rep = check_file(name, check_paths=not args.no_path_check)
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))
     else:
         print(rep.table())
     return 0 if rep.ok else 1
+
+
+def _dumpxml(name: str, uri: str) -> ET.Element:
+    """The inactive XML of a defined domain, through ``virsh`` (one-line errors)."""
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        raise UserFacingError(f"libvirt check: {name} is not a file, and virsh (libvirt-clients) "
+                              "is not installed to read a domain of that name")
+    try:
+        r = subprocess.run([virsh, "-c", uri, "dumpxml", "--inactive", "--", name],
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise UserFacingError(f"libvirt check: virsh dumpxml {name} timed out") from None
+    if r.returncode != 0:
+        last = next((ln for ln in reversed(r.stderr.splitlines()) if ln.strip()), "failed")
+        raise UserFacingError(f"libvirt check: {name} is not a file, and virsh -c {uri} "
+                              f"dumpxml {name}: {last.removeprefix('error: ').strip()}")
+    try:
+        return ET.fromstring(r.stdout)
+    except ET.ParseError as e:
+        raise UserFacingError(f"libvirt check: virsh dumpxml {name} is not XML: {e}") from None
 
 
 def _interface(args: argparse.Namespace) -> int:
