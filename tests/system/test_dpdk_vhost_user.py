@@ -104,9 +104,7 @@ def test_testpmd_virtio_user_exchanges_frames_with_serve(packed):
     serve_log = os.path.join(tmp, "serve.log")
     try:
         with netns("vwv") as ns:
-            for argv in (["tuntap", "add", "dev", "vwvd0", "mode", "tap"],
-                         ["link", "set", "vwvd0", "up"]):
-                subprocess.run(["ip", "-n", ns.name, *argv], check=True)
+            ns.add_tap("vwvd0")
             ns.run(["sysctl", "-qw", "net.ipv6.conf.vwvd0.disable_ipv6=1"])
             r, w = os.pipe()
             env = dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w))
