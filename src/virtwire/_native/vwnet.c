@@ -103,6 +103,22 @@ static int hdr_ok(const uint8_t *h, uint32_t frame_len, uint64_t features) {
 
 #define MAX_IOV 64
 
+/* Append the readable segment [addr, addr+len) of guest memory to iov (nothing for len 0).
+ * Returns 0, or -1 if it is not inside one region. The caller bounds *niov below MAX_IOV. */
+static int add_seg(const vw_region *regs, int nregs, uint64_t addr, uint32_t len,
+                   struct iovec *iov, int *niov, long *total) {
+    if (!len)
+        return 0;
+    uint8_t *p = translate(regs, nregs, addr, len);
+    if (!p)
+        return -1;
+    iov[*niov].iov_base = p;
+    iov[*niov].iov_len = len;
+    (*niov)++;
+    *total += len;
+    return 0;
+}
+
 /* Walk one chain (direct NEXT links or one indirect table); fill iov with host segments.
  * Returns the total length, or -1 if the chain is not a simple readable one we take here. */
 static long walk(const vw_split *q, const vw_region *regs, int nregs, uint16_t head,
@@ -136,15 +152,8 @@ static long walk(const vw_split *q, const vw_region *regs, int nregs, uint16_t h
         memcpy(&next, table + 16 * i + 14, 2);
         if (flags & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT))
             return -1;
-        if (len) {
-            uint8_t *p = translate(regs, nregs, addr, len);
-            if (!p)
-                return -1;
-            iov[n].iov_base = p;
-            iov[n].iov_len = len;
-            n++;
-            total += len;
-        }
+        if (add_seg(regs, nregs, addr, len, iov, &n, &total))
+            return -1;
         if (!(flags & VIRTQ_DESC_F_NEXT))
             break;
         if (next >= entries)
@@ -308,16 +317,9 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
                     bad = 1;
                     break;
                 }
-                if (l) {
-                    uint8_t *p = translate(regs, nregs, a, l);
-                    if (!p) {
-                        bad = 1;
-                        break;
-                    }
-                    iov[niov].iov_base = p;
-                    iov[niov].iov_len = l;
-                    niov++;
-                    total += l;
+                if (add_seg(regs, nregs, a, l, iov, &niov, &total)) {
+                    bad = 1;
+                    break;
                 }
             }
             if (bad) {
@@ -331,16 +333,9 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
                     bad = 1;
                     break;
                 }
-                if (len) {
-                    uint8_t *p = translate(regs, nregs, addr, len);
-                    if (!p) {
-                        bad = 1;
-                        break;
-                    }
-                    iov[niov].iov_base = p;
-                    iov[niov].iov_len = len;
-                    niov++;
-                    total += len;
+                if (add_seg(regs, nregs, addr, len, iov, &niov, &total)) {
+                    bad = 1;
+                    break;
                 }
                 if (!(flags & VIRTQ_DESC_F_NEXT))
                     break;
