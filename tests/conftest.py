@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+# The suite tests this checkout's code, whatever `pip install -e` last pointed at: pytest puts src/
+# first on sys.path (pyproject's `pythonpath`), and the `python -m virtwire` processes the tests
+# start (serve sidecars, CLI runs) get it through PYTHONPATH.
+_SRC = str(Path(__file__).resolve().parent.parent / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SRC])
 
 
 @pytest.fixture(scope="session")
