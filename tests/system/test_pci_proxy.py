@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from contextlib import contextmanager
 import pytest
 
 from virtwire.guest.qemu import GuestVM
+from virtwire.testing import transfer
 from virtwire.testing.netns import Netns, netns_with_tap
 
 pytestmark = pytest.mark.system
@@ -65,59 +64,9 @@ def _ping_received(output: str) -> int:
     return int(m.group(1))
 
 
-_HOST_SINK = r"""
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(180)
-print("listening", flush=True)
-c, _ = s.accept(); c.settimeout(180); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
-"""
-
-_HOST_SOURCE = r"""
-import hashlib, os, socket, sys, time
-n = int(sys.argv[3]); data = os.urandom(n)
-for _ in range(200):
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); break
-    except OSError: time.sleep(0.2)
-c.settimeout(180); c.sendall(data); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(n, hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
 def tcp_both_ways(vm: GuestVM, ns: Netns, host_ip: str, guest_ip: str, size: int) -> None:
     """``size`` random bytes guest -> host and host -> guest; sha256 must match both ways."""
-    sink = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", _HOST_SINK,
-                             host_ip, "5301"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
-        out = vm.run(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={size >> 20} 2>/dev/null; "
-                     f"sha256sum /tmp/tx; nc {host_ip} 5301 < /tmp/tx; echo nc=$?; rm /tmp/tx",
-                     timeout=300).output
-        n, host_sum = sink.stdout.readline().split()
-        assert (int(n), host_sum) == (size, out.split()[0]), out
-    finally:
-        sink.kill()
-        sink.wait()
-    vm.run("(nc -l -p 5302 > /tmp/rx; echo done > /tmp/rx.done) </dev/null >/dev/null 2>&1 &",
-           timeout=20)
-    src = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", _HOST_SOURCE,
-                          guest_ip, "5302", str(size)], capture_output=True, text=True,
-                         timeout=300)
-    assert src.returncode == 0, src.stderr
-    n, host_sum = src.stdout.split()
-    deadline = time.monotonic() + 60
-    while "done" not in vm.run("cat /tmp/rx.done 2>/dev/null", timeout=20).output:
-        assert time.monotonic() < deadline, "guest nc did not finish"
-        time.sleep(0.5)
-    out = vm.run("wc -c < /tmp/rx; sha256sum /tmp/rx; rm -f /tmp/rx", timeout=60).output.split()
-    assert (int(out[0]), out[1]) == (size, host_sum)
-    assert int(n) == size
+    transfer.tcp_both_ways(vm, ns, host_ip, guest_ip, size, ports=(5301, 5302), io_timeout=180)
 
 
 def _check_sidecar(vm: GuestVM) -> dict:

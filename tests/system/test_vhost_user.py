@@ -8,7 +8,6 @@ down in ``finally`` blocks: QEMU, the server, the namespace (and with it the TAP
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from virtwire.guest.qemu import GuestVM
+from virtwire.testing import transfer
 from virtwire.testing.netns import Netns, netns
 
 pytestmark = pytest.mark.system
@@ -139,67 +139,9 @@ def test_guest_pings_the_tap_100_of_100(tmp_path, guest_image):
         assert it1 - it0 < 500, (it0, it1)
 
 
-HOST_SINK = r"""
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(120)
-print("listening", flush=True)
-c, _ = s.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
-"""
-
-HOST_SOURCE = r"""
-import hashlib, socket, sys, time
-n = int(sys.argv[3]); block = bytes((i * 7 + 3) & 0xFF for i in range(1 << 16))
-for _ in range(200):
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); break
-    except OSError: time.sleep(0.2)
-c.settimeout(120); h = hashlib.sha256(); left = n
-while left:
-    b = block[: min(left, len(block))]; c.sendall(b); h.update(b); left -= len(b)
-c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(n, h.hexdigest(), flush=True)
-"""
-
-
 def _tcp_both_ways(vm: GuestVM, ns: Netns, host_ip: str, guest_ip: str, size: int) -> None:
-    # guest -> host
-    sink = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", HOST_SINK,
-                             host_ip, "5201"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
-        out = vm.run(f"dd if=/dev/urandom of=/tmp/tx bs=1M count={size >> 20} 2>/dev/null; "
-                     f"sha256sum /tmp/tx; nc {host_ip} 5201 < /tmp/tx; echo nc=$?",
-                     timeout=300).output
-        guest_sum = out.split()[0]
-        n, host_sum = sink.stdout.readline().split()
-        assert (int(n), host_sum) == (size, guest_sum), out
-    finally:
-        sink.kill()
-        sink.wait()
-    vm.run("rm -f /tmp/tx", timeout=20)
-    # host -> guest
-    vm.run("(nc -l -p 5202 > /tmp/rx; echo done > /tmp/rx.done) </dev/null >/dev/null 2>&1 &",
-           timeout=20)
-    src = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-c", HOST_SOURCE,
-                          guest_ip, "5202", str(size)], capture_output=True, text=True,
-                         timeout=300)
-    assert src.returncode == 0, src.stderr
-    n, host_sum = src.stdout.split()
-    deadline = time.monotonic() + 60
-    while "done" not in vm.run("cat /tmp/rx.done 2>/dev/null", timeout=20).output:
-        assert time.monotonic() < deadline, "guest nc did not finish"
-        time.sleep(0.5)
-    out = vm.run("wc -c < /tmp/rx; sha256sum /tmp/rx; rm -f /tmp/rx", timeout=60).output.split()
-    assert (int(out[0]), out[1]) == (size, host_sum)
-    assert host_sum == hashlib.sha256(
-        (bytes((i * 7 + 3) & 0xFF for i in range(1 << 16)) * (size // (1 << 16) + 1))[:size]
-    ).hexdigest()
+    transfer.tcp_both_ways(vm, ns, host_ip, guest_ip, size, ports=(5201, 5202),
+                           io_timeout=120, pattern=True)
 
 
 def test_64mib_tcp_each_way_checksums_match(tmp_path, guest_image):
