@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import time
@@ -24,57 +23,11 @@ import pytest
 from virtwire.guest.qemu import GuestVM
 from virtwire.testing import transfer
 from virtwire.testing.netns import Netns, netns
+from virtwire.testing.serve_process import ServeProcess as Server
 
 pytestmark = pytest.mark.system
 
 MIB64 = 64 << 20
-
-
-class Server:
-    """``virtwire serve`` as a subprocess in a namespace (restartable)."""
-
-    def __init__(self, ns: Netns | None, ports: list[str], log: Path) -> None:
-        self.ns, self.ports, self.log = ns, ports, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "virtwire", "-v", "serve", "-q"]
-        for p in self.ports:
-            argv += ["--port", p]
-        if self.ns is not None:
-            argv = ["ip", "netns", "exec", self.ns.name, *argv]
-        r, w = os.pipe()
-        env = dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w))
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(argv, stdout=f, stderr=f, pass_fds=(w,), env=env,
-                                         stdin=subprocess.DEVNULL)
-        os.close(w)
-        try:
-            ready, _, _ = select.select([r], [], [], 20)
-            assert ready and os.read(r, 1) == b"1", self.log.read_text()[-2000:]
-        finally:
-            os.close(r)
-        self.starts += 1
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def stats(self, path: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "virtwire", "stats", path, "--compact"],
-                             capture_output=True, text=True, check=True, timeout=20)
-        return json.loads(out.stdout)
 
 
 @contextmanager

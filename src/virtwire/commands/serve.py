@@ -77,19 +77,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach_spec(c) -> str:  # noqa: ANN001
+    """The ``--port`` ``virtwire libvirt attach`` needs for this port (what the NIC sees)."""
+    return (f"vhost-user,path={c.path}" + ("" if c.server else ",server=off")
+            + (f",queues={c.queues}" if c.queues > 1 else "")
+            + (f",mac={c.mac}" if c.mac != "52:54:00:12:34:56" else ""))
+
+
 def _print_snippets(configs, control, kvm, as_json, serve) -> None:  # noqa: ANN001
+    # The same text `virtwire libvirt interface --port ... --alias vwN` prints (alias, override).
+    from virtwire.libvirt.check import interface_snippet
+
     if as_json:
         print(json.dumps({
             "control": control,
             "ports": [{"path": c.path, "describe": c.describe(),
                        "qemu_args": serve.qemu_args(c, i, tcg=not kvm),
-                       "libvirt": serve.libvirt_xml(c)} for i, c in enumerate(configs)],
+                       "libvirt": interface_snippet(c, f"ua-vw{i}", kvm=kvm)}
+                      for i, c in enumerate(configs)],
         }), flush=True)
         return
     out = sys.stdout
     for i, c in enumerate(configs):
         out.write(f"# port {i}: {c.describe()}\n")
         out.write("# QEMU arguments:\n  " + " ".join(serve.qemu_args(c, i, tcg=not kvm)) + "\n")
-        out.write("# libvirt:\n" + serve.libvirt_xml(c) + "\n")
+        out.write(f"# libvirt (or: virtwire libvirt attach DOMAIN --port {_attach_spec(c)}):\n"
+                  + interface_snippet(c, f"ua-vw{i}", kvm=kvm) + "\n")
     out.write(f"# counters: virtwire stats --control {control}   (or kill -USR1 {os.getpid()})\n")
     out.flush()

@@ -36,7 +36,7 @@ from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 
 __all__ = ["Finding", "Report", "check_domain", "check_file", "interface_parts", "merge_parts",
-           "QEMU_NS", "valid_alias"]
+           "interface_snippet", "QEMU_NS", "valid_alias"]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _Q = f"{{{QEMU_NS}}}"
@@ -399,6 +399,33 @@ def interface_parts(cfg: PortConfig, alias: str) -> dict[str, ET.Element]:
     ET.SubElement(fe, f"{_Q}property", name="vectors", type="unsigned", value="0")
     return {"memoryBacking": mb, "acpi": ET.Element("acpi"),
             "interface": ET.fromstring(libvirt_xml(cfg, alias=alias)), "qemu:override": ovr}
+
+
+def interface_snippet(cfg: PortConfig, alias: str = "ua-vw0", *, kvm: bool = False) -> str:
+    """The pasteable parts for a person: each element with a comment saying where it goes.
+
+    ``virtwire libvirt interface`` and ``virtwire serve`` print this; ``kvm`` leaves out the
+    ``<qemu:override>`` (MSI-X works under KVM).
+    """
+    parts = interface_parts(cfg, alias)
+    for key in ("memoryBacking", "acpi", "interface", "qemu:override"):
+        ET.indent(parts[key])
+    out = ["<!-- in <domain>: guest RAM shared with virtwire -->",
+           ET.tostring(parts["memoryBacking"], encoding="unicode"),
+           "<!-- in <features>: else the guest cannot power off -->",
+           ET.tostring(parts["acpi"], encoding="unicode")]
+    # (no "--" inside an XML comment: the snippet must stay pasteable XML)
+    out.append(f"<!-- in <devices>: the NIC (for virtwire serve, port vhost-user,path={cfg.path},"
+               f"server={'on' if cfg.server else 'off'}"
+               + (f",queues={cfg.queues}" if cfg.queues > 1 else "") + ",...) -->")
+    out.append(ET.tostring(parts["interface"], encoding="unicode"))
+    if not kvm:
+        out.append(f"<!-- TCG (<domain type='qemu' xmlns:qemu='{QEMU_NS}'>) only, in <domain>: "
+                   "no MSI-X on this vhost-user device -->")
+        xml = ET.tostring(parts["qemu:override"], encoding="unicode")
+        # Standalone, ElementTree declares the namespace on the element; the domain declares it.
+        out.append(re.sub(r' xmlns:qemu="[^"]*"', "", xml))
+    return "\n".join(out)
 
 
 def merge_parts(root: ET.Element, parts: dict[str, ET.Element]) -> ET.Element:
