@@ -36,6 +36,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
@@ -112,6 +113,7 @@ class Server:
         self.switches: dict[str, Any] = {}
         self.control: socket.socket | None = None
         self.control_path: str | None = None
+        self._ctl_links: list[str] = []  # PORT_PATH.ctl -> control socket, for ports 2..N
 
     # -- building -------------------------------------------------------------------------------
     def add_port(self, cfg: PortConfig) -> Port:
@@ -188,6 +190,7 @@ class Server:
             p.vhost.start()
         if control_path:
             self._open_control(control_path)
+            self._link_control(control_path)
         self.loop.add_signal_handler(signal.SIGUSR1, self._dump_stats)
         self.loop.add_signal_handler(signal.SIGTERM, lambda _s: self.loop.stop())
         self.loop.add_signal_handler(signal.SIGINT, lambda _s: self.loop.stop())
@@ -207,6 +210,12 @@ class Server:
             close = getattr(sw, "close", None)
             if close:
                 close()
+        for link in self._ctl_links:
+            try:
+                os.unlink(link)
+            except OSError:
+                pass
+        self._ctl_links.clear()
         if self.control is not None:
             self.loop.remove_reader(self.control)
             self.control.close()
@@ -234,12 +243,31 @@ class Server:
             ports.append({
                 "name": p.config.name,
                 "config": p.config.describe(),
+                # What a guest NIC on this port must match (virtwire libvirt interface/attach).
+                "attach": {"path": p.config.path, "server": p.config.server,
+                           "queues": p.config.queues, "mac": p.config.mac},
                 "vhost_user": vs,
                 "device": {k: v for k, v in dev.items() if k != "queues"},
                 "backends": [{"name": getattr(b, "name", "?"), **b.stats()} for b in p.backends],
             })
         return {"ports": ports, "loop": {"iterations": self.loop.iterations,
                                          "errors": self.loop.errors}}
+
+    def _link_control(self, control_path: str) -> None:
+        """Make ``PORT_PATH.ctl`` reach the control socket for every port, so tools that know only
+        a port's socket (``virtwire stats PATH``, ``libvirt check``/``domifstat``) find it."""
+        for p in self.ports:
+            link = p.config.path + ".ctl"
+            if os.path.abspath(link) == os.path.abspath(control_path):
+                continue
+            try:
+                if os.path.islink(link):
+                    os.unlink(link)  # left by a serve that was killed
+                os.symlink(os.path.abspath(control_path), link)
+            except OSError as e:
+                log.warning("no %s for port %s: %s", link, p.config.name, e.strerror or e)
+                continue
+            self._ctl_links.append(link)
 
     def _dump_stats(self, _signum: int) -> None:
         sys.stderr.write(json.dumps(self.stats()) + "\n")
@@ -346,8 +374,9 @@ def libvirt_xml(cfg: PortConfig, alias: str | None = None) -> str:
     """
     mode = "client" if cfg.server else "server"  # QEMU's role, the opposite of ours
     reconnect = "\n    <reconnect enabled='yes' timeout='1'/>" if cfg.server else ""
-    src = (f"<source type='unix' path='{cfg.path}' mode='{mode}'>{reconnect}\n  </source>"
-           if reconnect else f"<source type='unix' path='{cfg.path}' mode='{mode}'/>")
+    path = xml_escape(cfg.path, {"'": "&apos;", '"': "&quot;"})
+    src = (f"<source type='unix' path='{path}' mode='{mode}'>{reconnect}\n  </source>"
+           if reconnect else f"<source type='unix' path='{path}' mode='{mode}'/>")
     driver = f"\n  <driver queues='{cfg.queues}'/>" if cfg.queues > 1 else ""
     return (
         "<!-- guest RAM must be shared: <memoryBacking><source type='memfd'/>"

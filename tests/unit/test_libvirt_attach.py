@@ -6,6 +6,7 @@ tests/system/test_libvirt_domain.py.
 
 from __future__ import annotations
 
+import json
 import sys
 import xml.etree.ElementTree as ET
 
@@ -154,3 +155,45 @@ def test_serve_prints_the_same_parts_as_libvirt_interface(capsys):
     serve_cmd._print_snippets([cfg], "/tmp/vwl-s.sock.ctl", True, True, serve)
     data = json.loads(capsys.readouterr().out)
     assert "ua-vw0" in data["ports"][0]["libvirt"] and "vectors" not in data["ports"][0]["libvirt"]
+
+
+def test_port_read_from_a_running_serve(tmp_path, capsys):
+    """A running serve's port socket is enough: its settings come from the control socket, which
+    every port reaches through PORT_PATH.ctl (the second port's is a link to the first's)."""
+    import os
+
+    from virtwire.libvirt.attach import port_config
+    from virtwire.serve import build
+
+    p0, p1 = str(tmp_path / "p0.sock"), str(tmp_path / "p1.sock")
+    srv = build([parse_port(f"vhost-user,path={p0},backend=null"),
+                 parse_port(f"vhost-user,path={p1},backend=null,queues=2,server=off,"
+                            "mac=52:54:00:00:00:09")])
+    # (server=off ports connect out when the loop runs; nothing runs it here)
+    srv.start(p0 + ".ctl")
+    import threading
+
+    srv.loop.call_every(0.02, lambda: None)
+    t = threading.Thread(target=srv.loop.run, daemon=True)
+    t.start()
+    try:
+        assert os.path.islink(p1 + ".ctl")
+        cfg = port_config(p1)
+        assert (cfg.path, cfg.server, cfg.queues, cfg.mac) == (p1, False, 2, "52:54:00:00:00:09")
+        assert port_config(p0).server is True
+        capsys.readouterr()
+        assert main(["libvirt", "interface", p1, "--kvm"]) == 0
+        out = capsys.readouterr().out
+        assert f"path=\"{p1}\" mode=\"server\"" in out and "<driver queues=\"2\" />" in out
+        assert "52:54:00:00:00:09" in out
+        assert main(["stats", p1, "--compact"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["ports"]) == 2
+    finally:
+        srv.loop.stop()
+        t.join(5)
+        srv.close()
+    assert not os.path.lexists(p1 + ".ctl")
+    with pytest.raises(UserFacingError, match="no virtwire serve runs there"):
+        port_config(p1)
+    with pytest.raises(UserFacingError, match="absolute"):
+        port_config("p1.sock")

@@ -23,6 +23,7 @@ running guest, so nothing is hot-plugged.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ from virtwire.libvirt.check import (
     valid_alias,
 )
 
-__all__ = ["AttachRefused", "AttachResult", "attach", "open_connection", "plan_attach"]
+__all__ = ["AttachRefused", "AttachResult", "attach", "open_connection", "plan_attach",
+           "port_config"]
 
 
 class AttachRefused(UserFacingError):
@@ -68,6 +70,36 @@ class AttachResult:
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.domain, "alias": self.alias, "changes": self.changes,
                 "active": self.active, "notes": self.notes, "check": self.report.to_json()}
+
+
+def port_config(text: str) -> PortConfig:
+    """The port a guest NIC attaches to: a ``--port`` spec as given to ``virtwire serve``
+    (``vhost-user,path=SOCK,...``), or the socket path of a running ``virtwire serve`` port, whose
+    path, server side, queue pairs and MAC are read from its control socket (``SOCK.ctl``)."""
+    from virtwire.config import parse_port
+
+    if text.startswith("vhost-user"):
+        return parse_port(text)
+    if not text.startswith("/"):
+        raise UserFacingError(f"port {text!r}: give a running serve's socket path (absolute) or "
+                              "the spec vhost-user,path=SOCK,...")
+    ctl = text + ".ctl"
+    if not os.path.exists(ctl):
+        raise UserFacingError(f"port {text}: no virtwire serve runs there (no {ctl}); start it, "
+                              f"or give the spec: vhost-user,path={text},...")
+    from virtwire.serve import query_stats
+
+    data = query_stats(ctl, timeout=5.0)
+    for p in data.get("ports", []) if isinstance(data, dict) else []:
+        att = p.get("attach") if isinstance(p, dict) else None
+        if isinstance(att, dict) and os.path.abspath(str(att.get("path"))) == \
+                os.path.abspath(text):
+            try:
+                return PortConfig(path=text, server=bool(att["server"]),
+                                  queues=int(att["queues"]), mac=str(att["mac"]))
+            except (KeyError, TypeError, ValueError):
+                break
+    raise UserFacingError(f"port {text}: the virtwire serve on {ctl} does not describe that port")
 
 
 def _free_alias(root: ET.Element) -> str:
