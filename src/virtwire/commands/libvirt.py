@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="do not look at the socket paths on this host")
     i = sub.add_parser("interface", help="print the <interface type='vhostuser'> element and the "
                                          "domain-level parts it needs")
+    i.add_argument("sock", nargs="?", metavar="PORT",
+                   help="a running virtwire serve port's socket: queues, MAC and mode are read "
+                        "from it")
     i.add_argument("--path", metavar="SOCK", help="the vhost-user socket path")
     i.add_argument("--port", metavar="vhost-user,path=SOCK,...",
                    help="instead of --path/--queues/--mode/--mac: the --port given to "
@@ -49,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the domain is type='kvm': no <qemu:override> (MSI-X works)")
     i.add_argument("--into", metavar="FILE.xml",
                    help="print this domain XML with the parts merged in instead")
+    _add_attach_domain(sub)
+    from virtwire.libvirt.stats import add_domifstat_parser
+
+    add_domifstat_parser(sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +63,17 @@ def run(args: argparse.Namespace) -> int:
         return _check(args)
     if cmd == "interface":
         return _interface(args)
-    raise CliError("libvirt: give an action: check FILE.xml | interface --path SOCK")
+    if cmd == "attach":
+        return _attach(args)
+    if cmd == "domain":
+        return _domain(args)
+    if cmd == "domifstat":
+        from virtwire.libvirt.stats import domifstat
+
+        return domifstat(args, lambda name, uri: _dumpxml(name, uri, inactive=False,
+                                                          what="libvirt domifstat"))
+    raise CliError("libvirt: give an action: check FILE.xml | interface --path SOCK | "
+                   "attach DOMAIN --port SPEC | domain NAME")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -78,34 +94,49 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
-def _dumpxml(name: str, uri: str) -> ET.Element:
-    """The inactive XML of a defined domain, through ``virsh`` (one-line errors)."""
+def _dumpxml(name: str, uri: str, *, inactive: bool = True,
+             what: str = "libvirt check") -> ET.Element:
+    """The inactive (else the live) XML of a domain, through ``virsh`` (one-line errors)."""
     virsh = shutil.which("virsh")
     if virsh is None:
-        raise UserFacingError(f"libvirt check: {name} is not a file, and virsh (libvirt-clients) "
+        raise UserFacingError(f"{what}: {name} is not a file, and virsh (libvirt-clients) "
                               "is not installed to read a domain of that name")
     try:
-        r = subprocess.run([virsh, "-c", uri, "dumpxml", "--inactive", "--", name],
+        r = subprocess.run([virsh, "-c", uri, "dumpxml", *(["--inactive"] if inactive else []),
+                            "--", name],
                            capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        raise UserFacingError(f"libvirt check: virsh dumpxml {name} timed out") from None
+        raise UserFacingError(f"{what}: virsh dumpxml {name} timed out") from None
     if r.returncode != 0:
         last = next((ln for ln in reversed(r.stderr.splitlines()) if ln.strip()), "failed")
-        raise UserFacingError(f"libvirt check: {name} is not a file, and virsh -c {uri} "
+        raise UserFacingError(f"{what}: {name} is not a file, and virsh -c {uri} "
                               f"dumpxml {name}: {last.removeprefix('error: ').strip()}")
     try:
         return ET.fromstring(r.stdout)
     except ET.ParseError as e:
-        raise UserFacingError(f"libvirt check: virsh dumpxml {name} is not XML: {e}") from None
+        raise UserFacingError(f"{what}: virsh dumpxml {name} is not XML: {e}") from None
 
 
 def _interface(args: argparse.Namespace) -> int:
-    from virtwire.libvirt.check import QEMU_NS, interface_parts, merge_parts, valid_alias
+    from virtwire.libvirt.check import (
+        interface_parts,
+        interface_snippet,
+        merge_parts,
+        valid_alias,
+    )
 
     alias = args.alias if args.alias.startswith("ua-") else "ua-" + args.alias
     if not valid_alias(alias):
         raise CliError(f"libvirt interface --alias {args.alias}: letters, digits, _ and - only")
-    if args.port:
+    if args.sock:
+        if args.path or args.port:
+            raise CliError("libvirt interface: give PORT, --path or --port, one of them")
+        from virtwire.libvirt.attach import port_config
+
+        cfg = port_config(args.sock)
+        args.path, args.queues, args.mac = cfg.path, cfg.queues, cfg.mac
+        args.mode = "client" if cfg.server else "server"
+    elif args.port:
         if args.path:
             raise CliError("libvirt interface: give --path or --port, not both")
         cfg = parse_port(args.port)
@@ -140,23 +171,94 @@ def _interface(args: argparse.Namespace) -> int:
         ET.indent(root)
         sys.stdout.write(ET.tostring(root, encoding="unicode") + "\n")
         return 0
-    out = []
-    for key in ("memoryBacking", "acpi", "interface", "qemu:override"):
-        ET.indent(parts[key])
-    out.append("<!-- in <domain>: guest RAM shared with virtwire -->")
-    out.append(ET.tostring(parts["memoryBacking"], encoding="unicode"))
-    out.append("<!-- in <features>: else the guest cannot power off -->")
-    out.append(ET.tostring(parts["acpi"], encoding="unicode"))
-    # (no "--" inside an XML comment: the snippet must stay pasteable XML)
-    out.append(f"<!-- in <devices>: the NIC (for virtwire serve, port vhost-user,path={args.path},"
-               f"server={'on' if cfg.server else 'off'}"
-               + (f",queues={cfg.queues}" if cfg.queues > 1 else "") + ",...) -->")
-    out.append(ET.tostring(parts["interface"], encoding="unicode"))
-    if not args.kvm:
-        out.append(f"<!-- TCG (<domain type='qemu' xmlns:qemu='{QEMU_NS}'>) only, in <domain>: "
-                   "no MSI-X on this vhost-user device -->")
-        xml = ET.tostring(parts["qemu:override"], encoding="unicode")
-        # Standalone, ElementTree declares the namespace on the element; the domain declares it.
-        out.append(re.sub(r' xmlns:qemu="[^"]*"', "", xml))
-    print("\n".join(out))
+    print(interface_snippet(cfg, alias, kvm=args.kvm))
+    return 0
+
+
+# -- attach and domain ---------------------------------------------------------------------------
+def _add_attach_domain(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("attach", help="give a defined domain a vhost-user NIC on a virtwire serve "
+                                      "port, through the libvirt API (validated before saving)")
+    a.add_argument("domain", metavar="DOMAIN", help="a defined domain's name")
+    a.add_argument("--port", required=True, metavar="SOCK|vhost-user,path=SOCK,...",
+                   help="a running virtwire serve port's socket (its settings are read from it), "
+                        "or the --port given to virtwire serve (path, server, queues, mac)")
+    a.add_argument("--alias", metavar="NAME",
+                   help="the interface's user alias (ua- is prepended if missing; default: the "
+                        "one on the same socket, else the first free ua-vwN)")
+    a.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
+                   help="libvirt URI (default qemu:///system)")
+    a.add_argument("--json", action="store_true", help="print what was done as JSON")
+    d = sub.add_parser("domain", help="print (or define) a domain booting virtwire's default guest "
+                                      "image, no NIC yet (for attach)")
+    d.add_argument("name", metavar="NAME", help="the domain name")
+    d.add_argument("--ip", metavar="ADDR/LEN", help="the guest's eth0 address, e.g. 10.0.0.2/24")
+    d.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
+    d.add_argument("--kvm", action="store_true",
+                   help="type='kvm' (needs hardware virtualisation; default TCG, type='qemu')")
+    d.add_argument("--console-socket", metavar="PATH",
+                   help="serial console on a UNIX socket QEMU connects to (default: a pty, "
+                        "virsh console NAME)")
+    d.add_argument("--define", action="store_true",
+                   help="define it in libvirt (validated) instead of printing it")
+    d.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
+                   help="libvirt URI for --define (default qemu:///system)")
+
+
+def _attach(args: argparse.Namespace) -> int:
+    from virtwire.libvirt.attach import AttachRefused, attach, port_config
+
+    cfg = port_config(args.port)
+    alias = None
+    if args.alias:
+        alias = args.alias if args.alias.startswith("ua-") else "ua-" + args.alias
+    try:
+        res = attach(args.connect, args.domain, cfg, alias)
+    except AttachRefused as e:
+        if args.json:
+            print(json.dumps({"domain": args.domain, "saved": False,
+                              "check": e.report.to_json()}, indent=2))
+        else:
+            print(e.report.table())
+            print(f"nothing saved: {args.domain} would still not work (see above)")
+        return 1
+    if args.json:
+        print(json.dumps({**res.to_json(), "saved": True}, indent=2))
+        return 0
+    print(f"domain {res.domain!r}: NIC {res.alias} on {cfg.path} saved (libvirt validated it)")
+    for c in res.changes:
+        print(f"  {c}")
+    for n in res.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def _domain(args: argparse.Namespace) -> int:
+    from virtwire.guest.image import load_image
+    from virtwire.guest.qemu import find_qemu, parse_memory
+    from virtwire.libvirt.domain import guest_domain
+
+    mib = parse_memory(args.memory)
+    image = load_image()
+    root = guest_domain(args.name, image.kernel, image.initramfs, memory_mib=mib, kvm=args.kvm,
+                        ip=args.ip, console_socket=args.console_socket, emulator=find_qemu())
+    ET.indent(root)
+    xml = ET.tostring(root, encoding="unicode")
+    if not args.define:
+        print(xml)
+        return 0
+    from virtwire.libvirt.attach import open_connection
+
+    conn = open_connection(args.connect)  # one clear line when the binding or daemon is missing
+    import libvirt
+
+    try:
+        conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    except libvirt.libvirtError as e:
+        raise UserFacingError(f"libvirt domain: cannot define {args.name}: "
+                              f"{e.get_error_message()}") from None
+    finally:
+        conn.close()
+    print(f"domain {args.name!r} defined ({'KVM' if args.kvm else 'TCG'}, {mib} MiB, no NIC); "
+          f"next: virtwire libvirt attach {args.name} --port vhost-user,path=SOCK")
     return 0
