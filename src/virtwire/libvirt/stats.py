@@ -9,8 +9,8 @@ Theory of operation
 1. ``vhostuser_interfaces(root)`` lists each ``<interface type='vhostuser'>`` of a ``<domain>``:
    ``<source path>`` (the socket), ``<target dev>`` (present in a running domain's XML; libvirt
    names a vhost-user interface e.g. ``vhost-user1``), ``<alias name>`` and ``<mac address>``.
-2. Their counters come from each serve's control socket, ``PATH.ctl`` by default (``virtwire
-   serve --control``, default ``FIRST_PORT_PATH.ctl``), or from the control sockets given;
+2. Their counters come from each serve's control socket: ``PATH.ctl`` (serve makes one for every
+   port, a link to its ``--control`` socket), or the control sockets given; each is asked once;
    ``serve.query_stats`` returns ``Server.stats()``: per port, ``vhost_user.path`` and one entry
    per ring with the device's per-queue counters (``frames``, ``bytes``, ``drops``) and the
    back end's (``errors``: guest faults on that ring, each marking it broken, §2.1.2).
@@ -137,12 +137,20 @@ def select(ifaces: list[Interface], key: str | None, domain: str = "the domain")
     return hit
 
 
+def _ports(stats: Any) -> list[dict[str, Any]]:
+    """The ports of a ``Server.stats()`` answer (whatever its shape: it came off a socket)."""
+    ports = stats.get("ports") if isinstance(stats, dict) else None
+    return [p for p in ports if isinstance(p, dict)] if isinstance(ports, list) else []
+
+
+def _vu(port: dict[str, Any]) -> dict[str, Any]:
+    vu = port.get("vhost_user")
+    return vu if isinstance(vu, dict) else {}
+
+
 def _find_port(stats: dict[str, Any], path: str) -> dict[str, Any] | None:
-    for p in stats.get("ports", []) if isinstance(stats, dict) else []:
-        if not isinstance(p, dict):
-            continue
-        vu = p.get("vhost_user")
-        pp = vu.get("path") if isinstance(vu, dict) else None
+    for p in _ports(stats):
+        pp = _vu(p).get("path")
         if isinstance(pp, str) and _same_path(pp, path):
             return p
     return None
@@ -155,7 +163,7 @@ def _int(v: Any) -> int:
 def port_counters(port: dict[str, Any]) -> dict[str, int]:
     """``virsh domifstat``'s fields (guest's view) from one port of ``Server.stats()``."""
     c = dict.fromkeys(FIELDS, 0)
-    rings = port.get("vhost_user", {}).get("rings", [])
+    rings = _vu(port).get("rings", [])
     for r in rings if isinstance(rings, list) else []:
         if not isinstance(r, dict):
             continue
@@ -175,9 +183,8 @@ def port_counters(port: dict[str, Any]) -> dict[str, int]:
 
 
 def _port_info(port: dict[str, Any], control: str) -> dict[str, Any]:
-    vu = port.get("vhost_user", {})
     return {"name": port.get("name"), "config": port.get("config"), "control": control,
-            "connected": vu.get("connected") if isinstance(vu, dict) else None}
+            "connected": _vu(port).get("connected")}
 
 
 def records(ifaces: Iterable[Interface], stats: dict[str, dict[str, Any] | str]) -> list[IfStat]:
@@ -208,13 +215,12 @@ def records(ifaces: Iterable[Interface], stats: dict[str, dict[str, Any] | str])
         if mine is not None and isinstance(stats[mine], str):
             why = f"{stats[mine]} (is virtwire serve running for it?)"
         elif mine is not None:
-            ports = [str(p.get("vhost_user", {}).get("path")) for p in stats[mine].get("ports", [])
-                     if isinstance(p, dict)]
+            ports = [str(_vu(p).get("path")) for p in _ports(stats[mine])]
             why = (f"the virtwire serve on {mine} has no port on it (its ports: "
                    f"{', '.join(ports) or 'none'})")
         else:
-            why = (f"no control socket {own}: is virtwire serve running for it? (a serve's is "
-                   "FIRST_PORT_PATH.ctl unless started with --control: give that --control PATH)")
+            why = (f"no control socket {own}: is virtwire serve running for it? (else give "
+                   "its control socket with --control PATH)")
         if others:
             why += "; not on " + ", ".join(
                 ctl if isinstance(stats[ctl], dict) else f"{ctl} ({stats[ctl]})" for ctl in others)
@@ -238,12 +244,18 @@ def collect(ifaces: list[Interface], controls: Iterable[str] = (),
         if i.path is not None and (i.path + ".ctl") not in wanted:
             wanted.append(i.path + ".ctl")
     stats: dict[str, dict[str, Any] | str] = {}
+    seen: dict[str, str] = {}  # real path -> the name it was asked by (PATH.ctl may be a link)
     for ctl in wanted:
         if ctl in stats:
             continue
         explicit = ctl in controls
         if not explicit and not os.path.exists(ctl):
             continue  # records() says which socket is missing
+        real = os.path.realpath(ctl)
+        if real in seen:
+            stats[ctl] = stats[seen[real]]
+            continue
+        seen[real] = ctl
         try:
             data = query(ctl)
             if not isinstance(data, dict):
