@@ -90,6 +90,11 @@ def test_attached_domain_boots_with_virsh_start_and_pings_20_of_20(libvirtd, tmp
                 live = ET.fromstring(libvirtd.virsh("dumpxml", name).stdout)
                 src = live.find("./devices/interface[@type='vhostuser']/source")
                 assert src is not None and src.get("path") == sock
+            # detach takes the NIC and its override out again (validated save).
+            assert main(["libvirt", "detach", name, sock, "-c", libvirtd.uri]) == 0
+            root = ET.fromstring(libvirtd.virsh("dumpxml", "--inactive", name).stdout)
+            assert root.findall("./devices/interface") == []
+            assert "vectors" not in ET.tostring(root, encoding="unicode")
         finally:
             srv.stop()
     log = (tmp_path / "serve.log").read_text(errors="replace")

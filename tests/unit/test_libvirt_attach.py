@@ -197,3 +197,19 @@ def test_port_read_from_a_running_serve(tmp_path, capsys):
         port_config(p1)
     with pytest.raises(UserFacingError, match="absolute"):
         port_config("p1.sock")
+
+
+def test_detach_removes_the_nic_and_its_override_only():
+    from virtwire.libvirt.attach import plan_detach
+
+    root = ET.fromstring(GOOD.format(sock="/run/vw0.sock"))
+    plan_attach(root, parse_port("vhost-user,path=/run/vw1.sock,mac=52:54:00:00:00:02"))
+    changes = plan_detach(root, "52:54:00:00:00:02")
+    assert changes == ["devices/interface ua-vw1: removed (/run/vw1.sock)",
+                       "qemu:override ua-vw1: removed"]
+    assert [d.get("alias") for d in root.findall(f"{Q}override/{Q}device")] == ["ua-vw0"]
+    plan_detach(root, "/run/vw0.sock")
+    assert _vhost_ifaces(root) == [] and root.find(f"{Q}override") is None
+    assert root.find("memoryBacking") is not None and root.find("features/acpi") is not None
+    with pytest.raises(UserFacingError, match="no vhostuser interface"):
+        plan_detach(root, "ua-vw0")

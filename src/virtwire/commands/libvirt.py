@@ -67,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
         return _attach(args)
     if cmd == "domain":
         return _domain(args)
+    if cmd == "detach":
+        from virtwire.libvirt.attach import detach
+
+        changes = detach(args.connect, args.domain, args.which)
+        print(f"domain {args.domain!r}: NIC {args.which} removed (libvirt validated it)")
+        for line in changes:
+            print(f"  {line}")
+        return 0
     if cmd == "domifstat":
         from virtwire.libvirt.stats import domifstat
 
@@ -189,6 +197,12 @@ def _add_attach_domain(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
                    help="libvirt URI (default qemu:///system)")
     a.add_argument("--json", action="store_true", help="print what was done as JSON")
+    x = sub.add_parser("detach", help="remove a vhost-user NIC (and its override) from a defined "
+                                      "domain, through the libvirt API")
+    x.add_argument("domain", metavar="DOMAIN", help="a defined domain's name")
+    x.add_argument("which", metavar="SOCK|ALIAS|MAC", help="the NIC: its socket path, alias or MAC")
+    x.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
+                   help="libvirt URI (default qemu:///system)")
     d = sub.add_parser("domain", help="print (or define) a domain booting virtwire's default guest "
                                       "image, no NIC yet (for attach)")
     d.add_argument("name", metavar="NAME", help="the domain name")

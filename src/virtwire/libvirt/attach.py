@@ -40,7 +40,7 @@ from virtwire.libvirt.check import (
 )
 
 __all__ = ["AttachRefused", "AttachResult", "attach", "open_connection", "plan_attach",
-           "port_config"]
+           "port_config", "plan_detach", "detach"]
 
 
 class AttachRefused(UserFacingError):
@@ -215,3 +215,58 @@ def attach(uri: str, name: str, cfg: PortConfig, alias: str | None = None) -> At
         res.notes.append(f"{name} is running: the NIC appears at its next start "
                          f"(virsh shutdown {name}; virsh start {name})")
     return res
+
+
+def plan_detach(root: ET.Element, which: str) -> list[str]:
+    """Remove the vhost-user interface(s) on socket path, alias or MAC ``which`` and their
+    ``<qemu:override>`` entries; shared memory and ACPI stay. Returns the changes made."""
+    devices = root.find("devices")
+    gone: list[str] = []
+    changes: list[str] = []
+    for iface in devices.findall("interface[@type='vhostuser']") if devices is not None else []:
+        src, al, mac = iface.find("source"), iface.find("alias"), iface.find("mac")
+        keys = {src.get("path") if src is not None else None,
+                al.get("name") if al is not None else None,
+                (mac.get("address") or "").lower() if mac is not None else None}
+        if which in keys or which.lower() in keys:
+            alias = al.get("name", "") if al is not None else ""
+            devices.remove(iface)
+            gone.append(alias)
+            changes.append(f"devices/interface {alias or '(no alias)'}: removed "
+                           f"({src.get('path') if src is not None else 'no source'})")
+    if not gone:
+        raise UserFacingError(f"libvirt detach: no vhostuser interface with socket, alias or MAC "
+                              f"{which!r} in {root.findtext('name') or 'the domain'}")
+    ovr = root.find(f"{_Q}override")
+    if ovr is not None:
+        for d in ovr.findall(f"{_Q}device"):
+            if d.get("alias") and d.get("alias") in gone:
+                ovr.remove(d)
+                changes.append(f"qemu:override {d.get('alias')}: removed")
+        if not len(ovr):
+            root.remove(ovr)
+    ET.indent(root)
+    return changes
+
+
+def detach(uri: str, name: str, which: str) -> list[str]:
+    """Remove a vhost-user NIC from defined domain ``name`` through libvirt (validated save)."""
+    import libvirt
+
+    conn = open_connection(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError as e:
+            raise UserFacingError(f"libvirt detach: {e.get_error_message()}") from None
+        changes = plan_detach(root, which)
+        try:
+            conn.defineXMLFlags(ET.tostring(root, encoding="unicode"),
+                                libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        except libvirt.libvirtError as e:
+            raise UserFacingError(f"libvirt detach: libvirt refused the new domain XML, nothing "
+                                  f"saved: {e.get_error_message()}") from None
+    finally:
+        conn.close()
+    return changes
