@@ -1,4 +1,6 @@
-"""``virtwire libvirt``: check a domain XML for a vhost-user NIC, print the XML to attach one."""
+"""``virtwire libvirt``: libvirt guests on virtwire — attach/detach a vhost-user NIC through the
+libvirt API, check a domain XML, print the parts, a domain for the default guest image, and the
+per-interface counters ``virsh domifstat`` cannot read."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from virtwire.config import _MAC_RE, PortConfig, parse_port
 from virtwire.errors import CliError, UserFacingError
 
 NAME = "libvirt"
-HELP = "check a libvirt domain XML for a vhost-user NIC; print the <interface> to attach one"
+HELP = ("libvirt guests on virtwire: attach/detach a vhost-user NIC, check a domain XML, "
+        "interface parts, domifstat")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
