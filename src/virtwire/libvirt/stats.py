@@ -7,8 +7,11 @@ end, so ``virtwire libvirt domifstat`` asks the ``virtwire serve`` behind each s
 Theory of operation
 -------------------
 1. ``vhostuser_interfaces(root)`` lists each ``<interface type='vhostuser'>`` of a ``<domain>``:
-   ``<source path>`` (the socket), ``<target dev>`` (present in a running domain's XML; libvirt
-   names a vhost-user interface e.g. ``vhost-user1``), ``<alias name>`` and ``<mac address>``.
+   ``<source path>`` (the socket), ``<target dev>`` if any, ``<alias name>``, ``<mac address>``.
+   libvirt 9.0 gives a running vhost-user interface no ``<target dev>`` (no host netdev: ``virsh
+   domiflist`` shows ``-``, ``virsh domifstat DOM ua-vw0`` says "not a known interface"; checked
+   in tests/system/test_libvirt_domifstat.py), so it is named by its alias, as virtwire's
+   ``attach`` always sets one (``ua-vw0``).
 2. Their counters come from each serve's control socket: ``PATH.ctl`` (serve makes one for every
    port, a link to its ``--control`` socket), or the control sockets given; each is asked once;
    ``serve.query_stats`` returns ``Server.stats()``: per port, ``vhost_user.path`` and one entry
@@ -298,8 +301,8 @@ def add_domifstat_parser(sub: Any) -> None:
     d.add_argument("domain", metavar="DOMAIN|FILE.xml",
                    help="a running domain's name (its live XML, virsh dumpxml) or a domain XML")
     d.add_argument("interface", nargs="?", metavar="INTERFACE",
-                   help="only this interface: target dev (e.g. vhost-user1), alias, MAC or "
-                        "socket path (default: every vhost-user interface)")
+                   help="only this interface: alias (e.g. ua-vw0), MAC, socket path or a "
+                        "target dev where libvirt sets one (default: every vhost-user interface)")
     d.add_argument("--connect", "-c", default="qemu:///system", metavar="URI",
                    help="libvirt URI for a DOMAIN name (default qemu:///system)")
     d.add_argument("--control", action="append", default=[], metavar="PATH",
