@@ -104,6 +104,20 @@ def test_domifstat_of_a_running_domain_matches_the_guests_counters(libvirtd, tmp
                 assert r.returncode != 0 and "Traceback" not in r.stderr
                 assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
+                # The TAP's link down: serve's writes are refused (EIO), so the guest's frames
+                # are sent (tx_packets, as the guest counts them) and lost (tx_drop).
+                ns.run(["ip", "link", "set", "vwdt0", "down"])
+                vm.run("ping -c 3 -i 0.2 -W 1 10.81.0.1", timeout=30)
+                g2 = _guest_counters(vm)
+                r = _domifstat(name, "ua-vw0", "-c", libvirtd.uri, "--json")
+                assert r.returncode == 0, r.stderr
+                (rec2,) = json.loads(r.stdout)
+                sent = g2["tx_packets"] - after["tx_packets"]
+                assert sent >= 3 and rec2["tx_packets"] == g2["tx_packets"], (g2, rec2)
+                # (the 3 echo requests; a frame sent before the link went down is not lost)
+                assert 3 <= rec2["tx_drop"] <= sent, (sent, rec2)
+                assert rec2["tx_errs"] == 0
+
                 srv.stop()  # the guest keeps running; its NIC's counters are gone
                 r = _domifstat(name, "-c", libvirtd.uri)
                 assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -83,7 +83,9 @@ def _stats(path: str) -> dict:
             _ring(2, 30, 3000, 3, 0),      # rx1
             _ring(3, 40, 4000, 4, 2),      # tx1
         ]},
-        "device": {}, "backends": [],
+        "device": {}, "backends": [{"name": "tap:vwdt0", "tx_frames": 58, "tx_errors": 2,
+                                     "rx_errors": 9, "drops": 5},
+                                    {"name": "tap:vwdt0", "tx_frames": 0, "tx_errors": 1}],
     }], "loop": {"iterations": 1, "errors": 0}}
 
 
@@ -105,8 +107,9 @@ def test_interfaces_found_in_order():
 def test_counters_are_the_guests_view_summed_over_pairs():
     c = port_counters(_stats("/run/vwd/a.sock")["ports"][0])
     # RX rings (even: receiveq) hold what the guest received; TX rings what it sent.
+    # The back ends' refused writes (tx_errors 2 + 1) are TX drops too.
     assert c == {"rx_bytes": 4000, "rx_packets": 40, "rx_errs": 0, "rx_drop": 4,
-                 "tx_bytes": 6000, "tx_packets": 60, "tx_errs": 3, "tx_drop": 6}
+                 "tx_bytes": 6000, "tx_packets": 60, "tx_errs": 3, "tx_drop": 9}
     assert tuple(c) == FIELDS
 
 
@@ -120,6 +123,7 @@ def test_records_map_each_interface_and_report_missing_serves():
                             "control": a + ".ctl", "connected": True}
     assert recs[1].counters is None
     assert "vhost-user2" in recs[1].error and "Connection refused" in recs[1].error
+    assert recs[0].counters["tx_drop"] == 9
     js = [r.to_json() for r in recs]
     assert js[0]["interface"] == "vhost-user1" and js[0]["tx_bytes"] == 6000
     assert js[1]["rx_bytes"] is None and js[1]["error"] == recs[1].error
@@ -145,10 +149,12 @@ def test_hostile_ring_values_count_as_zero():
     port = {"vhost_user": {"path": "/x", "rings": [
         {"index": 0, "frames": -5, "bytes": "9", "drops": True, "errors": None},
         {"index": 1, "frames": 3, "bytes": 180},
-        "junk", {"role": 7}]}}
+        "junk", {"role": 7}]}, "backends": [{"tx_errors": -1}, "x", {"tx_errors": 2**70}]}
     c = port_counters(port)
     assert c["rx_packets"] == 0 and c["rx_bytes"] == 0 and c["rx_drop"] == 0
     assert c["tx_packets"] == 3 and c["tx_bytes"] == 180
+    assert c["tx_drop"] == 2**70  # JSON integers are unbounded; only negatives are nonsense
+    assert port_counters({"vhost_user": [], "backends": {}}) == dict.fromkeys(FIELDS, 0)
 
 
 def test_select_by_target_alias_mac_path():

@@ -32,7 +32,8 @@ the guest; its transmit queues (odd index, tx0, ...) carry frames *from* the gue
 - ``tx_packets``/``tx_bytes``: frames the device took off the guest's TX ring and the back end
   accepted.
 - ``tx_drop``: guest frames the device dropped (bad ``virtio_net_hdr``, runt, oversize, no back
-  end; §5.1.6.2).
+  end; §5.1.6.2), and those its back end refused (``tx_errors``: a TAP write error such as the
+  link being down; counted in ``tx_packets`` too, as the guest's own driver counts them).
 - ``tx_errs``: guest faults on the TX rings.
 
 Frames the guest's own RX filter rejects (``VIRTIO_NET_CTRL_RX``, §5.1.6.5.1) are not drops:
@@ -182,6 +183,13 @@ def port_counters(port: dict[str, Any]) -> dict[str, int]:
         c[d + "_bytes"] += _int(r.get("bytes"))
         c[d + "_drop"] += _int(r.get("drops"))
         c[d + "_errs"] += _int(r.get("errors"))
+    # Frames a back end refused (a TAP write error, e.g. its link is down): the device took
+    # them off the guest's TX ring (so tx_packets has them, as the guest's own count does), then
+    # they were lost: dropped on the guest's way out.
+    bes = port.get("backends")
+    for b in bes if isinstance(bes, list) else []:
+        if isinstance(b, dict):
+            c["tx_drop"] += _int(b.get("tx_errors"))
     return c
 
 
