@@ -40,3 +40,13 @@ def bridge_netns():
 
     with netns_with_bridge("vwfx", taps=2) as triple:
         yield triple
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """A libvirtd of the suite's own (private socket directory), stopped after the session; the
+    domains a test defines through it or ``adopt``s are destroyed and undefined then."""
+    from virtwire.testing.libvirtd import Libvirtd
+
+    with Libvirtd() as d:
+        yield d

@@ -14,9 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -24,29 +21,11 @@ from virtwire.guest.qemu import GuestVM
 from virtwire.testing import transfer
 from virtwire.testing.netns import Netns, netns
 from virtwire.testing.serve_process import ServeProcess as Server
+from virtwire.testing.serve_process import serve_on_tap
 
 pytestmark = pytest.mark.system
 
 MIB64 = 64 << 20
-
-
-@contextmanager
-def vhost_setup(tmp_path: Path, net: str, *, tap_addr: str, port_opts: str = "",
-                queues: int = 1) -> Iterator[tuple[Netns, Server, str]]:
-    """A namespace with a TAP ``vwvt0`` (``tap_addr``) and ``virtwire serve`` on it."""
-    sock = str(tmp_path / "vwv.sock")
-    with netns("vwv") as ns:
-        ns.add_tap("vwvt0", addr=tap_addr, multi_queue=queues > 1)
-        port = (f"vhost-user,path={sock},backend=tap,ifname=vwvt0,queues={queues}"
-                + (f",{port_opts}" if port_opts else ""))
-        srv = Server(ns, [port], tmp_path / "serve.log")
-        srv.start()
-        try:
-            yield ns, srv, sock
-        finally:
-            srv.stop()
-            log = srv.log.read_text(errors="replace")
-            assert "Traceback" not in log, log[-3000:]
 
 
 def _guest(sock: str, ip: str, image, *, nic_opts: str = "", smp: int = 1,
@@ -68,7 +47,7 @@ def _rings(stats: dict) -> dict[str, dict]:
 
 
 def test_guest_pings_the_tap_100_of_100(tmp_path, guest_image):
-    with vhost_setup(tmp_path, "", tap_addr="10.71.0.1/24") as (ns, srv, sock), \
+    with serve_on_tap(tmp_path, "vwv", tap_addr="10.71.0.1/24") as (ns, srv, sock), \
             _guest(sock, "10.71.0.2/24", guest_image) as vm:
         vm.wait_ready(90)
         link = vm.run("cat /sys/class/net/eth0/operstate; "
@@ -98,7 +77,7 @@ def _tcp_both_ways(vm: GuestVM, ns: Netns, host_ip: str, guest_ip: str, size: in
 
 
 def test_64mib_tcp_each_way_checksums_match(tmp_path, guest_image):
-    with vhost_setup(tmp_path, "", tap_addr="10.72.0.1/24") as (ns, srv, sock), \
+    with serve_on_tap(tmp_path, "vwv", tap_addr="10.72.0.1/24") as (ns, srv, sock), \
             _guest(sock, "10.72.0.2/24", guest_image, memory="512M") as vm:
         vm.wait_ready(90)
         _tcp_both_ways(vm, ns, "10.72.0.1", "10.72.0.2", MIB64)
@@ -115,7 +94,8 @@ def test_64mib_tcp_each_way_checksums_match(tmp_path, guest_image):
 
 def test_mrg_rxbuf_off_and_packed_ring(tmp_path, guest_image):
     opts = "mrg_rxbuf=off,packed=on"
-    with vhost_setup(tmp_path, "", tap_addr="10.73.0.1/24", port_opts=opts) as (ns, srv, sock), \
+    with serve_on_tap(tmp_path, "vwv", tap_addr="10.73.0.1/24",
+                      port_opts=opts) as (ns, srv, sock), \
             _guest(sock, "10.73.0.2/24", guest_image, nic_opts=opts) as vm:
         vm.wait_ready(90)
         out = vm.run("ping -c 30 -i 0.05 -W 2 10.73.0.1", timeout=60).output
@@ -129,7 +109,7 @@ def test_mrg_rxbuf_off_and_packed_ring(tmp_path, guest_image):
 def test_backend_killed_and_restarted_mid_ping(tmp_path, guest_image, ring):
     opts = "packed=on" if ring == "packed" else "packed=off"
     mq = 2 if ring.endswith("-mq") else 1
-    with vhost_setup(tmp_path, "", tap_addr="10.74.0.1/24", port_opts=opts,
+    with serve_on_tap(tmp_path, "vwv", tap_addr="10.74.0.1/24", port_opts=opts,
                      queues=mq) as (ns, srv, sock), \
             _guest(sock, "10.74.0.2/24", guest_image, smp=mq,
                    nic_opts=opts + (f",queues={mq}" if mq > 1 else "")) as vm:
@@ -217,7 +197,7 @@ ts = [threading.Thread(target=send, args=(p,)) for p in ports]
 
 def test_multiqueue_two_pairs_carry_traffic(tmp_path, guest_image):
     opts = "queues=2"
-    with vhost_setup(tmp_path, "", tap_addr="10.76.0.1/24", queues=2) as (ns, srv, sock), \
+    with serve_on_tap(tmp_path, "vwv", tap_addr="10.76.0.1/24", queues=2) as (ns, srv, sock), \
             _guest(sock, "10.76.0.2/24", guest_image, nic_opts=opts, smp=2,
                    memory="384M") as vm:
         vm.wait_ready(120)

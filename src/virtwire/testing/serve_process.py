@@ -12,11 +12,13 @@ import os
 import select
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from virtwire.testing.netns import Netns
+from virtwire.testing.netns import Netns, netns
 
-__all__ = ["ServeProcess"]
+__all__ = ["ServeProcess", "serve_on_tap"]
 
 
 class ServeProcess:
@@ -68,3 +70,28 @@ class ServeProcess:
         out = subprocess.run([sys.executable, "-m", "virtwire", "stats", path, "--compact"],
                              capture_output=True, text=True, check=True, timeout=20)
         return json.loads(out.stdout)
+
+
+@contextmanager
+def serve_on_tap(tmp_path: Path, prefix: str, *, tap_addr: str, port_opts: str = "",
+                 queues: int = 1, start: bool = True
+                 ) -> Iterator[tuple[Netns, ServeProcess, str]]:
+    """A namespace ``PREFIX-*`` with a TAP ``PREFIXt0`` at ``tap_addr`` and ``virtwire serve`` on
+    it (socket ``tmp_path/PREFIX.sock``, log ``tmp_path/PREFIX-serve.log``): ``(ns, serve,
+    socket)``. ``start=False`` leaves starting it to the caller. On the way out the server is
+    stopped and its log must hold no traceback."""
+    sock = str(tmp_path / f"{prefix}.sock")
+    tap = f"{prefix}t0"
+    with netns(prefix) as ns:
+        ns.add_tap(tap, addr=tap_addr, multi_queue=queues > 1)
+        port = (f"vhost-user,path={sock},backend=tap,ifname={tap},queues={queues}"
+                + (f",{port_opts}" if port_opts else ""))
+        srv = ServeProcess(ns, [port], tmp_path / f"{prefix}-serve.log")
+        if start:
+            srv.start()
+        try:
+            yield ns, srv, sock
+        finally:
+            srv.stop()
+            log = srv.log.read_text(errors="replace") if srv.log.exists() else ""
+            assert "Traceback" not in log, log[-3000:]
