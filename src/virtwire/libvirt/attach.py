@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtwire.config import PortConfig
+from virtwire.config import _MAC_RE, PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.libvirt.check import (
     _Q,
@@ -94,11 +94,12 @@ def port_config(text: str) -> PortConfig:
         att = p.get("attach") if isinstance(p, dict) else None
         if isinstance(att, dict) and os.path.abspath(str(att.get("path"))) == \
                 os.path.abspath(text):
-            try:
-                return PortConfig(path=text, server=bool(att["server"]),
-                                  queues=int(att["queues"]), mac=str(att["mac"]))
-            except (KeyError, TypeError, ValueError):
-                break
+            server, queues, mac = att.get("server"), att.get("queues"), att.get("mac")
+            # (it came off a socket: only well-formed values reach the XML)
+            if isinstance(server, bool) and isinstance(queues, int) and 1 <= queues <= 64 \
+                    and isinstance(mac, str) and _MAC_RE.match(mac):
+                return PortConfig(path=text, server=server, queues=queues, mac=mac.lower())
+            break
     raise UserFacingError(f"port {text}: the virtwire serve on {ctl} does not describe that port")
 
 
