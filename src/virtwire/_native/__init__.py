@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-``vwnet.c`` holds the split-ring TX fast path of the virtio-net device (see the comment atop
-it). ``load()`` compiles it once into a per-user cache directory (keyed by a hash of the source)
+``vwnet.c`` holds the TX fast path (split and packed rings) and the split-ring RX fast path
+of the virtio-net device (see the comments in it).
+``load()`` compiles it once into a per-user cache directory (keyed by a hash of the source)
 and loads it with ctypes; without a compiler, or with ``VIRTWIRE_NATIVE=0``, it returns None and
 the device uses its pure-Python path, which the test suite always covers as well.
 
@@ -26,7 +27,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "VwRegion", "VwSplit", "VwPacked", "VwResult", "GuestView"]
+__all__ = ["load", "VwRegion", "VwSplit", "VwPacked", "VwResult", "VwRxStash", "VwRxResult",
+           "VwRxFilter", "RX_MAXC", "RX_MAXS", "GuestView"]
 
 _SRC = Path(__file__).with_name("vwnet.c")
 _lib: Any = None
@@ -54,6 +56,48 @@ class VwResult(ctypes.Structure):
     _fields_ = [("frames", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("errors", ctypes.c_uint64), ("gso", ctypes.c_uint64),
                 ("stop", ctypes.c_int32)]
+
+
+RX_MAXC = 1024  # stash chains (vwnet.c RX_MAXC)
+RX_MAXS = 4096  # stash segments (vwnet.c RX_MAXS)
+
+
+class VwRxStash(ctypes.Structure):
+    """RX chains popped but not yet used (rings of chains and of their writable segments)."""
+
+    _fields_ = [("c_start", ctypes.c_uint32), ("c_count", ctypes.c_uint32),
+                ("s_start", ctypes.c_uint32), ("s_count", ctypes.c_uint32),
+                ("cap", ctypes.c_uint64),
+                ("head", ctypes.c_uint16 * RX_MAXC), ("seg0", ctypes.c_uint32 * RX_MAXC),
+                ("nseg", ctypes.c_uint32 * RX_MAXC), ("ccap", ctypes.c_uint32 * RX_MAXC),
+                ("gpa", ctypes.c_uint64 * RX_MAXS), ("len", ctypes.c_uint32 * RX_MAXS)]
+
+
+RX_MAC_MAX = 64  # vwnet.c RX_MAC_MAX (= net/device.py MAC_TABLE_MAX)
+
+
+class VwRxFilter(ctypes.Structure):
+    """The guest's RX filter state (vwnet.c vw_rxfilter)."""
+
+    _fields_ = [("active", ctypes.c_uint8), ("vlan", ctypes.c_uint8),
+                ("mac_check", ctypes.c_uint8), ("nobcast", ctypes.c_uint8),
+                ("nomulti", ctypes.c_uint8), ("multi_all", ctypes.c_uint8),
+                ("nouni", ctypes.c_uint8), ("uni_all", ctypes.c_uint8),
+                ("mac", ctypes.c_uint8 * 6), ("n_uc", ctypes.c_uint16), ("n_mc", ctypes.c_uint16),
+                ("uc", ctypes.c_uint8 * (6 * RX_MAC_MAX)),
+                ("mc", ctypes.c_uint8 * (6 * RX_MAC_MAX)),
+                ("vlans", ctypes.c_uint8 * 512)]
+
+
+class VwRxResult(ctypes.Structure):
+    _fields_ = [("frames", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("chains", ctypes.c_uint64), ("popped", ctypes.c_uint64),
+                ("staged", ctypes.c_uint64), ("reads", ctypes.c_uint64),
+                ("read_bytes", ctypes.c_uint64), ("errors", ctypes.c_uint64),
+                ("gso", ctypes.c_uint64), ("overflow", ctypes.c_uint64),
+                ("truncated", ctypes.c_uint64), ("runt", ctypes.c_uint64),
+                ("filtered", ctypes.c_uint64),
+                ("pending", ctypes.c_int64), ("stop", ctypes.c_int32), ("err", ctypes.c_int32)]
 
 
 def _cache_dir() -> Path:
@@ -103,6 +147,13 @@ def load() -> Any:
                                          ctypes.c_int, ctypes.POINTER(ctypes.c_uint16),
                                          ctypes.POINTER(ctypes.c_uint16),
                                          ctypes.POINTER(VwResult)]
+        lib.vw_split_rx_burst.restype = ctypes.c_int
+        lib.vw_split_rx_burst.argtypes = [ctypes.POINTER(VwSplit), ctypes.POINTER(VwRegion),
+                                          ctypes.c_int, ctypes.POINTER(VwRxStash), ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                                          ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_uint16, ctypes.POINTER(VwRxFilter),
+                                          ctypes.POINTER(VwRxResult)]
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native helper unavailable (%s): using the pure-Python path", e)

@@ -1,8 +1,11 @@
 /*
- * virtwire native batch helper: the split-ring TX fast path of the virtio-net device.
+ * virtwire native batch helper: the split/packed-ring TX and split-ring RX fast paths of the
+ * virtio-net device.
  *
  * Theory of operation
  * -------------------
+ * (The RX direction, vw_split_rx_burst(), is described where it starts, further down.)
+ *
  * vw_split_tx_burst() consumes available TX chains of a split virtqueue (virtio 1.2 §2.7) that
  * are the common case -- readable descriptors (direct NEXT links or one indirect table,
  * §2.7.5.3) holding virtio_net_hdr plus frame, the whole header in the first one, and either no
@@ -388,4 +391,394 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
         done++;
     }
     return done;
+}
+
+/* ---- split-ring RX (virtio 1.2 §2.7, §5.1.6.3, §5.1.6.4 with MRG_RXBUF) ----------------------
+ * vw_split_rx_burst() moves frames from a TAP-like fd (one read = one frame, virtio_net_hdr
+ * first) into the guest's mergeable RX buffers. It is a line-by-line mirror of the Python
+ * path for that case (net/device.py: _rx_round with _rx_unknown_mrg and _stash_more), so both
+ * produce the same used ring and counters:
+ *
+ *   - popped RX chains wait in a stash (vw_rxstash, kept by the caller between calls and
+ *     handed to/from the Python stash when either side takes over);
+ *   - the stash is refilled in batches of up to 64 chains (one avail.idx read each) whenever it
+ *     holds fewer bytes than a typical frame (``window``); each chain of a batch is checked
+ *     first, as ChainBuilder would: head < size, next < size, at most ``size`` descriptors,
+ *     every buffer inside guest RAM, total < 2^32. Anything unusual -- an INDIRECT or readable
+ *     descriptor, a chain too small for the header, a bad value, an avail.idx more than
+ *     ``size`` ahead, no room left in the stash -- stops the burst (stop 1) BEFORE that batch is
+ *     popped: the Python path then pops it and decides (NEEDS_RESET, or a counted drop);
+ *   - each frame is read (readv) into the stash chains covering ``window`` plus a private
+ *     overflow area (``bounce``); a longer frame's tail is copied into further chains, or --
+ *     when the guest has too few (or the refill meets something unusual) -- the burst stops
+ *     with the frame read (stop 4) and Python finishes it (held aside until buffers come);
+ *   - used elements {head, len} are written from next_used + staged and counted in
+ *     res->staged; the caller's ring object publishes used->idx once, after the burst.
+ *
+ * Memory order: avail->idx is loaded with acquire before the ring entries of a batch are read.
+ */
+#define RX_MAXC 1024u /* stash chains (power of two) */
+#define RX_MAXS 4096u /* stash segments (power of two) */
+#define RX_BATCH 64u
+#define RX_MAX_IOV 1024
+
+typedef struct {
+    uint32_t c_start, c_count; /* chain ring */
+    uint32_t s_start, s_count; /* segment ring */
+    uint64_t cap;              /* writable bytes of all stashed chains */
+    uint16_t head[RX_MAXC];
+    uint32_t seg0[RX_MAXC];
+    uint32_t nseg[RX_MAXC];
+    uint32_t ccap[RX_MAXC];
+    uint64_t gpa[RX_MAXS];
+    uint32_t len[RX_MAXS];
+} vw_rxstash;
+
+/* The guest's receive filter (§5.1.6.5.1-3), as net/device.py's _rx_accept() applies it. */
+#define RX_MAC_MAX 64
+typedef struct {
+    uint8_t active;     /* 0: accept everything (no CTRL_VLAN, and promiscuous or no CTRL_RX) */
+    uint8_t vlan;       /* CTRL_VLAN negotiated: a tagged frame's VID must be in ``vlans`` */
+    uint8_t mac_check;  /* CTRL_RX negotiated and not promiscuous */
+    uint8_t nobcast, nomulti, multi_all, nouni, uni_all;
+    uint8_t mac[6];
+    uint16_t n_uc, n_mc;
+    uint8_t uc[RX_MAC_MAX][6];
+    uint8_t mc[RX_MAC_MAX][6];
+    uint8_t vlans[512]; /* bitmap of VIDs */
+} vw_rxfilter;
+
+static int in_table(const uint8_t (*t)[6], uint16_t n, const uint8_t *m) {
+    for (uint16_t i = 0; i < n && i < RX_MAC_MAX; i++)
+        if (!memcmp(t[i], m, 6))
+            return 1;
+    return 0;
+}
+
+/* ``h``: up to 18 bytes of the frame (``n`` of them there). */
+static int rx_accept(const vw_rxfilter *f, const uint8_t *h, uint32_t n) {
+    static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (n < 14)
+        return 0;
+    if (f->vlan && h[12] == 0x81 && h[13] == 0x00 && n >= 16) {
+        uint16_t vid = (uint16_t)(((h[14] << 8) | h[15]) & 0x0fff);
+        if (!(f->vlans[vid >> 3] >> (vid & 7) & 1))
+            return 0;
+    }
+    if (!f->mac_check)
+        return 1;
+    if (!memcmp(h, bcast, 6))
+        return !f->nobcast;
+    if (h[0] & 1) {
+        if (f->nomulti)
+            return 0;
+        return f->multi_all || in_table(f->mc, f->n_mc, h);
+    }
+    if (f->nouni)
+        return 0;
+    return f->uni_all || !memcmp(h, f->mac, 6) || in_table(f->uc, f->n_uc, h);
+}
+
+/* Up to ``n`` bytes from offset ``off`` of the stash chains' buffers (gather()). */
+static uint32_t rx_gather(const vw_region *regs, int nregs, const vw_rxstash *st, uint8_t *out,
+                          uint32_t n, uint64_t off) {
+    uint32_t got = 0;
+    for (uint32_t c = 0; got < n && c < st->c_count; c++) {
+        uint32_t ci = (st->c_start + c) & (RX_MAXC - 1);
+        for (uint32_t k = 0; got < n && k < st->nseg[ci]; k++) {
+            uint32_t s = (st->seg0[ci] + k) & (RX_MAXS - 1);
+            uint32_t len = st->len[s];
+            if (off >= len) {
+                off -= len;
+                continue;
+            }
+            const uint8_t *p = translate(regs, nregs, st->gpa[s], len);
+            if (!p)
+                return got;
+            uint32_t m = (uint32_t)(len - off) < n - got ? (uint32_t)(len - off) : n - got;
+            memcpy(out + got, p + off, m);
+            got += m;
+            off = 0;
+        }
+    }
+    return got;
+}
+
+typedef struct {
+    uint64_t frames, bytes, chains;  /* delivered frames, payload bytes, used chains */
+    uint64_t popped, staged;         /* chains popped into the stash, used elements written */
+    uint64_t reads, read_bytes, errors;
+    uint64_t gso, overflow, truncated, runt, filtered;
+    int64_t pending;                 /* stop 4: bytes read of the frame left to Python */
+    int32_t stop;   /* 0 backend empty, 1 unusual chain, 2 no buffers, 3 limit, 4 frame left */
+    int32_t err;    /* errno of the last failed read */
+} vw_rxres;
+
+/* Check chain ``head`` of a split ring as ChainBuilder would, for the simple RX shape only
+ * (direct, all writable). Returns its writable length and segment count (``cap``, ``nseg``), or -1
+ * when Python must see it. Appends no state. */
+static int rx_check(const vw_split *q, const vw_region *regs, int nregs, uint16_t head,
+                    int hdr_len, uint64_t *cap, uint32_t *nseg) {
+    uint32_t i = head, count = 0, segs = 0;
+    uint64_t total = 0;
+    for (;;) {
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        const uint8_t *d = q->desc + 16 * i;
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&flags, d + 12, 2);
+        memcpy(&next, d + 14, 2);
+        if (++count > q->size)
+            return -1;
+        if ((flags & VIRTQ_DESC_F_INDIRECT) || !(flags & VIRTQ_DESC_F_WRITE))
+            return -1;
+        if (len && !translate(regs, nregs, addr, len))
+            return -1;
+        total += len;
+        if (total > 0xFFFFFFFFull)
+            return -1;
+        if (len)
+            segs++;
+        if (!(flags & VIRTQ_DESC_F_NEXT))
+            break;
+        if (next >= q->size)
+            return -1;
+        i = next;
+    }
+    if (total < (uint64_t)hdr_len || segs == 0)
+        return -1;
+    *cap = total;
+    *nseg = segs;
+    return 0;
+}
+
+/* Append checked chain ``head`` (nseg non-empty segments) to the stash. */
+static void rx_stash_add(const vw_split *q, vw_rxstash *st, uint16_t head, uint64_t cap,
+                         uint32_t nseg) {
+    uint32_t c = (st->c_start + st->c_count) & (RX_MAXC - 1);
+    uint32_t s0 = (st->s_start + st->s_count) & (RX_MAXS - 1), k = 0, i = head;
+    st->head[c] = head;
+    st->seg0[c] = s0;
+    st->nseg[c] = nseg;
+    st->ccap[c] = (uint32_t)cap;
+    while (k < nseg) {
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        const uint8_t *d = q->desc + 16 * i;
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&flags, d + 12, 2);
+        memcpy(&next, d + 14, 2);
+        if (len) {
+            uint32_t s = (s0 + k) & (RX_MAXS - 1);
+            st->gpa[s] = addr;
+            st->len[s] = len;
+            k++;
+        }
+        i = next; /* checked < size by rx_check while NEXT is set */
+    }
+    st->c_count++;
+    st->s_count += nseg;
+    st->cap += cap;
+}
+
+/* Refill the stash until it holds ``need`` bytes: 1 done, 0 the ring ran dry, -1 unusual (the
+ * batch met is left unpopped for Python). Mirrors _stash_more + SplitQueue.pop_batch. */
+static int rx_stash_more(vw_split *q, const vw_region *regs, int nregs, vw_rxstash *st,
+                         int hdr_len, uint64_t need, vw_rxres *res) {
+    uint32_t mask = q->size - 1;
+    while (st->cap < need) {
+        uint16_t avail_idx = __atomic_load_n((uint16_t *)(q->avail + 2), __ATOMIC_ACQUIRE);
+        uint16_t pending = (uint16_t)(avail_idx - q->next_avail);
+        if (pending > q->size)
+            return -1;
+        uint32_t n = pending < RX_BATCH ? pending : RX_BATCH;
+        if (n == 0)
+            return 0;
+        uint64_t caps[RX_BATCH];
+        uint32_t nsegs[RX_BATCH], allsegs = 0;
+        uint16_t heads[RX_BATCH];
+        for (uint32_t k = 0; k < n; k++) {
+            memcpy(&heads[k], q->avail + 4 + 2 * ((uint16_t)(q->next_avail + k) & mask), 2);
+            if (heads[k] >= q->size ||
+                rx_check(q, regs, nregs, heads[k], hdr_len, &caps[k], &nsegs[k]))
+                return -1;
+            allsegs += nsegs[k];
+        }
+        if (st->c_count + n > RX_MAXC || st->s_count + allsegs > RX_MAXS)
+            return -1;
+        for (uint32_t k = 0; k < n; k++)
+            rx_stash_add(q, st, heads[k], caps[k], nsegs[k]);
+        q->next_avail = (uint16_t)(q->next_avail + n);
+        res->popped += n;
+    }
+    return 1;
+}
+
+/* Copy ``n`` bytes from ``src`` into the stash chains from chain ``c`` (relative) on. */
+static void rx_copy_into(const vw_region *regs, int nregs, vw_rxstash *st, uint32_t c,
+                         const uint8_t *src, uint64_t n) {
+    for (; n && c < st->c_count; c++) {
+        uint32_t ci = (st->c_start + c) & (RX_MAXC - 1);
+        for (uint32_t k = 0; n && k < st->nseg[ci]; k++) {
+            uint32_t s = (st->seg0[ci] + k) & (RX_MAXS - 1);
+            uint32_t m = st->len[s] < n ? st->len[s] : (uint32_t)n;
+            uint8_t *p = translate(regs, nregs, st->gpa[s], st->len[s]);
+            if (!p)
+                return; /* not reached: every stashed segment was checked */
+            memcpy(p, src, m);
+            src += m;
+            n -= m;
+        }
+    }
+}
+
+int vw_split_rx_burst(vw_split *q, const vw_region *regs, int nregs, vw_rxstash *st, int fd,
+                      int hdr_len, uint32_t window, uint8_t *bounce, uint32_t bounce_len,
+                      int clear_flags, int limit, uint16_t staged, const vw_rxfilter *filt,
+                      vw_rxres *res) {
+    struct iovec iov[RX_MAX_IOV + 1];
+    uint32_t mask = q->size - 1;
+    memset(res, 0, sizeof(*res));
+    while ((int)res->frames < limit) {
+        if (st->cap < window) {
+            if (rx_stash_more(q, regs, nregs, st, hdr_len, window, res) < 0) {
+                res->stop = 1;
+                return 0;
+            }
+        }
+        if (st->cap < (uint64_t)hdr_len + 14) {
+            res->stop = 2;
+            return 0;
+        }
+        /* The chains covering the window (all of them when fewer), then the overflow area. */
+        int niov = 0;
+        uint64_t acc = 0;
+        uint32_t k = 0;
+        while (k < st->c_count) {
+            uint32_t ci = (st->c_start + k) & (RX_MAXC - 1);
+            if (niov + st->nseg[ci] > RX_MAX_IOV) {
+                res->stop = 1;
+                return 0;
+            }
+            for (uint32_t j = 0; j < st->nseg[ci]; j++) {
+                uint32_t s = (st->seg0[ci] + j) & (RX_MAXS - 1);
+                iov[niov].iov_base = translate(regs, nregs, st->gpa[s], st->len[s]);
+                iov[niov].iov_len = st->len[s];
+                if (!iov[niov].iov_base) { /* guest RAM changed under a stashed chain */
+                    res->stop = 1;
+                    return 0;
+                }
+                niov++;
+            }
+            acc += st->ccap[ci];
+            k++;
+            if (acc >= window)
+                break;
+        }
+        iov[niov].iov_base = bounce;
+        iov[niov].iov_len = bounce_len;
+        ssize_t r = readv(fd, iov, niov + 1);
+        if (r < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                res->errors++;
+                res->err = errno;
+            }
+            res->stop = 0;
+            return 0;
+        }
+        res->reads++;
+        res->read_bytes += (uint64_t)r;
+        if (r == 0) {
+            res->stop = 0;
+            return 0;
+        }
+        uint64_t total = (uint64_t)r;
+        if (total > acc) {
+            uint64_t over = total - acc;
+            if (over > bounce_len) {
+                res->truncated++;
+                continue;
+            }
+            if (st->cap < total && rx_stash_more(q, regs, nregs, st, hdr_len, total, res) != 1) {
+                /* Python finishes this frame (held aside, or unusual chains) and counts it */
+                res->stop = 4;
+                res->pending = r;
+                return 0;
+            }
+            res->overflow++;
+            rx_copy_into(regs, nregs, st, k, bounce, over);
+        }
+        if (total < (uint64_t)hdr_len) {
+            res->runt++;
+            continue;
+        }
+        if (filt->active) {
+            uint8_t h[18];
+            /* the chains read into (views) begin the stash; gather() reads buffers, not frame */
+            uint32_t got = rx_gather(regs, nregs, st, h, 18, (uint64_t)hdr_len);
+            if (!rx_accept(filt, h, got)) {
+                res->filtered++;
+                continue;
+            }
+        }
+        /* v0: the first chain's first non-empty segment (the Python path's first view); a
+         * header spread over several segments is written byte-wise below. */
+        uint32_t c0 = st->c_start & (RX_MAXC - 1), s0 = st->seg0[c0];
+        uint8_t *v0 = translate(regs, nregs, st->gpa[s0], st->len[s0]);
+        uint32_t v0len = st->len[s0];
+        if (v0len >= 2 && v0[1])
+            res->gso++;
+        if (clear_flags)
+            v0[0] = 0;
+        /* Hand the chains over (§5.1.6.4): as many as the frame fills, at least one. */
+        uint64_t left = total;
+        uint16_t used = 0;
+        while (st->c_count && (left > 0 || used == 0)) {
+            uint32_t ci = st->c_start & (RX_MAXC - 1);
+            uint32_t w = st->ccap[ci] < left ? st->ccap[ci] : (uint32_t)left;
+            uint8_t *u = q->used + 4 + 8 * ((uint16_t)(q->next_used + staged + res->staged) & mask);
+            uint32_t id = st->head[ci];
+            memcpy(u, &id, 4);
+            memcpy(u + 4, &w, 4);
+            res->staged++;
+            st->cap -= st->ccap[ci];
+            st->s_start = (st->s_start + st->nseg[ci]) & (RX_MAXS - 1);
+            st->s_count -= st->nseg[ci];
+            st->c_start = (st->c_start + 1) & (RX_MAXC - 1);
+            st->c_count--;
+            left -= w;
+            used++;
+        }
+        if (hdr_len == 12) { /* num_buffers (le16 at offset 10), inside the first chain */
+            uint8_t nb[2] = {(uint8_t)(used & 0xff), (uint8_t)(used >> 8)};
+            if (v0len >= 12) {
+                v0[10] = nb[0];
+                v0[11] = nb[1];
+            } else {
+                uint32_t off = 10, done = 0;
+                for (uint32_t j = 0; j < st->nseg[c0] && done < 2; j++) {
+                    uint32_t s = (s0 + j) & (RX_MAXS - 1);
+                    uint8_t *p = translate(regs, nregs, st->gpa[s], st->len[s]);
+                    if (!p)
+                        break;
+                    for (uint32_t b = 0; b < st->len[s] && done < 2; b++) {
+                        if (off) {
+                            off--;
+                            continue;
+                        }
+                        p[b] = nb[done++];
+                    }
+                }
+            }
+        }
+        res->frames++;
+        res->chains += used;
+        res->bytes += total - hdr_len;
+    }
+    res->stop = 3;
+    return 0;
 }

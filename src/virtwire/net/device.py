@@ -21,6 +21,14 @@ of chains it can take whole -- readable, inside guest RAM, header acceptable -- 
 first it cannot; that chain goes through the Python checks right away, then C resumes, so
 frames leave in ring order and every drop is decided and counted in one place. Without a C
 compiler (or while frames are traced) the pure-Python path does everything; tests run both.
+RX has one too, for split rings with MRG_RXBUF and a TAP-shaped backend (``native_tx_fd``, frame
+length unknown): ``vw_split_rx_burst`` is a step-by-step mirror of the Python loop below (stash
+refills in 64-chain batches, window read plus overflow area, filter, num_buffers) that reads
+every frame the fd has into the guest's buffers and stages their used elements; Python then
+publishes once and keeps the notification decisions. At a batch with anything unusual in it,
+or a frame whose tail needs buffers the guest has not given, C stops and hands its stash (and
+that frame) to the Python path, which goes on from exactly there -- same used ring, same
+counters, checked by the hostile-ring property test.
 
 RX: the backend is read only once buffers for a frame exist, so no frame is lost while the guest
 has none -- the device then enables notifications and waits for the RX kick (``rx_watch(pair,
@@ -55,6 +63,7 @@ in-process host (tests, benches).
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -234,7 +243,7 @@ class _Pair:
     """Per-queue-pair data-path state."""
 
     __slots__ = ("index", "backend", "rx_backend", "stash", "stash_cap", "tx_pending",
-                 "rx_waiting", "enabled", "held")
+                 "rx_waiting", "enabled", "held", "cstash")
 
     def __init__(self, index: int, backend: NetBackend | None, rx_backend: bool) -> None:
         self.index = index
@@ -248,6 +257,9 @@ class _Pair:
         self.rx_waiting = False
         self.enabled = True
         self.held: bytes | None = None  # a frame read aside, waiting for buffers
+        # The native RX path's stash (``_native.VwRxStash``); at most one of the two stashes
+        # holds chains at any time (``VirtioNet._rx_spill`` / ``_rx_load`` move them).
+        self.cstash: Any = None
 
     def clear(self) -> None:
         for _c, views in self.stash:
@@ -255,9 +267,15 @@ class _Pair:
                 v.release()
         self.stash.clear()
         self.stash_cap = 0
+        self.clear_cstash()
         self.tx_pending.clear()
         self.rx_waiting = False
         self.held = None
+
+    def clear_cstash(self) -> None:
+        st = self.cstash
+        if st is not None:
+            st.c_start = st.c_count = st.s_start = st.s_count = st.cap = 0
 
 
 def _qcounters() -> dict[str, int]:
@@ -334,7 +352,7 @@ class VirtioNet(VirtioDevice):
         self.more_work: Callable[[int], None] | None = None
         self.rx_watch: Callable[[int, bool], None] | None = None
         self._bounce: bytearray | None = None
-        self.native = True  # use the C TX fast path when it builds (``_native``)
+        self.native = True  # use the C TX and RX fast paths when they build (``_native``)
         self._native_lib: Any = None
         self._reset_ctrl_state()
         self._ctrl_table: dict[tuple[int, int], Callable[[bytes], int]] = {
@@ -556,6 +574,7 @@ class VirtioNet(VirtioDevice):
             if role == "rx":
                 p.stash.clear()
                 p.stash_cap = 0
+                p.clear_cstash()
                 p.rx_waiting = False
             else:
                 p.tx_pending.clear()
@@ -572,6 +591,7 @@ class VirtioNet(VirtioDevice):
         except Exception as e:  # guest memory may already be gone
             log.debug("%s: publish at stop of queue %d: %s", self.name, index, e)
         if role == "rx":
+            self._rx_spill(p, self.mem)
             _rewind(q, [c for c, _v in p.stash], self.mem)
             held = p.held  # a frame already read from the backend survives the restart
             p.clear()
@@ -925,7 +945,18 @@ class VirtioNet(VirtioDevice):
         frames = 0
         starved = False
         limit = self.budget * self.max_batches if self.more_work is not None else 1 << 62
-        while frames < limit:
+        preread = 0  # a frame the C path read and left to finish here (its length)
+        native_stop = -1
+        if (mrg and vnet and hl == 12 and p.held is None and self.native
+                and _trace.FRAMES is None and isinstance(q, SplitQueue)):
+            fd = self._native_rx_fd(be)
+            if fd is not None:
+                k, native_stop, preread = self._rx_native(q, mem, p, cnt, be, fd, clear_flags,
+                                                          limit)
+                frames += k
+                starved = native_stop == 2
+        # C stopped at an empty backend (0), no buffers (2) or the limit (3): nothing left here.
+        while native_stop not in (0, 2, 3) and frames < limit:
             held = p.held
             want = len(held) if held is not None else be.pending_len()
             if want == 0:
@@ -937,7 +968,8 @@ class VirtioNet(VirtioDevice):
                 # A TAP: the length is known only after the read. Read into the buffers of a
                 # typical frame plus a private overflow area; a bigger frame's tail is copied
                 # into further buffers afterwards (no need to hold 64 KiB of buffers per read).
-                got = self._rx_unknown_mrg(q, mem, p, cnt, be, hl, vnet)
+                got = self._rx_unknown_mrg(q, mem, p, cnt, be, hl, vnet, preread)
+                preread = 0
                 if got is None:
                     starved = True
                     break
@@ -1082,15 +1114,19 @@ class VirtioNet(VirtioDevice):
             log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
 
     def _rx_unknown_mrg(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
-                        be: NetBackend, hl: int, vnet: bool
+                        be: NetBackend, hl: int, vnet: bool, preread: int = 0
                         ) -> tuple[list[memoryview], int, int] | None:
         """Read one frame of unknown length (mergeable buffers): ``(views, capacity, n)``;
-        n == 0 nothing pending, n < 0 frame dropped or held; None: no buffers at all."""
+        n == 0 nothing pending, n < 0 frame dropped or held; None: no buffers at all.
+
+        ``preread``: the native path already read a frame of that length into the stash's
+        buffers and the overflow area (it stops there when the tail needs more chains)."""
         window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
-        if p.stash_cap < window:
-            self._stash_more(q, mem, p, cnt, hl, window)
-        if p.stash_cap < hl + ETH_HLEN:
-            return None
+        if not preread:
+            if p.stash_cap < window:
+                self._stash_more(q, mem, p, cnt, hl, window)
+            if p.stash_cap < hl + ETH_HLEN:
+                return None
         stash = p.stash
         views: list[memoryview] = []
         acc = 0
@@ -1104,7 +1140,7 @@ class VirtioNet(VirtioDevice):
         if self._bounce is None:
             self._bounce = bytearray(hl + MAX_FRAME + 64)
         bounce = memoryview(self._bounce)
-        n = be.recv([*(views if vnet else skip(views, hl)), bounce])
+        n = preread or be.recv([*(views if vnet else skip(views, hl)), bounce])
         if n == 0:
             return views, acc, 0
         total = n if vnet else n + hl
@@ -1130,6 +1166,172 @@ class VirtioNet(VirtioDevice):
                 break
         scatter(extra, bounce[:over])
         return views + extra, acc, n
+
+    # -- native RX (``_native/vwnet.c`` vw_split_rx_burst) ------------------------------------
+    def _native_rx_fd(self, be: NetBackend) -> int | None:
+        """The fd the C RX path reads frames from (a TAP: one read, one frame with its
+        virtio_net_hdr), or None when it does not apply (no fd, lengths known, no compiler)."""
+        fd_of = getattr(be, "native_tx_fd", None)
+        if fd_of is None or be.pending_len() is not None:
+            return None
+        if self._native_lib is None:
+            from virtwire import _native
+
+            self._native_lib = _native.load() or False
+        if not self._native_lib:
+            return None
+        fd: int | None = fd_of()
+        return fd if fd is not None and fd >= 0 else None
+
+    def _rx_native(self, q: SplitQueue, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
+                   be: Any, fd: int, clear_flags: bool, limit: int) -> tuple[int, int, int]:
+        """Frames from ``fd`` into mergeable RX chains in C, mirroring the Python path (see
+        vwnet.c). Returns ``(frames, stop, preread)``; on stop 1 (a chain C leaves to Python)
+        and 4 (frame ``preread`` bytes long read, to finish in Python) the stash is moved to
+        Python, which goes on from exactly where C stopped."""
+        import ctypes
+
+        from virtwire._native import GuestView, VwRxResult, VwRxStash, VwSplit
+
+        if p.cstash is None:
+            p.cstash = VwRxStash()
+        if p.stash and not self._rx_load(p):
+            return 0, 1, 0
+        hl = self.hdr_len
+        if self._bounce is None:
+            self._bounce = bytearray(hl + MAX_FRAME + 64)
+        bounce = (ctypes.c_char * len(self._bounce)).from_buffer(self._bounce)
+        window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
+        res = VwRxResult()
+        gv = GuestView(mem)
+        try:
+            size = q.size
+            ring = VwSplit(gv.host(q.desc_addr, 16 * size), gv.host(q.avail_addr, 6 + 2 * size),
+                           gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail, q.next_used)
+            # SAFETY: ``bounce`` and the guest regions stay exported for the call only.
+            self._native_lib.vw_split_rx_burst(
+                ctypes.byref(ring), gv.table, gv.n, ctypes.byref(p.cstash), fd, hl, window,
+                ctypes.addressof(bounce), len(self._bounce), int(clear_flags),
+                min(limit, 1 << 30), q._staged, ctypes.byref(self._rx_cfilter()),
+                ctypes.byref(res))
+        except ValueError:  # a ring outside guest RAM: the Python path reports it
+            self._rx_spill(p, mem)
+            return 0, 1, 0
+        finally:
+            gv.release()
+            del bounce
+        # The C code popped ``popped`` chains and wrote ``staged`` used elements after the
+        # ones already staged, exactly as pop_batch/push would: the ring object publishes them.
+        q.next_avail = ring.next_avail
+        q._in_flight += res.popped - res.staged
+        q._staged += res.staged
+        if res.frames:
+            cnt["frames"] += res.frames
+            cnt["bytes"] += res.bytes
+            cnt["chains"] += res.chains
+            cnt["rx_native"] = cnt.get("rx_native", 0) + res.frames
+        for key, v in (("rx_gso", res.gso), ("rx_overflow", res.overflow),
+                       ("rx_filtered", res.filtered)):
+            if v:
+                cnt[key] = cnt.get(key, 0) + v
+        for _ in range(res.truncated):
+            self._count_rx_drop(cnt, "truncated")
+        for _ in range(res.runt):
+            self._count_rx_drop(cnt, "short")
+        bc = getattr(be, "counters", None)
+        if bc is not None:
+            bc["rx_frames"] = bc.get("rx_frames", 0) + res.reads
+            bc["rx_bytes"] = bc.get("rx_bytes", 0) + res.read_bytes
+            if res.errors:
+                bc["rx_errors"] = bc.get("rx_errors", 0) + res.errors
+        if res.errors:
+            log.warning("%s: read failed: %s", getattr(be, "name", "backend"),
+                        os.strerror(res.err))
+        if res.stop in (1, 4):
+            self._rx_spill(p, mem)
+        return res.frames, res.stop, res.pending if res.stop == 4 else 0
+
+    def _rx_cfilter(self) -> Any:
+        """The receive filter as the C path takes it (``_rx_accept``'s state), kept until a
+        control command, a reset or a MAC change."""
+        key = (self._filter_gen, self.mac, self.negotiated, self._filter_active)
+        if self._cfilter is not None and self._cfilter[0] == key:
+            return self._cfilter[1]
+        from virtwire._native import RX_MAC_MAX, VwRxFilter
+
+        f = VwRxFilter()
+        f.active = int(self._filter_active)
+        f.vlan = int(self.has_feature(s.VIRTIO_NET_F_CTRL_VLAN))
+        f.mac_check = int(not self.promisc and self.has_feature(s.VIRTIO_NET_F_CTRL_RX))
+        f.nobcast, f.nomulti, f.nouni = int(self.nobcast), int(self.nomulti), int(self.nouni)
+        f.multi_all = int(self.allmulti or self.mc_overflow)
+        f.uni_all = int(self.alluni or self.uc_overflow)
+        f.mac[:] = list(self.mac)
+        for table, arr, n in ((self.uc_table, f.uc, "n_uc"), (self.mc_table, f.mc, "n_mc")):
+            macs = sorted(table)[:RX_MAC_MAX]  # the Python tables hold at most MAC_TABLE_MAX
+            setattr(f, n, len(macs))
+            for i, m in enumerate(macs):
+                arr[6 * i : 6 * i + 6] = list(m)
+        for vid in self.vlans:
+            if 0 <= vid < 4096:
+                f.vlans[vid >> 3] |= 1 << (vid & 7)
+        self._cfilter = (key, f)
+        return f
+
+    def _rx_spill(self, p: _Pair, mem: GuestMemory | None) -> None:
+        """Move the C stash's chains (already popped, in ring order) to the Python stash."""
+        st = p.cstash
+        if st is None or not st.c_count:
+            return
+        from virtwire._native import RX_MAXC, RX_MAXS
+
+        for i in range(st.c_count):
+            ci = (st.c_start + i) & (RX_MAXC - 1)
+            s0 = st.seg0[ci]
+            segs = [(st.gpa[(s0 + j) & (RX_MAXS - 1)], st.len[(s0 + j) & (RX_MAXS - 1)], True)
+                    for j in range(st.nseg[ci])]
+            c = DescriptorChain(head=st.head[ci], segments=segs, writable_len=st.ccap[ci])
+            p.stash.append((c, list(c.writable(mem)) if mem is not None else []))
+            p.stash_cap += st.ccap[ci]
+        p.clear_cstash()
+
+    def _rx_load(self, p: _Pair) -> bool:
+        """Move the Python stash to the C stash when every chain is plain (writable segments
+        only, within the C stash's room); False leaves it where it is."""
+        from virtwire._native import RX_MAXC, RX_MAXS
+
+        st = p.cstash
+        stash = p.stash
+        if st.c_count or len(stash) > RX_MAXC:
+            return False
+        nsegs = 0
+        for c, _vs in stash:
+            for _g, n, w in c.segments:
+                if not w:
+                    return False
+                nsegs += n > 0
+        if nsegs > RX_MAXS:
+            return False
+        k = 0
+        for i, (c, vs) in enumerate(stash):
+            st.head[i] = c.head
+            st.seg0[i] = k
+            st.ccap[i] = c.writable_len
+            for g, n, _w in c.segments:
+                if n:
+                    st.gpa[k] = g
+                    st.len[k] = n
+                    k += 1
+            st.nseg[i] = k - st.seg0[i]
+            for v in vs:
+                v.release()
+        st.c_start = st.s_start = 0
+        st.c_count = len(stash)
+        st.s_count = k
+        st.cap = p.stash_cap
+        stash.clear()
+        p.stash_cap = 0
+        return True
 
     def _stash_more(self, q: Any, mem: GuestMemory, p: _Pair, cnt: dict[str, int], hl: int,
                     need: int) -> bool:
@@ -1170,6 +1372,8 @@ class VirtioNet(VirtioDevice):
         self.vlans: set[int] = set()
         self.guest_offloads = _GUEST_OFFLOAD_MASK
         self._filter_active = False
+        self._filter_gen = getattr(self, "_filter_gen", 0) + 1  # the native RX filter copy
+        self._cfilter: tuple[Any, Any] | None = None
 
     def _update_filter(self) -> None:
         self._filter_active = (
@@ -1229,6 +1433,7 @@ class VirtioNet(VirtioDevice):
         except (ValueError, IndexError) as e:
             log.warning("%s: control command %d/%d: %s", self.name, cls, cmd, e)
             ok = False
+        self._filter_gen += 1  # filter tables may have changed: the native copy is rebuilt
         tr = _trace.TRACE
         if tr is not None:
             tr.emit("ctrl", "cmd", **{"class": cls, "cmd": cmd,
