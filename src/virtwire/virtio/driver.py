@@ -15,8 +15,9 @@ back as written, a missing VERSION_1 on a modern device, FEATURES_OK refused, a 
 NEEDS_RESET: each raises ``DeviceError`` (the device's fault) with the reason, after writing
 FAILED when the spec asks the driver to (§3.1.1 step 6 / §2.1.1).
 
-``GuestAllocator`` is a small first-fit allocator over one guest-physical range, for the driver's
-rings, indirect tables and buffers (the driver owns that memory).
+``GuestAllocator`` is a first-fit allocator over one guest-physical range, for the driver's
+rings, indirect tables and buffers (the driver owns that memory); ``net.driver`` uses it too
+(as ``DmaAllocator``), and runs this same sequence through its ``TransportAdapter``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from virtwire.memory import GuestMemory
 from virtwire.virtio.errors import DriverError
@@ -36,6 +37,7 @@ from virtwire.virtio.spec import (
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_BAD_FEATURE,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_RING_PACKED,
@@ -66,52 +68,80 @@ class DeviceError(DriverError):
     fault, never our bug" handling applies on both sides."""
 
 
-class AllocatorError(Exception):
-    """Out of driver memory (a sizing problem of the caller, not a peer fault)."""
+class AllocatorError(MemoryError):
+    """Out of driver memory (a sizing problem of the caller, not a peer fault). A
+    ``MemoryError``, as the net driver's callers have always caught it."""
 
 
 class GuestAllocator:
     """First-fit allocator over ``[base, base+size)`` of guest-physical memory, with coalescing
-    frees. ``alloc(n, align)`` returns a GPA; ``free(gpa)`` releases it."""
+    frees: the one allocator for the driver's rings, indirect tables and packet buffers.
+    ``alloc(n, align)`` returns the lowest ``align``-aligned address with ``n`` free bytes;
+    ``free(gpa)`` releases it. Implements ``split_ring.TableAllocator``.
+
+    The free list is two parallel sorted lists (starts, ends) updated in place, so the common
+    cases (carve from the front of a block, free next to a free block) move no list items;
+    that keeps per-packet alloc/free cheap for the net driver's buffers.
+    """
 
     def __init__(self, base: int, size: int) -> None:
-        if size <= 0:
-            raise ValueError("allocator needs a positive size")
-        self.base, self.size = base, size
-        self._free: list[tuple[int, int]] = [(base, base + size)]  # sorted (start, end)
-        self._used: dict[int, tuple[int, int]] = {}  # gpa -> (block start, block end)
+        if base < 0 or size <= 0:
+            raise ValueError("allocator needs a non-negative base and a positive size")
+        self.base, self.size, self.limit = base, size, base + size
+        self._starts: list[int] = [base]  # free blocks [start, end), sorted, never adjacent
+        self._ends: list[int] = [base + size]
+        self._used: dict[int, int] = {}  # gpa -> end of its block
 
     def alloc(self, n: int, align: int = 16) -> int:
         if n <= 0 or align <= 0 or align & (align - 1):
             raise ValueError(f"bad allocation {n} bytes aligned {align}")
-        for k, (s, e) in enumerate(self._free):
-            a = (s + align - 1) & ~(align - 1)
-            if a + n <= e:
-                del self._free[k]
-                if a > s:
-                    self._free.insert(k, (s, a))
-                    k += 1
-                if a + n < e:
-                    self._free.insert(k, (a + n, e))
-                self._used[a] = (a, a + n)
-                return a
+        starts, ends = self._starts, self._ends
+        mask = align - 1
+        k = 0
+        for s, e in zip(starts, ends):
+            if e - s >= n:
+                a = (s + mask) & ~mask
+                end = a + n
+                if end <= e:
+                    if a == s:
+                        if end == e:
+                            del starts[k], ends[k]
+                        else:
+                            starts[k] = end
+                    else:
+                        ends[k] = a  # the alignment gap stays free
+                        if end < e:
+                            starts.insert(k + 1, end)
+                            ends.insert(k + 1, e)
+                    self._used[a] = end
+                    return a
+            k += 1
         raise AllocatorError(
             f"no {n} bytes (aligned {align}) left in {self.base:#x}+{self.size:#x}"
         )
 
     def free(self, gpa: int) -> None:
-        s, e = self._used.pop(gpa)
-        i = bisect.bisect_left(self._free, (s, e))
-        if i < len(self._free) and self._free[i][0] == e:
-            e = self._free.pop(i)[1]
-        if i > 0 and self._free[i - 1][1] == s:
-            s = self._free.pop(i - 1)[0]
-            i -= 1
-        self._free.insert(i, (s, e))
+        end = self._used.pop(gpa, None)
+        if end is None:
+            raise ValueError(f"free of unallocated {gpa:#x}")
+        starts, ends = self._starts, self._ends
+        i = bisect.bisect_left(starts, gpa)
+        join_next = i < len(starts) and starts[i] == end
+        if i and ends[i - 1] == gpa:
+            if join_next:
+                ends[i - 1] = ends[i]
+                del starts[i], ends[i]
+            else:
+                ends[i - 1] = end
+        elif join_next:
+            starts[i] = gpa
+        else:
+            starts.insert(i, gpa)
+            ends.insert(i, end)
 
     @property
     def bytes_free(self) -> int:
-        return sum(e - s for s, e in self._free)
+        return sum(self._ends) - sum(self._starts)
 
     @property
     def allocations(self) -> int:
@@ -198,10 +228,18 @@ class VirtioDriver:
             self.fail(f"device set NEEDS_RESET during initialization (status {got:#x})")
         return got
 
-    def fail(self, reason: str) -> None:
-        """Write FAILED (§2.1.1: the driver gave up) and raise ``DeviceError``."""
+    def mark_failed(self) -> None:
+        """Write FAILED (§2.1.1: the driver gave up), best effort: a device broken enough to
+        make the driver give up may not answer that either."""
         t = self.transport
-        t.write_status(t.read_status() | VIRTIO_CONFIG_S_FAILED)
+        try:
+            t.write_status(t.read_status() | VIRTIO_CONFIG_S_FAILED)
+        except Exception as e:  # noqa: BLE001 - best effort on a broken device
+            log.debug("could not write FAILED: %s", e)
+
+    def fail(self, reason: str) -> NoReturn:
+        """Write FAILED (``mark_failed``) and raise ``DeviceError``."""
+        self.mark_failed()
         raise DeviceError(reason)
 
     def reset(self) -> None:
@@ -214,8 +252,13 @@ class VirtioDriver:
         self.features = 0
 
     # -- negotiation -------------------------------------------------------------------------
-    def negotiate(self, wanted: int) -> int:
-        """Steps 1-6: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (+ re-read check)."""
+    def negotiate(self, wanted: int, select: Callable[[int], int] | None = None) -> int:
+        """Steps 1-6: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (+ re-read check).
+
+        The driver accepts ``offered & wanted`` (plus VERSION_1 on a modern device), or what
+        ``select(offered)`` picks (a device type's dependency rules, e.g. §5.1.3.1), always
+        within the offer. A legacy interface carries 32 bits and never BAD_FEATURE (§3.1.2);
+        a modern device must offer VERSION_1 and the driver must accept it (§6.1)."""
         t = self.transport
         self.reset()
         self._add_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
@@ -225,10 +268,15 @@ class VirtioDriver:
             offered &= 0xFFFFFFFF
         self.device_features = offered
         if not t.legacy and not offered >> VIRTIO_F_VERSION_1 & 1:
-            self.fail("modern device does not offer VIRTIO_F_VERSION_1")
-        if not t.legacy:
-            wanted |= 1 << VIRTIO_F_VERSION_1
-        feats = offered & wanted
+            self.fail("modern device does not offer VIRTIO_F_VERSION_1 (§6.1)")
+        if select is not None:
+            feats = select(offered) & offered
+        else:
+            feats = offered & (wanted | (0 if t.legacy else 1 << VIRTIO_F_VERSION_1))
+        if t.legacy:
+            feats &= ~(1 << VIRTIO_F_BAD_FEATURE)
+        elif not feats >> VIRTIO_F_VERSION_1 & 1:
+            self.fail("driver would not accept the offered VIRTIO_F_VERSION_1 (§6.1)")
         t.write_driver_features(feats)
         if not t.legacy:
             got = self._add_status(VIRTIO_CONFIG_S_FEATURES_OK)
