@@ -156,6 +156,62 @@ def test_features_ok_refused_is_a_device_fault() -> None:
     assert t.status & spec.VIRTIO_CONFIG_S_FAILED
 
 
+class NeedsResetAfter(FakeTransport):
+    """Sets NEEDS_RESET once the driver writes status bit ``bit``."""
+
+    def __init__(self, bit_: int, **kw) -> None:
+        super().__init__(BASE, **kw)
+        self.bit = bit_
+
+    def set_status(self, status: int) -> None:
+        if status & self.bit:
+            status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
+        super().set_status(status)
+
+
+@pytest.mark.parametrize("bit_", [spec.VIRTIO_CONFIG_S_DRIVER, spec.VIRTIO_CONFIG_S_DRIVER_OK])
+def test_needs_reset_during_bring_up_fails_the_device(bit_: int) -> None:
+    """§3.1.1 via ``VirtioDriver``: NEEDS_RESET at any step is a fault, and FAILED is written."""
+    t = NeedsResetAfter(bit_)
+    drv = VirtioNetDriver(t, BytearrayGuestMemory(1 << 20), DmaAllocator(0x1000, 0xF0000))
+    with pytest.raises(DeviceFault, match="NEEDS_RESET"):
+        drv.probe()
+    assert t.status_writes[-1] & spec.VIRTIO_CONFIG_S_FAILED
+
+
+def test_driver_ok_that_does_not_stick_fails_the_device() -> None:
+    class DropsDriverOk(FakeTransport):
+        def set_status(self, status: int) -> None:
+            super().set_status(status & ~spec.VIRTIO_CONFIG_S_DRIVER_OK)
+
+    t = DropsDriverOk(BASE)
+    drv = VirtioNetDriver(t, BytearrayGuestMemory(1 << 20), DmaAllocator(0x1000, 0xF0000))
+    with pytest.raises(DeviceFault, match="DRIVER_OK did not stick"):
+        drv.probe()
+    assert t.status & spec.VIRTIO_CONFIG_S_FAILED
+
+
+def test_legacy_queue_size_must_be_a_power_of_two() -> None:
+    class Odd(FakeTransport):
+        def queue_max_size(self, index: int) -> int:
+            return 100 if index < 3 else 0
+
+    t = Odd(bit(spec.VIRTIO_NET_F_MAC), legacy=True)
+    drv = VirtioNetDriver(t, BytearrayGuestMemory(1 << 20), DmaAllocator(0x1000, 0xF0000))
+    with pytest.raises(DeviceFault, match="not a power of 2"):
+        drv.probe()
+    assert t.status & spec.VIRTIO_CONFIG_S_FAILED and not t.queues
+
+
+def test_modern_device_must_be_driven_with_version_1() -> None:
+    t = FakeTransport(BASE)
+    drv = VirtioNetDriver(t, BytearrayGuestMemory(1 << 20), DmaAllocator(0x1000, 0xF0000),
+                          NetDriverConfig(features=BASE & ~bit(spec.VIRTIO_F_VERSION_1)))
+    with pytest.raises(DeviceFault, match="VERSION_1"):
+        drv.probe()
+    assert t.status & spec.VIRTIO_CONFIG_S_FAILED and drv.offered == BASE
+
+
 def test_tx_kicks_follow_avail_event_and_rx_reassembles_mergeable() -> None:
     drv, t, mem = bring_up()
     txd = device_queue(t, mem, 1)

@@ -3,18 +3,26 @@
 Theory of operation
 -------------------
 ``VirtioNetDriver`` is the guest's half of a virtio-net link. It owns nothing but guest memory
-(through a ``GuestMemory`` and a ``DmaAllocator``) and talks to the device through a
-``VirtioTransport``: status, features, queue programming, notifications and the device-specific
-configuration. Three transports implement it -- modern virtio-pci and the legacy I/O BAR over
-qtest (``pci.driver``) and the vhost-user front end (``drive.vhost_user_frontend``) -- so the
-same code brings up QEMU's device, DPDK's vhost PMD and virtwire's own backend.
+(through a ``GuestMemory`` and a ``DmaAllocator``, which is ``virtio.driver.GuestAllocator``)
+and talks to the device through a ``VirtioTransport``: status, features, queue programming,
+notifications and the device-specific configuration. Three transports implement it -- modern
+virtio-pci and the legacy I/O BAR over qtest (``pci.driver``) and the vhost-user front end
+(``drive.vhost_user_frontend``) -- so the same code brings up QEMU's device, DPDK's vhost PMD
+and virtwire's own backend.
 
-Initialisation (virtio 1.2 §3.1.1 Driver Requirements: Device Initialization):
+Initialisation (virtio 1.2 §3.1.1 Driver Requirements: Device Initialization) is the generic
+``virtio.driver.VirtioDriver`` over a ``TransportAdapter``, with the net-specific steps between:
 reset -> ACKNOWLEDGE -> DRIVER -> read device features -> choose a subset that obeys §5.1.3.1
 (``resolve_features``) -> write it -> FEATURES_OK and read it back (modern only; legacy has no
 FEATURES_OK, §3.1.2) -> read config (MAC, status, MTU, max pairs; §5.1.4) -> program receiveq0,
 transmitq0 and the controlq (at index 2 * max_virtqueue_pairs when MQ, else 2; §5.1.2) ->
-post receive buffers -> DRIVER_OK.
+post receive buffers -> DRIVER_OK. A status that shows NEEDS_RESET at any step, refused
+FEATURES_OK, a missing VERSION_1, an impossible queue size or a DRIVER_OK that does not stick
+writes FAILED and raises ``DeviceFault``.
+
+Packet buffers are allocated in whole ``DMA_GRANULE`` (64-byte) units, 64-byte aligned: with
+first-fit allocation, odd-sized buffers would leave small gaps that every later allocation has
+to walk past.
 
 Receive buffers follow Linux's three layouts (§5.1.6.3, "Setting Up Receive Buffers"):
 
@@ -42,19 +50,22 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtwire.memory import GuestMemory
 from virtwire.net.header import VirtioNetHdr, hdr_size
 from virtwire.virtio import spec
+from virtwire.virtio.driver import DeviceError, GuestAllocator, VirtioDriver
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.queue import QueueFull
 from virtwire.virtio.spec import bit
 
 __all__ = [
     "VirtioTransport",
+    "TransportAdapter",
     "DmaAllocator",
     "NetDriverConfig",
     "VirtioNetDriver",
@@ -91,59 +102,77 @@ class VirtioTransport(Protocol):
     def read_isr(self) -> int: ...
 
 
+class TransportAdapter:
+    """``virtio.driver.DriverTransport`` over a ``VirtioTransport``, so ``VirtioDriver`` runs
+    the §3.1.1 sequence on every net transport (virtio-pci modern/legacy, vhost-user).
+
+    Writing status 0 is a reset (§2.4): it goes to the transport's ``reset``, which also waits
+    for status 0 and drops the transport's per-queue state (notify offsets, MSI-X vectors,
+    vhost-user rings). ``VirtioTransport.setup_queue`` programs size, addresses and enable in
+    one call, so size and addresses are held until ``enable_queue``; a legacy device's size is
+    its own (§4.1.4.8: read-only), read back from ``queue_max_size``.
+    """
+
+    def __init__(self, t: VirtioTransport) -> None:
+        self.t = t
+        self.legacy = bool(getattr(t, "legacy", False))
+        self._size: dict[int, int] = {}
+        self._addr: dict[int, tuple[int, int, int]] = {}
+
+    def read_status(self) -> int:
+        return self.t.get_status()
+
+    def write_status(self, value: int) -> None:
+        if value == 0:
+            self.t.reset()
+        else:
+            self.t.set_status(value)
+
+    def read_device_features(self) -> int:
+        return self.t.device_features()
+
+    def write_driver_features(self, features: int) -> None:
+        self.t.set_driver_features(features)
+
+    def num_queues(self) -> int:
+        return self.t.num_queues()
+
+    def queue_max_size(self, index: int) -> int:
+        return self.t.queue_max_size(index)
+
+    def set_queue_size(self, index: int, size: int) -> None:
+        self._size[index] = size
+
+    def set_queue_addresses(self, index: int, desc: int, driver: int, device: int) -> None:
+        self._addr[index] = (desc, driver, device)
+
+    def enable_queue(self, index: int) -> None:
+        size = self._size.pop(index, None)
+        if size is None:
+            size = self.t.queue_max_size(index)
+        self.t.setup_queue(index, size, *self._addr.pop(index))
+
+    def notify(self, index: int) -> None:
+        self.t.notify(index)
+
+
+@contextmanager
+def _device_faults() -> Iterator[None]:
+    """``VirtioDriver``'s ``DeviceError`` surfaces as this module's ``DeviceFault``."""
+    try:
+        yield
+    except DeviceError as e:
+        raise DeviceFault(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------------
 # DMA memory
 # ------------------------------------------------------------------------------------------------
 
+# The driver's memory comes from the one driver-side allocator (first fit, coalescing frees).
+DmaAllocator = GuestAllocator
 
-class DmaAllocator:
-    """Guest memory for rings, tables and packet buffers, carved from ``[base, base+size)``.
-
-    Size-class free lists (powers of two from 64 bytes) make the per-packet alloc/free of TX
-    buffers and indirect tables O(1); alignments above 64 come from the bump pointer.
-    Implements ``split_ring.TableAllocator``.
-    """
-
-    def __init__(self, base: int, size: int) -> None:
-        if base < 0 or size <= 0:
-            raise ValueError("empty DMA window")
-        self.base, self.limit = base, base + size
-        self._next = base
-        self._free: dict[int, list[int]] = {}
-        self._size: dict[int, int] = {}
-
-    @staticmethod
-    def _cls(n: int) -> int:
-        c = 64
-        while c < n:
-            c <<= 1
-        return c
-
-    def alloc(self, n: int, align: int = 16) -> int:
-        c = self._cls(max(n, 1))
-        if align <= 64:
-            lst = self._free.get(c)
-            if lst:
-                gpa = lst.pop()
-                self._size[gpa] = c
-                return gpa
-        a = max(align, 64)
-        gpa = (self._next + a - 1) & ~(a - 1)
-        if gpa + c > self.limit:
-            raise MemoryError(f"DMA window exhausted ({n} bytes wanted)")
-        self._next = gpa + c
-        self._size[gpa] = c
-        return gpa
-
-    def free(self, gpa: int) -> None:
-        c = self._size.pop(gpa, None)
-        if c is None:
-            raise ValueError(f"free of unallocated {gpa:#x}")
-        self._free.setdefault(c, []).append(gpa)
-
-    @property
-    def used_bytes(self) -> int:
-        return self._next - self.base
+DMA_GRANULE = 64  # packet buffers are whole cache lines: no odd gaps fragment the free list
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +299,8 @@ class VirtioNetDriver:
         self.mem = mem
         self.alloc = allocator
         self.cfg = config or NetDriverConfig()
-        self.legacy = bool(getattr(transport, "legacy", False))
+        self.core = VirtioDriver(TransportAdapter(transport), mem, allocator)
+        self.legacy = self.core.transport.legacy
         self.offered = 0
         self.features = 0
         self.hdr_len = spec.VIRTIO_NET_HDR_LEN
@@ -292,33 +322,28 @@ class VirtioNetDriver:
     def has(self, feature: int) -> bool:
         return bool(self.features >> feature & 1)
 
-    def _status_add(self, bits: int) -> None:
-        self.t.set_status(self.t.get_status() | bits)
+    def _dma(self, n: int) -> int:
+        """A packet buffer of ``n`` bytes, in whole ``DMA_GRANULE`` units (see the module
+        docstring)."""
+        return self.alloc.alloc(-(-max(n, 1) // DMA_GRANULE) * DMA_GRANULE, DMA_GRANULE)
 
     # -- bring-up (§3.1.1) ---------------------------------------------------------------------
     def probe(self) -> VirtioNetDriver:
-        """Run the full initialisation sequence; returns self. Raises ``DeviceFault``."""
-        t = self.t
-        t.reset()
-        t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE)
-        self._status_add(spec.VIRTIO_CONFIG_S_DRIVER)
-        self.offered = t.device_features()
+        """Run the full initialisation sequence; returns self. Raises ``DeviceFault``.
+
+        The generic steps (reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK re-read, queue
+        setup, DRIVER_OK, NEEDS_RESET/FAILED handling) are ``virtio.driver.VirtioDriver``'s;
+        this adds what is virtio-net's: §5.1.3.1 feature selection, config, queue layout.
+        """
         wanted = self.cfg.features
-        if not self.cfg.packed:
+        if not self.cfg.packed or self.legacy:
             wanted &= ~bit(spec.VIRTIO_F_RING_PACKED)
-        if self.legacy:
-            wanted &= ~bit(spec.VIRTIO_F_RING_PACKED)
-        self.features = resolve_features(self.offered, wanted, self.legacy)
-        if not self.legacy and not self.has(spec.VIRTIO_F_VERSION_1):
-            self.fail()
-            raise DeviceFault("modern device does not offer VIRTIO_F_VERSION_1 (§6)")
-        t.set_driver_features(self.features)
-        if not self.legacy:
-            self._status_add(spec.VIRTIO_CONFIG_S_FEATURES_OK)
-            if not t.get_status() & spec.VIRTIO_CONFIG_S_FEATURES_OK:
-                self.fail()
-                raise DeviceFault("device refused FEATURES_OK for "
-                                  f"{spec.feature_names(self.features)}")
+        try:
+            with _device_faults():
+                self.features = self.core.negotiate(
+                    wanted, select=lambda offered: resolve_features(offered, wanted, self.legacy))
+        finally:
+            self.offered = self.core.device_features
         self.hdr_len = hdr_size(self.features)
         self.read_config()
         if self.has(spec.VIRTIO_NET_F_MRG_RXBUF):
@@ -342,10 +367,8 @@ class VirtioNetDriver:
             self._ctrl_buf = self.alloc.alloc(4096, 64)
         for rq in self.rxqs:
             self.refill(rq, kick=False)  # no notification before DRIVER_OK (§3.1.1)
-        self._status_add(spec.VIRTIO_CONFIG_S_DRIVER_OK)
-        st = t.get_status()
-        if st & spec.VIRTIO_CONFIG_S_NEEDS_RESET or not st & spec.VIRTIO_CONFIG_S_DRIVER_OK:
-            raise DeviceFault(f"device status {st:#x} after DRIVER_OK")
+        with _device_faults():
+            self.core.driver_ok()
         for rq in self.rxqs:
             self._kick(rq)
         if want_pairs > 1:
@@ -353,42 +376,18 @@ class VirtioNetDriver:
         return self
 
     def fail(self) -> None:
-        """Give up on the device (§2.1: FAILED)."""
-        try:
-            self._status_add(spec.VIRTIO_CONFIG_S_FAILED)
-        except Exception:  # noqa: BLE001 - best effort on a broken device
-            pass
+        """Give up on the device (§2.1: FAILED), best effort."""
+        self.core.mark_failed()
 
     def _make_queue(self, index: int, size_cap: int | None = None) -> _Queue:
-        t = self.t
-        qmax = t.queue_max_size(index)
-        if qmax == 0:
-            raise DeviceFault(f"queue {index} does not exist (size 0)")
-        event_idx = self.has(spec.VIRTIO_F_EVENT_IDX)
-        indirect = self.has(spec.VIRTIO_F_INDIRECT_DESC)
-        if self.legacy:
-            size = qmax  # §4.1.4.8: legacy queue size is the device's, read-only
-        else:
-            size = min(qmax, size_cap or self.cfg.queue_size)
-            if not self.has(spec.VIRTIO_F_RING_PACKED):
-                size = 1 << (size.bit_length() - 1)  # split rings are powers of two
-        if self.has(spec.VIRTIO_F_RING_PACKED):
-            from virtwire.virtio.packed_ring import PackedDriverQueue
-
-            q: Any = PackedDriverQueue.allocate(self.alloc, size, event_idx=event_idx,
-                                                indirect=indirect)
-        else:
-            from virtwire.virtio.split_ring import SplitDriverQueue
-
-            align = t.queue_ring_align() or None
-            q = SplitDriverQueue.allocate(self.alloc, size, event_idx=event_idx,
-                                          indirect=indirect, legacy_align=align)
-        q.setup(self.mem)
-        desc, drv, dev = q.layout()
-        t.setup_queue(index, size, desc, drv, dev)
+        """§3.1.1 step 7 for queue ``index`` (``VirtioDriver.setup_queue``: size checks, the
+        legacy device's fixed size and ring layout), then used-buffer interrupts off unless
+        asked for."""
+        with _device_faults():
+            q = self.core.setup_queue(index, size_cap or self.cfg.queue_size)
         if not self.cfg.interrupts:
             q.disable_callbacks(self.mem)
-        return _Queue(index=index, q=q, size=size)
+        return _Queue(index=index, q=q, size=q.size)
 
     def read_config(self) -> None:
         """§5.1.4: MAC, status, max pairs, MTU, read under the config generation (§2.5.1).
@@ -465,7 +464,7 @@ class VirtioNetDriver:
         while rq.posted < want and (limit is None or n < limit):
             segs = []
             for ln in geom:
-                segs.append((self.alloc.alloc(ln, 64), ln))
+                segs.append((self._dma(ln), ln))
             buf = _RxBuf(tuple(segs), sum(ln for _, ln in segs))
             try:
                 rq.q.add(self.mem, (), segs, buf)
@@ -629,14 +628,14 @@ class VirtioNetDriver:
         for fr in frames:
             ln = len(fr) if not isinstance(fr, memoryview) else fr.nbytes
             if split_hdr:
-                hg = self.alloc.alloc(h, 16)
-                dg = self.alloc.alloc(ln, 64)
+                hg = self._dma(h)
+                dg = self._dma(ln)  # a 0-byte frame still gets its own buffer
                 self.mem.write(hg, hdr)
                 self.mem.write(dg, fr)
                 out = [(hg, h), (dg, ln)]
                 token: tuple[int, ...] = (hg, dg)
             else:
-                g = self.alloc.alloc(h + ln, 64)
+                g = self._dma(h + ln)
                 v = self.mem.view(g, h + ln)
                 v[:h] = hdr
                 v[h:] = fr
