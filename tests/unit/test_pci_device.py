@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtwire.memory import BytearrayGuestMemory
+from virtwire.net.driver import TransportAdapter
 from virtwire.pci import driver as pdrv
 from virtwire.pci.device import (
     COMMON_OFFSET,
@@ -107,29 +108,6 @@ class FakeBus:
     def writel(self, a, v): self._write(a, 4, v)  # noqa: E704
 
 
-class Adapter:
-    """``virtio.driver.DriverTransport`` over ``pci.driver``'s register-level transports."""
-
-    def __init__(self, t) -> None:
-        self.t = t
-        self.legacy = t.legacy
-        self.sizes: dict[int, int] = {}
-
-    def read_status(self): return self.t.get_status()  # noqa: E704
-    def write_status(self, v): self.t.set_status(v)  # noqa: E704
-    def read_device_features(self): return self.t.device_features()  # noqa: E704
-    def write_driver_features(self, f): self.t.set_driver_features(f)  # noqa: E704
-    def num_queues(self): return self.t.num_queues()  # noqa: E704
-    def queue_max_size(self, i): return self.t.queue_max_size(i)  # noqa: E704
-    def set_queue_size(self, i, n): self.sizes[i] = n  # noqa: E704
-    def enable_queue(self, i): pass  # noqa: E704
-    def notify(self, i): self.t.notify(i)  # noqa: E704
-
-    def set_queue_addresses(self, i, desc, driver, device):
-        size = self.sizes.get(i) or self.t.queue_max_size(i)
-        self.t.setup_queue(i, size, desc, driver, device)
-
-
 def probe(pci: VirtioPciDevice, legacy: bool = False):
     bus = FakeBus(pci)
     return bus, pdrv.probe_pci_transport(bus, legacy=legacy)
@@ -174,7 +152,7 @@ def run_loopback(pci: VirtioPciDevice, t, line: Line) -> None:
     dev = pci.device
     mem = BytearrayGuestMemory(0x100000)
     pci.set_memory(mem)
-    drv = VirtioDriver(Adapter(t), mem, GuestAllocator(0x10000, 0xF0000))
+    drv = VirtioDriver(TransportAdapter(t), mem, GuestAllocator(0x10000, 0xF0000))
     feats = drv.initialize(1 << spec.VIRTIO_F_INDIRECT_DESC, 2)
     assert dev.status & spec.VIRTIO_CONFIG_S_DRIVER_OK
     assert bool(feats >> spec.VIRTIO_F_VERSION_1 & 1) == (not t.legacy)
@@ -221,7 +199,7 @@ def test_deferred_notifications_run_at_flush():
     _, t = probe(pci)
     mem = BytearrayGuestMemory(0x100000)
     pci.set_memory(mem)
-    drv = VirtioDriver(Adapter(t), mem, GuestAllocator(0x10000, 0xF0000))
+    drv = VirtioDriver(TransportAdapter(t), mem, GuestAllocator(0x10000, 0xF0000))
     drv.initialize(0, 2)
     q = drv.queues[0]
     buf = drv.allocator.alloc(16)

@@ -95,43 +95,6 @@ class _Bus:
         self.dev.bar_write(a, 4, v, memory=True)
 
 
-class _Transport:
-    """``virtio.driver``'s transport over ``pci.driver``'s register-level transport."""
-
-    def __init__(self, t: Any) -> None:
-        self.t, self.legacy, self.sizes = t, t.legacy, {}
-
-    def read_status(self) -> int:
-        return int(self.t.get_status())
-
-    def write_status(self, v: int) -> None:
-        self.t.set_status(v)
-
-    def read_device_features(self) -> int:
-        return int(self.t.device_features())
-
-    def write_driver_features(self, f: int) -> None:
-        self.t.set_driver_features(f)
-
-    def num_queues(self) -> int:
-        return int(self.t.num_queues())
-
-    def queue_max_size(self, i: int) -> int:
-        return int(self.t.queue_max_size(i))
-
-    def set_queue_size(self, i: int, n: int) -> None:
-        self.sizes[i] = n
-
-    def set_queue_addresses(self, i: int, desc: int, driver: int, device: int) -> None:
-        self.t.setup_queue(i, self.sizes.get(i) or self.t.queue_max_size(i), desc, driver, device)
-
-    def enable_queue(self, i: int) -> None:
-        pass  # setup_queue enables
-
-    def notify(self, i: int) -> None:
-        self.t.notify(i)
-
-
 class _Line:
     level = False
 
@@ -148,6 +111,7 @@ def run_pci_session(pings: int = 3, wanted: int | None = None,
     from virtwire.backends.memory import MemoryBackend
     from virtwire.memory import BytearrayGuestMemory
     from virtwire.net.device import VirtioNet
+    from virtwire.net.driver import TransportAdapter
     from virtwire.pci import driver as pdrv
     from virtwire.pci.device import VirtioPciDevice
     from virtwire.virtio import spec
@@ -165,7 +129,7 @@ def run_pci_session(pings: int = 3, wanted: int | None = None,
     t = pdrv.probe_pci_transport(_Bus(pci), legacy=legacy)
     mem = BytearrayGuestMemory(0x200000)
     pci.set_memory(mem)
-    drv = VirtioDriver(_Transport(t), mem, GuestAllocator(0x10000, 0x1F0000))
+    drv = VirtioDriver(TransportAdapter(t), mem, GuestAllocator(0x10000, 0x1F0000))
     feats = drv.initialize(wanted, 2)
     rxq, txq = drv.queues[0], drv.queues[1]
     for _ in range(8):
