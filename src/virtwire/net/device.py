@@ -354,6 +354,7 @@ class VirtioNet(VirtioDevice):
         self._bounce: bytearray | None = None
         self.native = True  # use the C TX and RX fast paths when they build (``_native``)
         self._native_lib: Any = None
+        self._rx_nat: Any = None  # the native RX path's ctypes objects (``_rx_native``)
         self._reset_ctrl_state()
         self._ctrl_table: dict[tuple[int, int], Callable[[bytes], int]] = {
             (s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_PROMISC): self._ctrl_rx_mode,
@@ -1189,37 +1190,44 @@ class VirtioNet(VirtioDevice):
         vwnet.c). Returns ``(frames, stop, preread)``; on stop 1 (a chain C leaves to Python)
         and 4 (frame ``preread`` bytes long read, to finish in Python) the stash is moved to
         Python, which goes on from exactly where C stopped."""
-        import ctypes
+        nat = self._rx_nat
+        if nat is None:
+            import ctypes
 
-        from virtwire._native import GuestView, VwRxResult, VwRxStash, VwSplit
+            from virtwire import _native
 
+            if self._bounce is None:
+                self._bounce = bytearray(self.hdr_len + MAX_FRAME + 64)
+            # SAFETY: the overflow area is exported to C for the device's life; the bytearray
+            # is never resized (``_bounce`` is created once and only written into).
+            bounce = (ctypes.c_char * len(self._bounce)).from_buffer(self._bounce)
+            res = _native.VwRxResult()
+            nat = self._rx_nat = (_native, ctypes.byref, res, ctypes.byref(res),
+                                  ctypes.addressof(bounce), len(self._bounce), bounce)
+        _n, byref, res, res_ref, bounce_addr, bounce_len, _keep = nat
         if p.cstash is None:
-            p.cstash = VwRxStash()
+            p.cstash = _n.VwRxStash()
         if p.stash and not self._rx_load(p):
             return 0, 1, 0
         hl = self.hdr_len
-        if self._bounce is None:
-            self._bounce = bytearray(hl + MAX_FRAME + 64)
-        bounce = (ctypes.c_char * len(self._bounce)).from_buffer(self._bounce)
         window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
-        res = VwRxResult()
-        gv = GuestView(mem)
+        gv = _n.GuestView(mem)
         try:
             size = q.size
-            ring = VwSplit(gv.host(q.desc_addr, 16 * size), gv.host(q.avail_addr, 6 + 2 * size),
-                           gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail, q.next_used)
-            # SAFETY: ``bounce`` and the guest regions stay exported for the call only.
+            ring = _n.VwSplit(gv.host(q.desc_addr, 16 * size),
+                              gv.host(q.avail_addr, 6 + 2 * size),
+                              gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail,
+                              q.next_used)
+            # SAFETY: the guest regions stay exported for the call only (``GuestView``).
             self._native_lib.vw_split_rx_burst(
-                ctypes.byref(ring), gv.table, gv.n, ctypes.byref(p.cstash), fd, hl, window,
-                ctypes.addressof(bounce), len(self._bounce), int(clear_flags),
-                min(limit, 1 << 30), q._staged, ctypes.byref(self._rx_cfilter()),
-                ctypes.byref(res))
+                byref(ring), gv.table, gv.n, byref(p.cstash), fd, hl, window, bounce_addr,
+                bounce_len, int(clear_flags), min(limit, 1 << 30), q._staged,
+                byref(self._rx_cfilter()), res_ref)
         except ValueError:  # a ring outside guest RAM: the Python path reports it
             self._rx_spill(p, mem)
             return 0, 1, 0
         finally:
             gv.release()
-            del bounce
         # The C code popped ``popped`` chains and wrote ``staged`` used elements after the
         # ones already staged, exactly as pop_batch/push would: the ring object publishes them.
         q.next_avail = ring.next_avail
