@@ -197,3 +197,39 @@ def test_native_rx_off_leaves_every_frame_to_python() -> None:
     frames = [_rx_frame(k, 100) for k in range(10)]
     got, c, _b, _st = run_rx(False, frames)
     assert len(got) == 10 and "rx_native" not in c
+
+
+def test_native_rx_stash_is_given_back_at_stop() -> None:
+    """Chains the C path popped but did not use (its stash) are rewound at GET_VRING_BASE like
+    the Python stash's: a restarted back end is offered them again."""
+    from virtwire._native.dgram import DgramBackend
+
+    size, desc, avail, used, bufs = 256, 0x1000, 0x3000, 0x4000, 0x10000
+    mem = BytearrayGuestMemory(bufs + size * 2048)
+    for i in range(size):
+        mem.write_u64(desc + 16 * i, bufs + 2048 * i)
+        mem.write_u32(desc + 16 * i + 8, 2048)
+        mem.write_u16(desc + 16 * i + 12, s.VIRTQ_DESC_F_WRITE)
+        mem.write_u16(avail + 4 + 2 * i, i)
+    mem.write_u16(avail + 2, size)
+    be = DgramBackend()
+    try:
+        d = VirtioNet(be, options="ctrl_vq=off")
+        for qi, addrs in ((0, (desc, avail, used)), (1, (0x8000, 0x9000, 0xA000))):
+            d.set_queue_size(qi, size)
+            d.set_queue_addresses(qi, *addrs)
+            d.set_queue_ready(qi)
+        d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_MRG_RXBUF), mem,
+                       RecordingInterrupt())
+        be.peer.send(bytes(12) + OWN * 2 + b"\x08\x00" + b"\x11" * 100)
+        d.backend_ready(0)
+        q = d.queues[0]
+        assert d.counters[0].get("rx_native") == 1 and mem.read_u16(used + 2) == 1
+        assert d.pairs[0].cstash.c_count == 63 and q.in_flight == 63  # one batch of 64 popped
+        assert mem.read_u16(bufs + 2048 * 0 + 10) == 1  # num_buffers
+        assert mem.read(bufs + 12, 6) == OWN
+        d.queue_stopped(0)
+        assert q.get_base() == q.next_used == 1
+        assert d.pairs[0].cstash.c_count == 0 and not d.pairs[0].stash
+    finally:
+        be.close()

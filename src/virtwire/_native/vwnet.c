@@ -515,10 +515,13 @@ typedef struct {
 } vw_rxres;
 
 /* Check chain ``head`` of a split ring as ChainBuilder would, for the simple RX shape only
- * (direct, all writable). Returns its writable length and segment count (``cap``, ``nseg``), or -1
- * when Python must see it. Appends no state. */
-static int rx_check(const vw_split *q, const vw_region *regs, int nregs, uint16_t head,
-                    int hdr_len, uint64_t *cap, uint32_t *nseg) {
+ * (direct, all writable), reading each descriptor ONCE (the guest may rewrite them meanwhile):
+ * its non-empty segments are written to the stash's free segment slots from ``*spos``
+ * (relative to the segment ring's end), not yet counted. Returns 0 with the chain's writable
+ * length and segment count in ``cap``/``nseg`` (and ``*spos`` advanced), or -1 when Python must
+ * see the chain (or the stash has no room). */
+static int rx_check(const vw_split *q, const vw_region *regs, int nregs, vw_rxstash *st,
+                    uint16_t head, int hdr_len, uint32_t *spos, uint64_t *cap, uint32_t *nseg) {
     uint32_t i = head, count = 0, segs = 0;
     uint64_t total = 0;
     for (;;) {
@@ -539,8 +542,14 @@ static int rx_check(const vw_split *q, const vw_region *regs, int nregs, uint16_
         total += len;
         if (total > 0xFFFFFFFFull)
             return -1;
-        if (len)
+        if (len) {
+            if (st->s_count + *spos + segs >= RX_MAXS)
+                return -1;
+            uint32_t s = (st->s_start + st->s_count + *spos + segs) & (RX_MAXS - 1);
+            st->gpa[s] = addr;
+            st->len[s] = len;
             segs++;
+        }
         if (!(flags & VIRTQ_DESC_F_NEXT))
             break;
         if (next >= q->size)
@@ -549,40 +558,10 @@ static int rx_check(const vw_split *q, const vw_region *regs, int nregs, uint16_
     }
     if (total < (uint64_t)hdr_len || segs == 0)
         return -1;
+    *spos += segs;
     *cap = total;
     *nseg = segs;
     return 0;
-}
-
-/* Append checked chain ``head`` (nseg non-empty segments) to the stash. */
-static void rx_stash_add(const vw_split *q, vw_rxstash *st, uint16_t head, uint64_t cap,
-                         uint32_t nseg) {
-    uint32_t c = (st->c_start + st->c_count) & (RX_MAXC - 1);
-    uint32_t s0 = (st->s_start + st->s_count) & (RX_MAXS - 1), k = 0, i = head;
-    st->head[c] = head;
-    st->seg0[c] = s0;
-    st->nseg[c] = nseg;
-    st->ccap[c] = (uint32_t)cap;
-    while (k < nseg) {
-        uint64_t addr;
-        uint32_t len;
-        uint16_t flags, next;
-        const uint8_t *d = q->desc + 16 * i;
-        memcpy(&addr, d, 8);
-        memcpy(&len, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        memcpy(&next, d + 14, 2);
-        if (len) {
-            uint32_t s = (s0 + k) & (RX_MAXS - 1);
-            st->gpa[s] = addr;
-            st->len[s] = len;
-            k++;
-        }
-        i = next; /* checked < size by rx_check while NEXT is set */
-    }
-    st->c_count++;
-    st->s_count += nseg;
-    st->cap += cap;
 }
 
 /* Refill the stash until it holds ``need`` bytes: 1 done, 0 the ring ran dry, -1 unusual (the
@@ -598,20 +577,28 @@ static int rx_stash_more(vw_split *q, const vw_region *regs, int nregs, vw_rxsta
         uint32_t n = pending < RX_BATCH ? pending : RX_BATCH;
         if (n == 0)
             return 0;
+        if (st->c_count + n > RX_MAXC)
+            return -1;
         uint64_t caps[RX_BATCH];
-        uint32_t nsegs[RX_BATCH], allsegs = 0;
+        uint32_t nsegs[RX_BATCH], spos = 0;
         uint16_t heads[RX_BATCH];
         for (uint32_t k = 0; k < n; k++) {
             memcpy(&heads[k], q->avail + 4 + 2 * ((uint16_t)(q->next_avail + k) & mask), 2);
             if (heads[k] >= q->size ||
-                rx_check(q, regs, nregs, heads[k], hdr_len, &caps[k], &nsegs[k]))
+                rx_check(q, regs, nregs, st, heads[k], hdr_len, &spos, &caps[k], &nsegs[k]))
                 return -1;
-            allsegs += nsegs[k];
         }
-        if (st->c_count + n > RX_MAXC || st->s_count + allsegs > RX_MAXS)
-            return -1;
-        for (uint32_t k = 0; k < n; k++)
-            rx_stash_add(q, st, heads[k], caps[k], nsegs[k]);
+        /* The whole batch is plain: pop it (its segments are already in place). */
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t c = (st->c_start + st->c_count) & (RX_MAXC - 1);
+            st->head[c] = heads[k];
+            st->seg0[c] = (st->s_start + st->s_count) & (RX_MAXS - 1);
+            st->nseg[c] = nsegs[k];
+            st->ccap[c] = (uint32_t)caps[k];
+            st->c_count++;
+            st->s_count += nsegs[k];
+            st->cap += caps[k];
+        }
         q->next_avail = (uint16_t)(q->next_avail + n);
         res->popped += n;
     }
