@@ -207,3 +207,62 @@ def test_hostile_rx_rings_reached_the_native_path() -> None:
     RX_SEEN.clear()
     test_native_and_python_agree_on_hostile_rx_rings()
     assert sum(1 for n in RX_SEEN if n) > 20
+
+
+# --- packed RX: random descriptor slots (wrap bits included) among plain writable ones -----------
+RX_PFLAGS = [0x82, 0x83, 0x80, 0x81, 0x84, 0x86, 0x8082, 0x02, 0x8002, 0x82]
+rx_pgood_st = st.tuples(st.sampled_from([BUF + 0x1000 * k for k in range(8)]),
+                        st.sampled_from([12, 26, 100, 1600, 2000, 4096]),
+                        st.integers(0, SIZE - 1), st.sampled_from([0x82, 0x82, 0x83]))
+rx_pbad_st = st.tuples(st.sampled_from(RX_ADDRS), st.sampled_from(RX_LENS),
+                       st.integers(0, SIZE + 1), st.sampled_from(RX_PFLAGS))
+
+
+def run_rx_packed(mem: BytearrayGuestMemory, frames: list[bytes], native: bool):
+    from virtwire._native.dgram import DgramBackend
+
+    be = DgramBackend()
+    try:
+        d = VirtioNet(be, options="ctrl_vq=off")
+        d.native = native
+        d.set_queue_size(0, SIZE)
+        d.set_queue_addresses(0, DESC, AVAIL, USED)
+        d.set_queue_ready(0)
+        d.set_queue_size(1, SIZE)
+        d.set_queue_addresses(1, 0x8000, 0x9000, 0xA000)
+        d.set_queue_ready(1)
+        d.start_direct(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_F_INDIRECT_DESC,
+                             s.VIRTIO_NET_F_MRG_RXBUF, s.VIRTIO_F_RING_PACKED), mem,
+                       RecordingInterrupt())
+        for f in frames:
+            be.peer.send(f)
+        d.backend_ready(0)
+        d.backend_ready(0)
+        c = dict(d.counters[0])
+        RX_SEEN.append(c.pop("rx_native", 0))
+        q = d.queues[0]
+        pos = ((q.next_avail, q.avail_wrap, q.next_used, q.used_wrap, q.inflight)
+               if q is not None else None)
+        return d.status, c, be.stats(), pos, bytes(mem.view(0, MEM))
+    finally:
+        be.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(descs=st.lists(rx_pgood_st, min_size=SIZE, max_size=SIZE),
+       bad=st.lists(st.tuples(st.integers(0, SIZE - 1), rx_pbad_st), max_size=4),
+       table=st.lists(rx_pbad_st, min_size=4, max_size=4),
+       frames=st.lists(st.sampled_from(RX_FRAMES), min_size=0, max_size=6))
+def test_native_and_python_agree_on_hostile_packed_rx_rings(descs, bad, table, frames) -> None:
+    for i, dsc in bad:
+        descs[i] = dsc
+    a = run_rx_packed(build_packed(descs, table, bytes(12)), frames, native=True)
+    b = run_rx_packed(build_packed(descs, table, bytes(12)), frames, native=False)
+    assert a[:4] == b[:4]
+    assert a[4] == b[4]
+
+
+def test_hostile_packed_rx_rings_reached_the_native_path() -> None:
+    RX_SEEN.clear()
+    test_native_and_python_agree_on_hostile_packed_rx_rings()
+    assert sum(1 for n in RX_SEEN if n) > 20

@@ -122,8 +122,8 @@ def _rx_frame(k: int, n: int, dst: bytes = OWN, vlan: int | None = None) -> byte
 
 
 def run_rx(native: bool, frames: list[bytes], *, rx_fill: int | None = None,
-           mrg_buf_len: int = 2048, filter_cmds: bool = False, mtu: int | None = None
-           ) -> tuple[list[bytes], dict, dict, int]:
+           mrg_buf_len: int = 2048, filter_cmds: bool = False, mtu: int | None = None,
+           packed: bool = False) -> tuple[list[bytes], dict, dict, int]:
     from virtwire._native.dgram import DgramBackend
     from virtwire.net.driver import NetDriverConfig, VirtioNetDriver
     from virtwire.testing.pair import LocalNetTransport
@@ -134,7 +134,7 @@ def run_rx(native: bool, frames: list[bytes], *, rx_fill: int | None = None,
         d.native = native
         mem = BytearrayGuestMemory(32 << 20)
         d.attach(mem, RecordingInterrupt())
-        cfg = NetDriverConfig(packed=False, mrg_buf_len=mrg_buf_len, queue_size=256,
+        cfg = NetDriverConfig(packed=packed, mrg_buf_len=mrg_buf_len, queue_size=256,
                               rx_fill=rx_fill)
         drv = VirtioNetDriver(LocalNetTransport(d), mem,
                               DmaAllocator(0x10000, (32 << 20) - 0x10000), cfg)
@@ -163,11 +163,12 @@ def run_rx(native: bool, frames: list[bytes], *, rx_fill: int | None = None,
 RX_SIZES = [60, 1514, 100, 9000, 1, 40000, 1514, 64, 3000]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("case", ["plain", "few_buffers", "filter", "small_buffers"])
-def test_native_rx_matches_python_path(case: str) -> None:
+def test_native_rx_matches_python_path(case: str, packed: bool) -> None:
     frames = [_rx_frame(k, RX_SIZES[k % len(RX_SIZES)]) for k in range(120)]
     frames[17] = frames[17][:7]  # shorter than the header: dropped "short"
-    kw: dict = {}
+    kw: dict = {"packed": packed}
     if case == "few_buffers":
         kw["rx_fill"] = 24  # a 40000-byte frame waits aside (held) until buffers come back
     if case == "small_buffers":

@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-``vwnet.c`` holds the TX fast path (split and packed rings) and the split-ring RX fast path
-of the virtio-net device (see the comments in it).
+``vwnet.c`` holds the TX and RX fast paths (split and packed rings) of the virtio-net device
+(see the comments in it).
 ``load()`` compiles it once into a per-user cache directory (keyed by a hash of the source)
 and loads it with ctypes; without a compiler, or with ``VIRTWIRE_NATIVE=0``, it returns None and
 the device uses its pure-Python path, which the test suite always covers as well.
@@ -28,7 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = ["load", "VwRegion", "VwSplit", "VwPacked", "VwResult", "VwRxStash", "VwRxResult",
-           "VwRxFilter", "RX_MAXC", "RX_MAXS", "GuestView"]
+           "VwRxFilter", "VwPackedRx", "RX_MAXC", "RX_MAXS", "GuestView"]
 
 _SRC = Path(__file__).with_name("vwnet.c")
 _lib: Any = None
@@ -70,6 +70,7 @@ class VwRxStash(ctypes.Structure):
                 ("cap", ctypes.c_uint64),
                 ("head", ctypes.c_uint16 * RX_MAXC), ("seg0", ctypes.c_uint32 * RX_MAXC),
                 ("nseg", ctypes.c_uint32 * RX_MAXC), ("ccap", ctypes.c_uint32 * RX_MAXC),
+                ("ndesc", ctypes.c_uint16 * RX_MAXC),
                 ("gpa", ctypes.c_uint64 * RX_MAXS), ("len", ctypes.c_uint32 * RX_MAXS)]
 
 
@@ -87,6 +88,16 @@ class VwRxFilter(ctypes.Structure):
                 ("uc", ctypes.c_uint8 * (6 * RX_MAC_MAX)),
                 ("mc", ctypes.c_uint8 * (6 * RX_MAC_MAX)),
                 ("vlans", ctypes.c_uint8 * 512)]
+
+
+class VwPackedRx(ctypes.Structure):
+    """A packed ring's device-side positions for the RX burst (vwnet.c vw_packed_rx)."""
+
+    _fields_ = [("desc", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("next_avail", ctypes.c_uint16), ("avail_wrap", ctypes.c_uint16),
+                ("next_used", ctypes.c_uint16), ("used_wrap", ctypes.c_uint16),
+                ("inflight", ctypes.c_uint32), ("have_first", ctypes.c_int32),
+                ("first_slot", ctypes.c_uint16), ("first_flags", ctypes.c_uint16)]
 
 
 class VwRxResult(ctypes.Structure):
@@ -154,6 +165,13 @@ def load() -> Any:
                                           ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_uint16, ctypes.POINTER(VwRxFilter),
                                           ctypes.POINTER(VwRxResult)]
+        lib.vw_packed_rx_burst.restype = ctypes.c_int
+        lib.vw_packed_rx_burst.argtypes = [ctypes.POINTER(VwPackedRx), ctypes.POINTER(VwRegion),
+                                           ctypes.c_int, ctypes.POINTER(VwRxStash), ctypes.c_int,
+                                           ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                                           ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
+                                           ctypes.POINTER(VwRxFilter),
+                                           ctypes.POINTER(VwRxResult)]
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native helper unavailable (%s): using the pure-Python path", e)

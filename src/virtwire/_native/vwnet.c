@@ -1,10 +1,11 @@
 /*
- * virtwire native batch helper: the split/packed-ring TX and split-ring RX fast paths of the
+ * virtwire native batch helper: the TX and RX fast paths (split and packed rings) of the
  * virtio-net device.
  *
  * Theory of operation
  * -------------------
- * (The RX direction, vw_split_rx_burst(), is described where it starts, further down.)
+ * (The RX direction, vw_split_rx_burst() and vw_packed_rx_burst(), is described where it
+ * starts, further down.)
  *
  * vw_split_tx_burst() consumes available TX chains of a split virtqueue (virtio 1.2 §2.7) that
  * are the common case -- readable descriptors (direct NEXT links or one indirect table,
@@ -430,6 +431,7 @@ typedef struct {
     uint32_t seg0[RX_MAXC];
     uint32_t nseg[RX_MAXC];
     uint32_t ccap[RX_MAXC];
+    uint16_t ndesc[RX_MAXC]; /* ring slots of the chain (packed rings; 1 on split rings) */
     uint64_t gpa[RX_MAXS];
     uint32_t len[RX_MAXS];
 } vw_rxstash;
@@ -595,6 +597,7 @@ static int rx_stash_more(vw_split *q, const vw_region *regs, int nregs, vw_rxsta
             st->seg0[c] = (st->s_start + st->s_count) & (RX_MAXS - 1);
             st->nseg[c] = nsegs[k];
             st->ccap[c] = (uint32_t)caps[k];
+            st->ndesc[c] = 1;
             st->c_count++;
             st->s_count += nsegs[k];
             st->cap += caps[k];
@@ -623,16 +626,54 @@ static void rx_copy_into(const vw_region *regs, int nregs, vw_rxstash *st, uint3
     }
 }
 
+/* The ring format under the RX loop: refill the stash, write one used element. */
+typedef struct rx_ring {
+    int (*more)(struct rx_ring *r, const vw_region *regs, int nregs, vw_rxstash *st, int hdr_len,
+                uint64_t need, vw_rxres *res);
+    void (*push)(struct rx_ring *r, uint16_t id, uint16_t ndesc, uint32_t written,
+                 vw_rxres *res);
+    vw_split *split;
+    struct vw_packed_rx *packed;
+    uint16_t staged; /* split: used elements staged by the caller before this call */
+} rx_ring;
+
+static int split_more(rx_ring *r, const vw_region *regs, int nregs, vw_rxstash *st,
+                      int hdr_len, uint64_t need, vw_rxres *res) {
+    return rx_stash_more(r->split, regs, nregs, st, hdr_len, need, res);
+}
+
+static void split_push(rx_ring *r, uint16_t id, uint16_t ndesc, uint32_t w, vw_rxres *res) {
+    vw_split *q = r->split;
+    uint8_t *u = q->used + 4 + 8 * ((uint16_t)(q->next_used + r->staged + res->staged) &
+                                    (q->size - 1));
+    uint32_t id32 = id;
+    (void)ndesc;
+    memcpy(u, &id32, 4);
+    memcpy(u + 4, &w, 4);
+    res->staged++;
+}
+
+static int rx_burst(rx_ring *rg, const vw_region *regs, int nregs, vw_rxstash *st, int fd,
+                    int hdr_len, uint32_t window, uint8_t *bounce, uint32_t bounce_len,
+                    int clear_flags, int limit, const vw_rxfilter *filt, vw_rxres *res);
+
 int vw_split_rx_burst(vw_split *q, const vw_region *regs, int nregs, vw_rxstash *st, int fd,
                       int hdr_len, uint32_t window, uint8_t *bounce, uint32_t bounce_len,
                       int clear_flags, int limit, uint16_t staged, const vw_rxfilter *filt,
                       vw_rxres *res) {
+    rx_ring r = {split_more, split_push, q, 0, staged};
+    return rx_burst(&r, regs, nregs, st, fd, hdr_len, window, bounce, bounce_len, clear_flags,
+                    limit, filt, res);
+}
+
+static int rx_burst(rx_ring *rg, const vw_region *regs, int nregs, vw_rxstash *st, int fd,
+                    int hdr_len, uint32_t window, uint8_t *bounce, uint32_t bounce_len,
+                    int clear_flags, int limit, const vw_rxfilter *filt, vw_rxres *res) {
     struct iovec iov[RX_MAX_IOV + 1];
-    uint32_t mask = q->size - 1;
     memset(res, 0, sizeof(*res));
     while ((int)res->frames < limit) {
         if (st->cap < window) {
-            if (rx_stash_more(q, regs, nregs, st, hdr_len, window, res) < 0) {
+            if (rg->more(rg, regs, nregs, st, hdr_len, window, res) < 0) {
                 res->stop = 1;
                 return 0;
             }
@@ -690,7 +731,7 @@ int vw_split_rx_burst(vw_split *q, const vw_region *regs, int nregs, vw_rxstash 
                 res->truncated++;
                 continue;
             }
-            if (st->cap < total && rx_stash_more(q, regs, nregs, st, hdr_len, total, res) != 1) {
+            if (st->cap < total && rg->more(rg, regs, nregs, st, hdr_len, total, res) != 1) {
                 /* Python finishes this frame (held aside, or unusual chains) and counts it */
                 res->stop = 4;
                 res->pending = r;
@@ -727,11 +768,7 @@ int vw_split_rx_burst(vw_split *q, const vw_region *regs, int nregs, vw_rxstash 
         while (st->c_count && (left > 0 || used == 0)) {
             uint32_t ci = st->c_start & (RX_MAXC - 1);
             uint32_t w = st->ccap[ci] < left ? st->ccap[ci] : (uint32_t)left;
-            uint8_t *u = q->used + 4 + 8 * ((uint16_t)(q->next_used + staged + res->staged) & mask);
-            uint32_t id = st->head[ci];
-            memcpy(u, &id, 4);
-            memcpy(u + 4, &w, 4);
-            res->staged++;
+            rg->push(rg, st->head[ci], st->ndesc[ci], w, res);
             st->cap -= st->ccap[ci];
             st->s_start = (st->s_start + st->nseg[ci]) & (RX_MAXS - 1);
             st->s_count -= st->nseg[ci];
@@ -768,4 +805,151 @@ int vw_split_rx_burst(vw_split *q, const vw_region *regs, int nregs, vw_rxstash 
     }
     res->stop = 3;
     return 0;
+}
+
+/* ---- packed-ring RX (virtio 1.2 §2.8): the same loop, packed ring operations ------------------
+ * Refill mirrors PackedQueue.pop_batch (up to 64 chains while the slot at next_avail is
+ * available for our wrap counter; a chain is a NEXT-linked list in consecutive slots, its buffer
+ * id in the last one, §2.8.6), used elements mirror PackedQueue.push: len and id written at
+ * next_used, flags (AVAIL = USED = used wrap counter, WRITE when written) stored at once except
+ * for the first element of the batch, whose flags the caller's ring object stores last in
+ * publish() (that store exposes the whole batch to the driver, §2.8.21). */
+typedef struct vw_packed_rx {
+    uint8_t *desc;
+    uint32_t size;
+    uint16_t next_avail, avail_wrap, next_used, used_wrap;
+    uint32_t inflight;
+    int32_t have_first;  /* in: the caller already holds a first element back; out: we do */
+    uint16_t first_slot, first_flags;
+} vw_packed_rx;
+
+static int pk_rx_more(rx_ring *r, const vw_region *regs, int nregs, vw_rxstash *st,
+                      int hdr_len, uint64_t need, vw_rxres *res) {
+    vw_packed_rx *q = r->packed;
+    while (st->cap < need) {
+        uint32_t slot = q->next_avail, inflight = q->inflight, spos = 0, n_chains = 0;
+        int wrap = q->avail_wrap;
+        uint16_t ids[RX_BATCH], nds[RX_BATCH];
+        uint32_t nsegs[RX_BATCH];
+        uint64_t caps[RX_BATCH];
+        if (slot >= q->size)
+            return -1;
+        while (n_chains < RX_BATCH) {
+            const uint8_t *d = q->desc + 16 * slot;
+            uint16_t flags = __atomic_load_n((uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+            if (!pk_avail(flags, wrap))
+                break;
+            uint32_t s = slot, n = 0, segs = 0;
+            int w = wrap;
+            uint64_t total = 0;
+            for (;;) {
+                uint64_t addr;
+                uint32_t len;
+                memcpy(&addr, d, 8);
+                memcpy(&len, d + 8, 4);
+                if ((flags & VIRTQ_DESC_F_INDIRECT) || !(flags & VIRTQ_DESC_F_WRITE))
+                    return -1;
+                if (len && !translate(regs, nregs, addr, len))
+                    return -1;
+                total += len;
+                if (total > 0xFFFFFFFFull)
+                    return -1;
+                if (len) {
+                    if (st->s_count + spos + segs >= RX_MAXS)
+                        return -1;
+                    uint32_t k = (st->s_start + st->s_count + spos + segs) & (RX_MAXS - 1);
+                    st->gpa[k] = addr;
+                    st->len[k] = len;
+                    segs++;
+                }
+                n++;
+                if (!(flags & VIRTQ_DESC_F_NEXT))
+                    break;
+                if (n >= q->size)
+                    return -1;
+                if (++s == q->size) {
+                    s = 0;
+                    w ^= 1;
+                }
+                d = q->desc + 16 * s;
+                flags = __atomic_load_n((uint16_t *)(d + 14), __ATOMIC_ACQUIRE);
+                if (!pk_avail(flags, w))
+                    return -1;
+            }
+            uint16_t id;
+            memcpy(&id, d + 12, 2);
+            if (id >= q->size || inflight + n > q->size || total < (uint64_t)hdr_len ||
+                segs == 0 || st->c_count + n_chains >= RX_MAXC)
+                return -1;
+            ids[n_chains] = id;
+            nds[n_chains] = (uint16_t)n;
+            nsegs[n_chains] = segs;
+            caps[n_chains] = total;
+            n_chains++;
+            spos += segs;
+            inflight += n;
+            if (++s == q->size) {
+                s = 0;
+                w ^= 1;
+            }
+            slot = s;
+            wrap = w;
+        }
+        if (n_chains == 0)
+            return 0;
+        for (uint32_t k = 0; k < n_chains; k++) {
+            uint32_t c = (st->c_start + st->c_count) & (RX_MAXC - 1);
+            st->head[c] = ids[k];
+            st->seg0[c] = (st->s_start + st->s_count) & (RX_MAXS - 1);
+            st->nseg[c] = nsegs[k];
+            st->ccap[c] = (uint32_t)caps[k];
+            st->ndesc[c] = nds[k];
+            st->c_count++;
+            st->s_count += nsegs[k];
+            st->cap += caps[k];
+        }
+        q->next_avail = (uint16_t)slot;
+        q->avail_wrap = (uint16_t)wrap;
+        q->inflight = inflight;
+        res->popped += n_chains;
+    }
+    return 1;
+}
+
+static void pk_rx_push(rx_ring *r, uint16_t id, uint16_t ndesc, uint32_t w, vw_rxres *res) {
+    vw_packed_rx *q = r->packed;
+    uint8_t *d = q->desc + 16 * q->next_used;
+    uint16_t flags = (uint16_t)((q->used_wrap ? (PK_F_AVAIL | PK_F_USED) : 0) |
+                                (w ? VIRTQ_DESC_F_WRITE : 0));
+    memcpy(d + 8, &w, 4);
+    memcpy(d + 12, &id, 2);
+    if (!q->have_first) {
+        q->have_first = 1;
+        q->first_slot = q->next_used;
+        q->first_flags = flags;
+    } else {
+        __atomic_store_n((uint16_t *)(d + 14), flags, __ATOMIC_RELEASE);
+    }
+    uint32_t slot = (uint32_t)q->next_used + ndesc;
+    if (slot >= q->size) {
+        slot -= q->size;
+        q->used_wrap ^= 1;
+    }
+    q->next_used = (uint16_t)slot;
+    q->inflight -= ndesc;
+    res->staged++;
+}
+
+int vw_packed_rx_burst(vw_packed_rx *q, const vw_region *regs, int nregs, vw_rxstash *st,
+                       int fd, int hdr_len, uint32_t window, uint8_t *bounce,
+                       uint32_t bounce_len, int clear_flags, int limit,
+                       const vw_rxfilter *filt, vw_rxres *res) {
+    rx_ring r = {pk_rx_more, pk_rx_push, 0, q, 0};
+    if (q->next_used >= q->size || q->next_avail >= q->size) {
+        memset(res, 0, sizeof(*res));
+        res->stop = 1;
+        return 0;
+    }
+    return rx_burst(&r, regs, nregs, st, fd, hdr_len, window, bounce, bounce_len, clear_flags,
+                    limit, filt, res);
 }

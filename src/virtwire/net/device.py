@@ -21,8 +21,9 @@ of chains it can take whole -- readable, inside guest RAM, header acceptable -- 
 first it cannot; that chain goes through the Python checks right away, then C resumes, so
 frames leave in ring order and every drop is decided and counted in one place. Without a C
 compiler (or while frames are traced) the pure-Python path does everything; tests run both.
-RX has one too, for split rings with MRG_RXBUF and a TAP-shaped backend (``native_tx_fd``, frame
-length unknown): ``vw_split_rx_burst`` is a step-by-step mirror of the Python loop below (stash
+RX has one too, for split and packed rings with MRG_RXBUF and a TAP-shaped backend
+(``native_tx_fd``, frame length unknown): ``vw_split_rx_burst``/``vw_packed_rx_burst`` is a
+step-by-step mirror of the Python loop below (stash
 refills in 64-chain batches, window read plus overflow area, filter, num_buffers) that reads
 every frame the fd has into the guest's buffers and stages their used elements; Python then
 publishes once and keeps the notification decisions. At a batch with anything unusual in it,
@@ -949,7 +950,7 @@ class VirtioNet(VirtioDevice):
         preread = 0  # a frame the C path read and left to finish here (its length)
         native_stop = -1
         if (mrg and vnet and hl == 12 and p.held is None and self.native
-                and _trace.FRAMES is None and isinstance(q, SplitQueue)):
+                and _trace.FRAMES is None and isinstance(q, SplitQueue | PackedQueue)):
             fd = self._native_rx_fd(be)
             if fd is not None:
                 k, native_stop, preread = self._rx_native(q, mem, p, cnt, be, fd, clear_flags,
@@ -1184,8 +1185,9 @@ class VirtioNet(VirtioDevice):
         fd: int | None = fd_of()
         return fd if fd is not None and fd >= 0 else None
 
-    def _rx_native(self, q: SplitQueue, mem: GuestMemory, p: _Pair, cnt: dict[str, int],
-                   be: Any, fd: int, clear_flags: bool, limit: int) -> tuple[int, int, int]:
+    def _rx_native(self, q: SplitQueue | PackedQueue, mem: GuestMemory, p: _Pair,
+                   cnt: dict[str, int], be: Any, fd: int, clear_flags: bool, limit: int
+                   ) -> tuple[int, int, int]:
         """Frames from ``fd`` into mergeable RX chains in C, mirroring the Python path (see
         vwnet.c). Returns ``(frames, stop, preread)``; on stop 1 (a chain C leaves to Python)
         and 4 (frame ``preread`` bytes long read, to finish in Python) the stash is moved to
@@ -1211,27 +1213,45 @@ class VirtioNet(VirtioDevice):
             return 0, 1, 0
         hl = self.hdr_len
         window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
+        packed = isinstance(q, PackedQueue)
         gv = _n.GuestView(mem)
         try:
             size = q.size
-            ring = _n.VwSplit(gv.host(q.desc_addr, 16 * size),
-                              gv.host(q.avail_addr, 6 + 2 * size),
-                              gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail,
-                              q.next_used)
             # SAFETY: the guest regions stay exported for the call only (``GuestView``).
-            self._native_lib.vw_split_rx_burst(
-                byref(ring), gv.table, gv.n, byref(p.cstash), fd, hl, window, bounce_addr,
-                bounce_len, int(clear_flags), min(limit, 1 << 30), q._staged,
-                byref(self._rx_cfilter()), res_ref)
+            if packed:
+                pring = _n.VwPackedRx(gv.host(q.desc_addr, 16 * size), size, q.next_avail,
+                                      q.avail_wrap, q.next_used, q.used_wrap, q.inflight,
+                                      int(q._staged_first is not None), 0, 0)
+                self._native_lib.vw_packed_rx_burst(
+                    byref(pring), gv.table, gv.n, byref(p.cstash), fd, hl, window, bounce_addr,
+                    bounce_len, int(clear_flags), min(limit, 1 << 30),
+                    byref(self._rx_cfilter()), res_ref)
+            else:
+                ring = _n.VwSplit(gv.host(q.desc_addr, 16 * size),
+                                  gv.host(q.avail_addr, 6 + 2 * size),
+                                  gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail,
+                                  q.next_used)
+                self._native_lib.vw_split_rx_burst(
+                    byref(ring), gv.table, gv.n, byref(p.cstash), fd, hl, window, bounce_addr,
+                    bounce_len, int(clear_flags), min(limit, 1 << 30), q._staged,
+                    byref(self._rx_cfilter()), res_ref)
         except ValueError:  # a ring outside guest RAM: the Python path reports it
             self._rx_spill(p, mem)
             return 0, 1, 0
         finally:
             gv.release()
         # The C code popped ``popped`` chains and wrote ``staged`` used elements after the
-        # ones already staged, exactly as pop_batch/push would: the ring object publishes them.
-        q.next_avail = ring.next_avail
-        q._in_flight += res.popped - res.staged
+        # ones already staged, exactly as pop_batch/push would; the ring object publishes
+        # them (packed: the first element's flags, held back, are stored by publish).
+        if packed:
+            q.next_avail, q.avail_wrap, q.inflight = (pring.next_avail, pring.avail_wrap,
+                                                      pring.inflight)
+            q.next_used, q.used_wrap = pring.next_used, pring.used_wrap
+            if pring.have_first and q._staged_first is None:
+                q._staged_first = (pring.first_slot, pring.first_flags)
+        else:
+            q.next_avail = ring.next_avail
+            q._in_flight += res.popped - res.staged
         q._staged += res.staged
         if res.frames:
             cnt["frames"] += res.frames
@@ -1298,7 +1318,8 @@ class VirtioNet(VirtioDevice):
             s0 = st.seg0[ci]
             segs = [(st.gpa[(s0 + j) & (RX_MAXS - 1)], st.len[(s0 + j) & (RX_MAXS - 1)], True)
                     for j in range(st.nseg[ci])]
-            c = DescriptorChain(head=st.head[ci], segments=segs, writable_len=st.ccap[ci])
+            c = DescriptorChain(head=st.head[ci], segments=segs, writable_len=st.ccap[ci],
+                                ring_descs=st.ndesc[ci])
             p.stash.append((c, list(c.writable(mem)) if mem is not None else []))
             p.stash_cap += st.ccap[ci]
         p.clear_cstash()
@@ -1325,6 +1346,7 @@ class VirtioNet(VirtioDevice):
             st.head[i] = c.head
             st.seg0[i] = k
             st.ccap[i] = c.writable_len
+            st.ndesc[i] = c.ring_descs
             for g, n, _w in c.segments:
                 if n:
                     st.gpa[k] = g
