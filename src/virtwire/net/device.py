@@ -22,14 +22,14 @@ first it cannot; that chain goes through the Python checks right away, then C re
 frames leave in ring order and every drop is decided and counted in one place. Without a C
 compiler (or while frames are traced) the pure-Python path does everything; tests run both.
 RX has one too, for split and packed rings with MRG_RXBUF and a TAP-shaped backend
-(``native_tx_fd``, frame length unknown): ``vw_split_rx_burst``/``vw_packed_rx_burst`` is a
-step-by-step mirror of the Python loop below (stash
-refills in 64-chain batches, window read plus overflow area, filter, num_buffers) that reads
-every frame the fd has into the guest's buffers and stages their used elements; Python then
-publishes once and keeps the notification decisions. At a batch with anything unusual in it,
-or a frame whose tail needs buffers the guest has not given, C stops and hands its stash (and
-that frame) to the Python path, which goes on from exactly there -- same used ring, same
-counters, checked by the hostile-ring property test.
+(``native_tx_fd``, frame length unknown), not while frames are traced:
+``vw_split_rx_burst``/``vw_packed_rx_burst`` is a step-by-step mirror of the Python loop below
+(stash refills in 64-chain batches, window read plus overflow area, filter, num_buffers) that
+reads every frame the fd has into the guest's buffers and stages their used elements; Python
+then publishes once and keeps the notification decisions. At a batch with anything unusual in
+it, or a frame whose tail needs buffers the guest has not given, C stops and hands its stash
+(and that frame) to the Python path, which goes on from exactly there -- same used ring, same
+counters, checked by the hostile-ring property tests.
 
 RX: the backend is read only once buffers for a frame exist, so no frame is lost while the guest
 has none -- the device then enables notifications and waits for the RX kick (``rx_watch(pair,
