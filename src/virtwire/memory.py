@@ -23,8 +23,9 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NewType, Protocol, runtime_checkable
+from typing import Any, NewType, Protocol, runtime_checkable
 
 GuestAddress = NewType("GuestAddress", int)
 
@@ -101,8 +102,28 @@ class RegionMemory:
     def __init__(self, regions: list[MemoryRegion] | None = None) -> None:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        self._derived: dict[str, Any] = {}
         for r in regions or []:
             self.add_region(r)
+
+    def derived(self, key: str, make: Callable[[RegionMemory], Any]) -> Any:
+        """An object computed from the region set, made once and kept until the set changes.
+
+        For objects that export the regions' buffers (the native data path's host-address
+        table): ``add_region``/``remove_region`` drop them first, calling their ``release()``,
+        so no export outlives its region and ``unmap`` can close the mapping.
+        """
+        v = self._derived.get(key)
+        if v is None:
+            v = self._derived[key] = make(self)
+        return v
+
+    def _drop_derived(self) -> None:
+        derived, self._derived = self._derived, {}
+        for v in derived.values():
+            release = getattr(v, "release", None)
+            if release is not None:
+                release()
 
     # -- region management (the host's side, not the core's) -------------------------------
     @property
@@ -110,6 +131,7 @@ class RegionMemory:
         return tuple(self._regions)
 
     def add_region(self, region: MemoryRegion) -> None:
+        self._drop_derived()
         i = bisect.bisect_left(self._starts, region.gpa)
         if i > 0 and self._regions[i - 1].end > region.gpa:
             raise GuestMemoryError(f"region {region.gpa:#x} overlaps {self._regions[i - 1].gpa:#x}")
@@ -119,6 +141,7 @@ class RegionMemory:
         self._starts.insert(i, region.gpa)
 
     def remove_region(self, gpa: int) -> MemoryRegion:
+        self._drop_derived()
         i = bisect.bisect_left(self._starts, gpa)
         if i >= len(self._starts) or self._starts[i] != gpa:
             raise GuestMemoryError(f"no region at {gpa:#x}")

@@ -53,3 +53,32 @@ def test_mmap_memory_shares_a_memfd_and_translates_user_addresses():
         assert mem.regions == ()
     finally:
         os.close(fd)
+
+
+def test_derived_objects_live_until_the_region_set_changes():
+    """The native path's host-address table is kept per region set; unmapping drops it first,
+    so its exports never keep a region's buffer (or mapping) from being released."""
+    from virtwire._native import guest_view
+
+    mem = MmapGuestMemory()
+    fd = os.memfd_create("vw-derived")
+    try:
+        os.ftruncate(fd, 1 << 16)
+        mem.map_fd(fd, 0, 1 << 16)
+        gv, own = guest_view(mem)
+        assert not own and guest_view(mem)[0] is gv
+        host = gv.host(0x100, 16)
+        assert host == gv.table[0].host + 0x100
+        mem.map_fd(fd, 1 << 20, 1 << 16)  # a second region: a new table with both
+        gv2, _ = guest_view(mem)
+        assert gv2 is not gv and gv2.n == 2 and gv._keep == []
+        mem.close()  # unmap with a table made: its exports are released first, no BufferError
+        assert mem.regions == () and gv2._keep == []
+    finally:
+        os.close(fd)
+    # A memory that keeps no derived objects gets a view for the call, to release.
+    class Plain:
+        regions = ()
+
+    v, own = guest_view(Plain())
+    assert own and v.n == 0

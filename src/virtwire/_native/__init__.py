@@ -201,3 +201,16 @@ class GuestView:
 
     def release(self) -> None:
         self._keep.clear()
+
+
+def guest_view(mem: Any) -> tuple[GuestView, bool]:
+    """``mem``'s ``GuestView`` and whether the caller must ``release()`` it after the call.
+
+    A ``RegionMemory`` keeps one per region set (``derived``: dropped, and its exports released,
+    before a region is added or removed), so a burst does not rebuild it; another memory gets a
+    view for the call only.
+    """
+    derived = getattr(mem, "derived", None)
+    if derived is not None:
+        return derived("native.GuestView", GuestView), False
+    return GuestView(mem), True

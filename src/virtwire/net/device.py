@@ -244,7 +244,7 @@ class _Pair:
     """Per-queue-pair data-path state."""
 
     __slots__ = ("index", "backend", "rx_backend", "stash", "stash_cap", "tx_pending",
-                 "rx_waiting", "enabled", "held", "cstash")
+                 "rx_waiting", "enabled", "held", "cstash", "cring")
 
     def __init__(self, index: int, backend: NetBackend | None, rx_backend: bool) -> None:
         self.index = index
@@ -261,6 +261,9 @@ class _Pair:
         # The native RX path's stash (``_native.VwRxStash``); at most one of the two stashes
         # holds chains at any time (``VirtioNet._rx_spill`` / ``_rx_load`` move them).
         self.cstash: Any = None
+        # The native RX path's ring struct for the current guest view and ring addresses:
+        # ``(view, desc, avail, used, size, struct)`` (the view held, so identity is exact).
+        self.cring: tuple[Any, ...] | None = None
 
     def clear(self) -> None:
         for _c, views in self.stash:
@@ -782,9 +785,9 @@ class VirtioNet(VirtioDevice):
             return self._tx_native_packed(q, mem, fd, keep_hdr, cnt, be)
         if q.in_flight or not q.has_available(mem):
             return 0, 0
-        from virtwire._native import GuestView, VwResult, VwSplit
+        from virtwire._native import VwResult, VwSplit, guest_view
 
-        gv = GuestView(mem)
+        gv, own = guest_view(mem)
         try:
             size = q.size
             ring = VwSplit(gv.host(q.desc_addr, 16 * size), gv.host(q.avail_addr, 6 + 2 * size),
@@ -802,7 +805,8 @@ class VirtioNet(VirtioDevice):
         except ValueError:
             return 0, 0
         finally:
-            gv.release()
+            if own:
+                gv.release()
         if n:
             q.next_avail = ring.next_avail
             q.next_used = ring.next_used
@@ -817,12 +821,12 @@ class VirtioNet(VirtioDevice):
             return 0, 0
         import ctypes
 
-        from virtwire._native import GuestView, VwPacked, VwResult
+        from virtwire._native import VwPacked, VwResult, guest_view
 
         lim = self.budget
         ids = (ctypes.c_uint16 * lim)()
         nds = (ctypes.c_uint16 * lim)()
-        gv = GuestView(mem)
+        gv, own = guest_view(mem)
         try:
             ring = VwPacked(gv.host(q.desc_addr, 16 * q.size), q.size, q.next_avail,
                             q.avail_wrap, q.inflight)
@@ -834,7 +838,8 @@ class VirtioNet(VirtioDevice):
         except ValueError:
             return 0, 0
         finally:
-            gv.release()
+            if own:
+                gv.release()
         if n:
             q.next_avail, q.avail_wrap, q.inflight = (ring.next_avail, ring.avail_wrap,
                                                       ring.inflight)
@@ -1214,10 +1219,10 @@ class VirtioNet(VirtioDevice):
         hl = self.hdr_len
         window = hl + ETH_HLEN + 4 + max(self.mtu or 1500, 1500)
         packed = isinstance(q, PackedQueue)
-        gv = _n.GuestView(mem)
+        gv, own = _n.guest_view(mem)
         try:
             size = q.size
-            # SAFETY: the guest regions stay exported for the call only (``GuestView``).
+            # SAFETY: the guest regions stay exported while the region set lasts (``guest_view``).
             if packed:
                 pring = _n.VwPackedRx(gv.host(q.desc_addr, 16 * size), size, q.next_avail,
                                       q.avail_wrap, q.next_used, q.used_wrap, q.inflight,
@@ -1227,10 +1232,19 @@ class VirtioNet(VirtioDevice):
                     bounce_len, int(clear_flags), min(limit, 1 << 30),
                     byref(self._rx_cfilter()), res_ref)
             else:
-                ring = _n.VwSplit(gv.host(q.desc_addr, 16 * size),
-                                  gv.host(q.avail_addr, 6 + 2 * size),
-                                  gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail,
-                                  q.next_used)
+                cr = p.cring
+                if cr is not None and cr[0] is gv and cr[1:5] == (q.desc_addr, q.avail_addr,
+                                                                   q.used_addr, size):
+                    ring = cr[5]
+                    ring.next_avail, ring.next_used = q.next_avail, q.next_used
+                else:
+                    ring = _n.VwSplit(gv.host(q.desc_addr, 16 * size),
+                                      gv.host(q.avail_addr, 6 + 2 * size),
+                                      gv.host(q.used_addr, 6 + 8 * size), size, q.next_avail,
+                                      q.next_used)
+                    # (kept only with a view kept per region set, never one released below)
+                    p.cring = None if own else (gv, q.desc_addr, q.avail_addr, q.used_addr,
+                                                size, ring)
                 self._native_lib.vw_split_rx_burst(
                     byref(ring), gv.table, gv.n, byref(p.cstash), fd, hl, window, bounce_addr,
                     bounce_len, int(clear_flags), min(limit, 1 << 30), q._staged,
@@ -1239,7 +1253,8 @@ class VirtioNet(VirtioDevice):
             self._rx_spill(p, mem)
             return 0, 1, 0
         finally:
-            gv.release()
+            if own:
+                gv.release()
         # The C code popped ``popped`` chains and wrote ``staged`` used elements after the
         # ones already staged, exactly as pop_batch/push would; the ring object publishes
         # them (packed: the first element's flags, held back, are stored by publish).
