@@ -97,10 +97,13 @@ def test_domifstat_of_a_running_domain_matches_the_guests_counters(libvirtd, tmp
             vm.run("ping -c 3 -i 0.2 -W 1 10.81.0.1", timeout=30)
             g2 = _guest_counters(vm)
             r = _domifstat(name, "ua-vw0", "-c", libvirtd.uri, "--json")
+            g3 = _guest_counters(vm)
             assert r.returncode == 0, r.stderr
             (rec2,) = json.loads(r.stdout)
-            sent = g2["tx_packets"] - after["tx_packets"]
-            assert sent >= 3 and rec2["tx_packets"] == g2["tx_packets"], (g2, rec2)
+            # (the guest may send a stray frame, an ARP probe, between the readings)
+            assert g2["tx_packets"] <= rec2["tx_packets"] <= g3["tx_packets"], (g2, rec2, g3)
+            sent = rec2["tx_packets"] - after["tx_packets"]  # all after the link went down
+            assert sent >= 3, (after, rec2)
             # (the 3 echo requests; a frame sent before the link went down is not lost)
             assert 3 <= rec2["tx_drop"] <= sent, (sent, rec2)
             assert rec2["tx_errs"] == 0
