@@ -516,6 +516,32 @@ typedef struct {
     int32_t err;    /* errno of the last failed read */
 } vw_rxres;
 
+/* One descriptor of an RX chain, split or packed, checked as ChainBuilder checks it: direct,
+ * device-writable, inside guest RAM, the chain's running length ``*total`` under 4 GiB. A
+ * non-empty one goes to the stash's free segment slot ``spos + *segs`` (relative to the segment
+ * ring's end; not yet counted) and ``*segs`` grows. -1: Python must see the chain (or the stash
+ * has no room). */
+static int rx_take_seg(const vw_region *regs, int nregs, vw_rxstash *st, uint64_t addr,
+                       uint32_t len, uint16_t flags, uint32_t spos, uint64_t *total,
+                       uint32_t *segs) {
+    if ((flags & VIRTQ_DESC_F_INDIRECT) || !(flags & VIRTQ_DESC_F_WRITE))
+        return -1;
+    if (len && !translate(regs, nregs, addr, len))
+        return -1;
+    *total += len;
+    if (*total > 0xFFFFFFFFull)
+        return -1;
+    if (len) {
+        if (st->s_count + spos + *segs >= RX_MAXS)
+            return -1;
+        uint32_t k = (st->s_start + st->s_count + spos + *segs) & (RX_MAXS - 1);
+        st->gpa[k] = addr;
+        st->len[k] = len;
+        (*segs)++;
+    }
+    return 0;
+}
+
 /* Check chain ``head`` of a split ring as ChainBuilder would, for the simple RX shape only
  * (direct, all writable), reading each descriptor ONCE (the guest may rewrite them meanwhile):
  * its non-empty segments are written to the stash's free segment slots from ``*spos``
@@ -537,21 +563,8 @@ static int rx_check(const vw_split *q, const vw_region *regs, int nregs, vw_rxst
         memcpy(&next, d + 14, 2);
         if (++count > q->size)
             return -1;
-        if ((flags & VIRTQ_DESC_F_INDIRECT) || !(flags & VIRTQ_DESC_F_WRITE))
+        if (rx_take_seg(regs, nregs, st, addr, len, flags, *spos, &total, &segs))
             return -1;
-        if (len && !translate(regs, nregs, addr, len))
-            return -1;
-        total += len;
-        if (total > 0xFFFFFFFFull)
-            return -1;
-        if (len) {
-            if (st->s_count + *spos + segs >= RX_MAXS)
-                return -1;
-            uint32_t s = (st->s_start + st->s_count + *spos + segs) & (RX_MAXS - 1);
-            st->gpa[s] = addr;
-            st->len[s] = len;
-            segs++;
-        }
         if (!(flags & VIRTQ_DESC_F_NEXT))
             break;
         if (next >= q->size)
@@ -847,21 +860,8 @@ static int pk_rx_more(rx_ring *r, const vw_region *regs, int nregs, vw_rxstash *
                 uint32_t len;
                 memcpy(&addr, d, 8);
                 memcpy(&len, d + 8, 4);
-                if ((flags & VIRTQ_DESC_F_INDIRECT) || !(flags & VIRTQ_DESC_F_WRITE))
+                if (rx_take_seg(regs, nregs, st, addr, len, flags, spos, &total, &segs))
                     return -1;
-                if (len && !translate(regs, nregs, addr, len))
-                    return -1;
-                total += len;
-                if (total > 0xFFFFFFFFull)
-                    return -1;
-                if (len) {
-                    if (st->s_count + spos + segs >= RX_MAXS)
-                        return -1;
-                    uint32_t k = (st->s_start + st->s_count + spos + segs) & (RX_MAXS - 1);
-                    st->gpa[k] = addr;
-                    st->len[k] = len;
-                    segs++;
-                }
                 n++;
                 if (!(flags & VIRTQ_DESC_F_NEXT))
                     break;
