@@ -762,18 +762,21 @@ class VirtioNet(VirtioDevice):
             p.tx_pending = batch[taken:]
             cnt["tx_backpressure"] = cnt.get("tx_backpressure", 0) + 1
 
+    def _native_ready(self) -> bool:
+        """Whether the C helper is loaded (``_native``: built on first use; False without a
+        compiler or with VIRTWIRE_NATIVE=0, and then not tried again)."""
+        if self._native_lib is None:
+            from virtwire import _native
+
+            self._native_lib = _native.load() or False
+        return bool(self._native_lib)
+
     def _native_tx_fd(self, be: NetBackend | None, q: Any) -> int | None:
         """The fd for the native TX fast path (-1: discard), or None when it does not apply."""
         if be is None or not isinstance(q, SplitQueue | PackedQueue):
             return None
         fd_of = getattr(be, "native_tx_fd", None)
-        if fd_of is None:
-            return None
-        if self._native_lib is None:
-            from virtwire import _native
-
-            self._native_lib = _native.load() or False
-        if not self._native_lib:
+        if fd_of is None or not self._native_ready():
             return None
         fd: int | None = fd_of()
         return fd
@@ -1179,13 +1182,7 @@ class VirtioNet(VirtioDevice):
         """The fd the C RX path reads frames from (a TAP: one read, one frame with its
         virtio_net_hdr), or None when it does not apply (no fd, lengths known, no compiler)."""
         fd_of = getattr(be, "native_tx_fd", None)
-        if fd_of is None or be.pending_len() is not None:
-            return None
-        if self._native_lib is None:
-            from virtwire import _native
-
-            self._native_lib = _native.load() or False
-        if not self._native_lib:
+        if fd_of is None or be.pending_len() is not None or not self._native_ready():
             return None
         fd: int | None = fd_of()
         return fd if fd is not None and fd >= 0 else None
