@@ -14,7 +14,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from virtwire.backends.base import BackendBase
+from virtwire.backends.base import BackendBase, readv_frame
 
 __all__ = ["DgramBackend"]
 
@@ -59,17 +59,7 @@ class DgramBackend(BackendBase):
 
     def recv(self, bufs: Sequence[memoryview]) -> int:
         """``readv`` one frame into ``bufs`` (as TapBackend.recv); 0 when none pending."""
-        try:
-            n = os.readv(self.fd, bufs)
-        except BlockingIOError:
-            return 0
-        except OSError as e:
-            self.counters["rx_errors"] += 1
-            log.warning("%s: read failed: %s", self.name, e.strerror)
-            return 0
-        self.counters["rx_frames"] += 1
-        self.counters["rx_bytes"] += n
-        return n
+        return readv_frame(self.fd, bufs, self.counters, self.name, log)
 
     def close(self) -> None:
         super().close()

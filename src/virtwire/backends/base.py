@@ -33,6 +33,7 @@ next frame when the backend knows it (in-process backends) and ``None`` when it 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -45,7 +46,7 @@ from virtwire.virtio.spec import (
     VIRTIO_NET_F_GUEST_UFO,
 )
 
-__all__ = ["NetBackend", "BackendError", "BackendBase", "Frame", "guest_offloads"]
+__all__ = ["NetBackend", "BackendError", "BackendBase", "Frame", "guest_offloads", "readv_frame"]
 
 Frame = Sequence[memoryview]
 
@@ -82,6 +83,24 @@ class NetBackend(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+def readv_frame(fd: int, bufs: Sequence[memoryview], counters: dict[str, int], name: str,
+                log: logging.Logger) -> int:
+    """``readv`` one frame (header first) from a one-read-one-frame fd (a TAP, a datagram
+    socket) straight into ``bufs``, counted in ``rx_frames``/``rx_bytes``; 0 when none is
+    pending, or when the read failed (counted in ``rx_errors``, logged)."""
+    try:
+        n = os.readv(fd, bufs)
+    except BlockingIOError:
+        return 0
+    except OSError as e:
+        counters["rx_errors"] += 1
+        log.warning("%s: read failed: %s", name, e.strerror)
+        return 0
+    counters["rx_frames"] += 1
+    counters["rx_bytes"] += n
+    return n
 
 
 def guest_offloads(features: int) -> dict[str, bool]:

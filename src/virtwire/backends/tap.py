@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from virtwire.backends.base import BackendError, Frame
+from virtwire.backends.base import BackendError, Frame, readv_frame
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -301,17 +301,7 @@ class TapBackend:
 
     def recv(self, bufs: Sequence[memoryview]) -> int:
         """``readv`` one frame (header first) straight into ``bufs``; 0 when none pending."""
-        try:
-            n = os.readv(self.fd, bufs)
-        except BlockingIOError:
-            return 0
-        except OSError as e:
-            self.counters["rx_errors"] += 1
-            log.warning("%s: read failed: %s", self.name, e.strerror)
-            return 0
-        self.counters["rx_frames"] += 1
-        self.counters["rx_bytes"] += n
-        return n
+        return readv_frame(self.fd, bufs, self.counters, self.name, log)
 
     def pending_len(self) -> int | None:
         return None
