@@ -13,10 +13,11 @@ import pytest
 
 from virtwire.backends.memory import MemoryBackend
 from virtwire.memory import BytearrayGuestMemory
-from virtwire.net.device import VirtioNet, parse_options
+from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import inet_checksum
 from virtwire.net.header import VirtioNetHdr
+from virtwire.net.options import parse_options
 from virtwire.testing.pair import LocalNetTransport, RecordingInterrupt
 from virtwire.virtio import spec as s
 

@@ -72,9 +72,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from virtwire.memory import GuestMemoryError, MmapGuestMemory
+from virtwire.pci.function import PciFunction
 
 __all__ = [
     "MPQEMU_CMD_SYNC_SYSMEM",
@@ -190,24 +191,8 @@ def validate(msg: ProxyMessage) -> None:
         raise ProxyProtocolError(f"{spec.name}: {len(msg.fds)} fds, expected {exp}")
 
 
-class ProxyTarget(Protocol):
-    """What the remote serves: a PCI function (``pci.device.VirtioPciDevice`` implements it)."""
-
-    def config_read(self, offset: int, width: int) -> int: ...
-
-    def config_write(self, offset: int, width: int, value: int) -> None: ...
-
-    def bar_read(self, addr: int, width: int, memory: bool) -> int | None:
-        """None: no BAR claims ``addr`` (refused by the remote)."""
-
-    def bar_write(self, addr: int, width: int, value: int, memory: bool) -> bool:
-        """False: no BAR claims ``addr``."""
-
-    def reset(self) -> None: ...
-
-    def set_memory(self, mem: MmapGuestMemory) -> None:
-        """Guest RAM is (re)mapped; the same object is passed every time. (A target may also
-        define ``release_memory_views()``, called before regions it may hold views of go.)"""
+# The remote serves a whole PCI function (``pci.device.VirtioPciDevice`` implements it).
+ProxyTarget = PciFunction
 
 
 def _close_all(fds: list[int]) -> None:

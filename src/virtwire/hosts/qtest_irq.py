@@ -67,7 +67,7 @@ def connect_qtest_socket(path: str | Path, timeout: float = 10.0) -> socket.sock
 
 
 class QtestIntx:
-    """An ``IntxLine`` (pci.device) that sets an IOAPIC input over qtest (module docstring)."""
+    """An ``IntxLine`` (pci.function) that sets an IOAPIC input over qtest (module docstring)."""
 
     def __init__(self, sock: socket.socket, gsi: Callable[[], int],
                  path: str = IOAPIC_PATH, wait_lower: bool = True) -> None:

@@ -85,6 +85,7 @@ from virtwire.net.header import (
     scatter,
     skip,
 )
+from virtwire.net.options import BOOL, NET_OPTIONS, mac_bytes, parse_options, random_mac
 from virtwire.virtio import spec as s
 from virtwire.virtio.chain import DescriptorChain
 from virtwire.virtio.device import VirtioDevice
@@ -92,35 +93,9 @@ from virtwire.virtio.errors import FeatureError
 from virtwire.virtio.packed_ring import PackedQueue
 from virtwire.virtio.split_ring import SplitQueue
 
-__all__ = ["VirtioNet", "parse_options", "NET_OPTIONS", "random_mac"]
+__all__ = ["VirtioNet"]
 
 log = logging.getLogger(__name__)
-
-# QEMU-style per-device switches (``-device virtio-net-pci,mrg_rxbuf=off``) -> feature bits.
-NET_OPTIONS: dict[str, tuple[int, ...]] = {
-    "csum": (s.VIRTIO_NET_F_CSUM,),
-    "guest_csum": (s.VIRTIO_NET_F_GUEST_CSUM,),
-    "gso": (s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_NET_F_HOST_TSO6, s.VIRTIO_NET_F_HOST_ECN),
-    "guest_tso4": (s.VIRTIO_NET_F_GUEST_TSO4,),
-    "guest_tso6": (s.VIRTIO_NET_F_GUEST_TSO6,),
-    "guest_ecn": (s.VIRTIO_NET_F_GUEST_ECN,),
-    "host_tso4": (s.VIRTIO_NET_F_HOST_TSO4,),
-    "host_tso6": (s.VIRTIO_NET_F_HOST_TSO6,),
-    "host_ecn": (s.VIRTIO_NET_F_HOST_ECN,),
-    "mrg_rxbuf": (s.VIRTIO_NET_F_MRG_RXBUF,),
-    "status": (s.VIRTIO_NET_F_STATUS,),
-    "ctrl_vq": (s.VIRTIO_NET_F_CTRL_VQ,),
-    "ctrl_rx": (s.VIRTIO_NET_F_CTRL_RX,),
-    "ctrl_vlan": (s.VIRTIO_NET_F_CTRL_VLAN,),
-    "ctrl_mac_addr": (s.VIRTIO_NET_F_CTRL_MAC_ADDR,),
-    "ctrl_guest_offloads": (s.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,),
-    "guest_announce": (s.VIRTIO_NET_F_GUEST_ANNOUNCE,),
-    "mq": (s.VIRTIO_NET_F_MQ,),
-}
-_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False,
-         "1": True, "0": False}
-_VALUE_OPTIONS = ("queues", "mac", "mtu", "host_mtu", "rx_queue_size", "tx_queue_size",
-                  "queue_size", "packed", "event_idx", "indirect_desc", "link")
 
 _HOST_OFFLOADS = (s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_NET_F_HOST_TSO6, s.VIRTIO_NET_F_HOST_ECN,
                   s.VIRTIO_NET_F_HOST_UFO)
@@ -151,51 +126,6 @@ _CTRL_CMD_NAMES = {
 def _ctrl_cmd_name(cls: int, cmd: int) -> str:
     names = _CTRL_CMD_NAMES.get(cls, ())
     return names[cmd] if 0 <= cmd < len(names) else str(cmd)
-
-
-def parse_options(options: str | Mapping[str, Any] | None) -> dict[str, str]:
-    """``"mrg_rxbuf=off,queues=2"`` or a mapping -> ``{name: value}`` (names checked)."""
-    if options is None:
-        return {}
-    if isinstance(options, str):
-        items: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in options.split(","))):
-            k, _, v = part.partition("=")
-            items[k.strip()] = v.strip() if _ else "on"
-    else:
-        items = dict(options)
-    out: dict[str, str] = {}
-    for k, v in items.items():
-        key = k.replace("-", "_")
-        if key not in NET_OPTIONS and key not in _VALUE_OPTIONS:
-            raise ValueError(f"unknown virtio-net option {k!r} (known: "
-                             f"{', '.join(sorted([*NET_OPTIONS, *_VALUE_OPTIONS]))})")
-        val = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
-        if (key in NET_OPTIONS or key in ("packed", "event_idx", "indirect_desc", "link")) \
-                and val not in _BOOL:
-            raise ValueError(f"virtio-net option {k}={v!r}: expected on/off")
-        out[key] = val
-    return out
-
-
-def random_mac() -> bytes:
-    """A locally administered unicast MAC (52:54:00 is QEMU's; we use 02:76:77 = 'vw')."""
-    import os
-
-    return b"\x02\x76\x77" + os.urandom(3)
-
-
-def _mac_bytes(mac: str | bytes) -> bytes:
-    if isinstance(mac, bytes | bytearray):
-        b = bytes(mac)
-    else:
-        try:
-            b = bytes(int(x, 16) for x in mac.split(":"))
-        except ValueError:
-            raise ValueError(f"bad MAC address {mac!r}") from None
-    if len(b) != 6:
-        raise ValueError(f"bad MAC address {mac!r}")
-    return b
 
 
 def _rewind(q: Any, chains: Sequence[DescriptorChain], mem: GuestMemory | None = None) -> None:
@@ -309,14 +239,14 @@ class VirtioNet(VirtioDevice):
         if not 1 <= pairs <= s.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX:
             raise ValueError(f"queues={pairs}: must be 1..{s.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX}")
         self.max_pairs = pairs
-        self.mac = _mac_bytes(opts["mac"]) if "mac" in opts else (
-            _mac_bytes(mac) if mac is not None else random_mac())
+        self.mac = mac_bytes(opts["mac"]) if "mac" in opts else (
+            mac_bytes(mac) if mac is not None else random_mac())
         self.perm_mac = self.mac
         mtu_opt = opts.get("host_mtu", opts.get("mtu"))
         self.mtu = int(mtu_opt) if mtu_opt is not None else mtu
         if self.mtu is not None and not 68 <= self.mtu <= 65535:
             raise ValueError(f"mtu={self.mtu}: must be 68..65535")
-        self.link_up = _BOOL.get(opts.get("link", "on"), True)
+        self.link_up = BOOL.get(opts.get("link", "on"), True)
         self.announce_pending = False
         # Backends: one per pair, or one shared.
         if backend is None:
@@ -340,9 +270,9 @@ class VirtioNet(VirtioDevice):
             sizes.append(64)
         super().__init__(
             sizes,
-            event_idx=_BOOL[opts.get("event_idx", "on")],
-            indirect=_BOOL[opts.get("indirect_desc", "on")],
-            packed=_BOOL[opts.get("packed", "on")],
+            event_idx=BOOL[opts.get("event_idx", "on")],
+            indirect=BOOL[opts.get("indirect_desc", "on")],
+            packed=BOOL[opts.get("packed", "on")],
             legacy=legacy,
             name=name or "virtio-net",
         )
@@ -401,7 +331,7 @@ class VirtioNet(VirtioDevice):
         if self.mtu is not None:
             f |= 1 << s.VIRTIO_NET_F_MTU
         for key, bits in NET_OPTIONS.items():
-            if key in opts and not _BOOL[opts[key]]:
+            if key in opts and not BOOL[opts[key]]:
                 for b in bits:
                     f &= ~(1 << b)
         # Drop whatever lost a requirement (e.g. csum=off removes HOST_TSO*, ctrl_vq=off MQ).

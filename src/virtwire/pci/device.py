@@ -53,7 +53,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from virtwire import trace as _trace
 from virtwire.pci.config_space import (
@@ -64,6 +64,7 @@ from virtwire.pci.config_space import (
     BarKind,
     PciConfigSpace,
 )
+from virtwire.pci.function import IntxLine
 from virtwire.virtio import spec
 from virtwire.virtio.device import VirtioDevice
 
@@ -100,12 +101,6 @@ _CAP_BODY = struct.Struct("<BBBB2xII")
 _VIRTIO_PCI_CAP_LEN = 16
 _VIRTIO_PCI_NOTIFY_CAP_LEN = 20
 _VIRTIO_PCI_CFG_CAP_LEN = 20
-
-
-class IntxLine(Protocol):
-    """Where the INTx level goes (qtest IOAPIC input, KVM irqfd, a test recorder)."""
-
-    def set_level(self, level: bool) -> None: ...
 
 
 class _NoLine:
