@@ -73,12 +73,13 @@ def measure(frames: int, ring: int = 256) -> float:
 
 def run_mode(mode: str, frames: int) -> float:
     from virtwire import trace
+    from virtwire.net.frame import decode
 
     trace.stop()
     if mode == "on":
-        trace.start(os.devnull)
+        trace.start(os.devnull, decode=decode)
     elif mode == "on-sample64":
-        trace.start(os.devnull, sample=64)
+        trace.start(os.devnull, sample=64, decode=decode)
     elif mode == "on-control":
         trace.start(os.devnull, categories=["pci", "vhost", "feature", "status", "queue",
                                             "config", "ctrl", "host"])

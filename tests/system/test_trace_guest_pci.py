@@ -20,6 +20,7 @@ import pytest
 from virtwire import cli, trace
 from virtwire.explain import analyze, load
 from virtwire.guest.qemu import GuestVM
+from virtwire.net.frame import decode
 from virtwire.testing.netns import netns_with_tap
 from virtwire.virtio import spec
 
@@ -35,7 +36,7 @@ def _guest_features(vm: GuestVM) -> int:
 
 def test_pci_proxy_guest_trace_tells_every_phase(tmp_path: Path, guest_image, capsys) -> None:
     tpath, ppath = tmp_path / "pci.jsonl", tmp_path / "pci.pcapng"
-    trace.start(tpath, pcap=ppath)
+    trace.start(tpath, pcap=ppath, decode=decode)
     try:
         with netns_with_tap("vwt", addr="10.74.0.1/24") as (ns, tap):
             with GuestVM([f"pci,backend=tap,ifname={tap}"], ip="10.74.0.2/24", netns=ns.name,

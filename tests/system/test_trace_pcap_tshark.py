@@ -22,6 +22,7 @@ import pytest
 
 from virtwire import trace
 from virtwire.net import frame as fr
+from virtwire.trace import reader
 
 pytestmark = pytest.mark.system
 
@@ -80,7 +81,7 @@ def test_pcap_of_real_pings_has_both_directions(tap_in_netns, tmp_path: Path) ->
     fd, ns, n = tap_in_netns
     our_ip = f"10.77.{n}.2"
     pcap, tpath = tmp_path / "ping.pcapng", tmp_path / "ping.jsonl"
-    trace.start(tpath, pcap=pcap)
+    trace.start(tpath, pcap=pcap, decode=fr.decode)
     try:
         ping = subprocess.Popen(["ip", "netns", "exec", ns, "busybox", "ping", "-c", "3", "-A",
                                  "-w", "10", our_ip], stdout=subprocess.PIPE,
@@ -115,6 +116,6 @@ def test_pcap_of_real_pings_has_both_directions(tap_in_netns, tmp_path: Path) ->
                           text=True, timeout=60).stdout
     assert summ.count("Echo (ping) request") == 3 and summ.count("Echo (ping) reply") == 3
 
-    evs = [e for e in trace.read_events(tpath) if e["cat"] == "frame"]
+    evs = [e for e in reader.read_events(tpath) if e["cat"] == "frame"]
     assert sum("ICMP echo request" in e["summary"] for e in evs if e["dir"] == "rx") == 3
     assert sum("ICMP echo reply" in e["summary"] for e in evs if e["dir"] == "tx") == 3

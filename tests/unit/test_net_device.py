@@ -589,9 +589,10 @@ def test_trace_frames_and_ctrl(tmp_path) -> None:
 
     from virtwire import trace
     from virtwire.backends.null import NullBackend
+    from virtwire.net.frame import decode
 
     path = tmp_path / "t.jsonl"
-    trace.start(str(path))
+    trace.start(str(path), decode=decode)
     try:
         p = NetPair(backends=[NullBackend()])
         p.drv.send([_frame(100)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtwire.net import frame as f
-from virtwire.pcap import EPB_INBOUND, EPB_OUTBOUND, PcapError, PcapWriter, read_pcapng
+from virtwire.trace.pcap import EPB_INBOUND, EPB_OUTBOUND, PcapError, PcapWriter, read_pcapng
 
 A, B = "52:54:00:12:34:01", "52:54:00:12:34:02"
 

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from virtwire import trace
+from virtwire.commands import trace_options as topts
 from virtwire.errors import CliError
 from virtwire.net import frame as f
-from virtwire.pcap import EPB_INBOUND, EPB_OUTBOUND, read_pcapng
+from virtwire.trace import reader
+from virtwire.trace.pcap import EPB_INBOUND, EPB_OUTBOUND, read_pcapng
+from virtwire.virtio import traced_queue
 
 
 @pytest.fixture(autouse=True)
@@ -86,20 +89,20 @@ def test_bytes_and_odd_values_serialize() -> None:
 
 
 def test_flow_lanes() -> None:
-    assert trace.flow({"cat": "kick", "ev": "kick"}) == ("guest", "device")
-    assert trace.flow({"cat": "used", "ev": "used"}) == ("device", "guest")
-    assert trace.flow({"cat": "vhost", "ev": "msg"}) == ("vmm", "device")
-    assert trace.flow({"cat": "vhost", "ev": "reply"}) == ("device", "vmm")
-    assert trace.flow({"cat": "feature", "ev": "offer"}) == ("device", "guest")
-    assert trace.flow({"cat": "frame", "ev": "frame", "dir": "tx"}) == ("device", "net")
-    assert trace.flow({"cat": "frame", "ev": "frame", "dir": "rx"}) == ("net", "device")
-    assert trace.flow({"cat": "pci", "ev": "x", "src": "vmm", "dst": "device"}) == ("vmm",
+    assert reader.flow({"cat": "kick", "ev": "kick"}) == ("guest", "device")
+    assert reader.flow({"cat": "used", "ev": "used"}) == ("device", "guest")
+    assert reader.flow({"cat": "vhost", "ev": "msg"}) == ("vmm", "device")
+    assert reader.flow({"cat": "vhost", "ev": "reply"}) == ("device", "vmm")
+    assert reader.flow({"cat": "feature", "ev": "offer"}) == ("device", "guest")
+    assert reader.flow({"cat": "frame", "ev": "frame", "dir": "tx"}) == ("device", "net")
+    assert reader.flow({"cat": "frame", "ev": "frame", "dir": "rx"}) == ("net", "device")
+    assert reader.flow({"cat": "pci", "ev": "x", "src": "vmm", "dst": "device"}) == ("vmm",
                                                                                   "device")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    trace.add_trace_arguments(p)
+    topts.add_trace_arguments(p)
     return p
 
 
@@ -107,7 +110,7 @@ def test_cli_options_configure_trace_and_pcap(tmp_path: Path) -> None:
     tp, pp = tmp_path / "t.jsonl", tmp_path / "p.pcapng"
     args = _parser().parse_args(["--trace", str(tp), "--trace-categories", "frame,kick",
                                  "--trace-sample", "2", "--pcap", str(pp)])
-    tr = trace.configure_from_args(args)
+    tr = topts.configure_from_args(args)
     assert tr is trace.TRACE and tr is not None and tr.sample == 2
     req = f.icmp_echo("52:54:00:00:00:01", "52:54:00:00:00:02", "10.9.0.1", "10.9.0.2", 3, 1)
     rep = f.icmp_echo("52:54:00:00:00:02", "52:54:00:00:00:01", "10.9.0.2", "10.9.0.1", 3, 1,
@@ -118,7 +121,7 @@ def test_cli_options_configure_trace_and_pcap(tmp_path: Path) -> None:
     trace.FRAMES("tx", req, 1)
     trace.stop()
     assert trace.TRACE is None and trace.FRAMES is None
-    ev = list(trace.read_events(tp))
+    ev = list(reader.read_events(tp))
     frames = [e for e in ev if e["cat"] == "frame"]
     assert len(frames) == 2  # 1 in 2 sampled
     assert frames[0]["dir"] == "tx" and frames[0]["len"] == len(req) and frames[0]["q"] == 1
@@ -132,7 +135,7 @@ def test_cli_options_configure_trace_and_pcap(tmp_path: Path) -> None:
 
 def test_pcap_only_sets_frame_hook_not_tracer(tmp_path: Path) -> None:
     args = _parser().parse_args(["--pcap", str(tmp_path / "p.pcapng")])
-    assert trace.configure_from_args(args) is None
+    assert topts.configure_from_args(args) is None
     assert trace.TRACE is None and trace.FRAMES is not None
     trace.FRAMES("tx", b"\xff" * 60, 0)
     trace.stop()
@@ -140,7 +143,7 @@ def test_pcap_only_sets_frame_hook_not_tracer(tmp_path: Path) -> None:
 
 
 def test_no_options_is_a_no_op() -> None:
-    assert trace.configure_from_args(_parser().parse_args([])) is None
+    assert topts.configure_from_args(_parser().parse_args([])) is None
     assert trace.TRACE is None and trace.FRAMES is None
 
 
@@ -148,58 +151,59 @@ def test_no_options_is_a_no_op() -> None:
 def test_bad_cli_values_are_cli_errors(tmp_path: Path, argv: list[str]) -> None:
     args = _parser().parse_args(["--trace", str(tmp_path / "t.jsonl"), *argv])
     with pytest.raises(CliError):
-        trace.configure_from_args(args)
+        topts.configure_from_args(args)
     assert trace.TRACE is None
 
 
 def test_unwritable_trace_is_a_cli_error(tmp_path: Path) -> None:
     args = _parser().parse_args(["--trace", str(tmp_path / "no" / "t.jsonl")])
     with pytest.raises(CliError, match="cannot write trace"):
-        trace.configure_from_args(args)
+        topts.configure_from_args(args)
 
 
 def test_read_events_skips_torn_last_line_and_rejects_garbage(tmp_path: Path) -> None:
     p = tmp_path / "t.jsonl"
     p.write_text('{"t":0,"cat":"trace","ev":"start"}\n{"t":1,"cat":"kick","ev":"kick","q":1}\n'
                  '{"t":2,"cat":"ki')
-    assert [e["cat"] for e in trace.read_events(p)] == ["trace", "kick"]
+    assert [e["cat"] for e in reader.read_events(p)] == ["trace", "kick"]
     p.write_text('not json\n{"t":0,"cat":"trace","ev":"start"}\n')
     with pytest.raises(trace.TraceError, match=":1:"):
-        list(trace.read_events(p))
+        list(reader.read_events(p))
     p.write_text('[1,2]\n{"t":0,"cat":"trace","ev":"start"}\n')
     with pytest.raises(trace.TraceError):
-        list(trace.read_events(p))
+        list(reader.read_events(p))
 
 
 def test_settings_are_inherited_by_child_processes(tmp_path: Path, monkeypatch) -> None:
-    for k in (trace.ENV_TRACE, trace.ENV_PCAP, trace.ENV_CATEGORIES, trace.ENV_SAMPLE):
+    for k in (topts.ENV_TRACE, topts.ENV_PCAP, topts.ENV_CATEGORIES, topts.ENV_SAMPLE):
         monkeypatch.delenv(k, raising=False)
     parent = tmp_path / "t.jsonl"
     args = _parser().parse_args(["--trace", str(parent), "--trace-categories", "kick,status",
                                  "--trace-sample", "3"])
-    trace.configure_from_args(args)
+    topts.configure_from_args(args)
     import os
     import subprocess
     import sys
 
-    code = ("import argparse; from virtwire import trace; p = argparse.ArgumentParser(); "
-            "trace.add_trace_arguments(p); a = p.parse_args([]); a.command = 'serve'; "
-            "tr = trace.configure_from_args(a); print(tr.sample, ','.join(sorted(tr.categories)));"
+    code = ("import argparse; from virtwire import trace; "
+            "from virtwire.commands import trace_options as topts; p = argparse.ArgumentParser(); "
+            "topts.add_trace_arguments(p); a = p.parse_args([]); a.command = 'serve'; "
+            "tr = topts.configure_from_args(a); print(tr.sample, ','.join(sorted(tr.categories)));"
             " tr.emit('kick', 'kick', q=1); trace.stop()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.split() == ["3", "kick,status"]
-    kids = trace.child_files(parent)
+    kids = topts.child_files(parent)
     assert len(kids) == 1 and kids[0].startswith(str(parent) + ".serve.")
-    assert [e["cat"] for e in trace.read_events(kids[0])] == ["trace", "kick", "trace"]
+    assert [e["cat"] for e in reader.read_events(kids[0])] == ["trace", "kick", "trace"]
     trace.stop()
-    assert trace.ENV_TRACE not in os.environ  # withdrawn: later children do not trace
-    assert trace.configure_from_args(_parser().parse_args([])) is None
+    assert topts.ENV_TRACE not in os.environ  # withdrawn: later children do not trace
+    assert topts.configure_from_args(_parser().parse_args([])) is None
 
 
 def test_frame_hook_skips_the_header_and_copies_only_when_needed(tmp_path: Path) -> None:
     buf = io.StringIO()
-    trace.start(out=buf, sample=2, pcap=tmp_path / "f.pcapng")
+    trace.start(out=buf, sample=2, pcap=tmp_path / "f.pcapng", decode=f.decode)
     req = f.icmp_echo("52:54:00:00:00:01", "52:54:00:00:00:02", "10.9.0.1", "10.9.0.2", 3, 1)
     hdr = bytes(12)
     views = [memoryview(hdr + req[:30]), memoryview(req[30:] + b"\xee" * 20)]
@@ -218,4 +222,4 @@ def test_data_path_hooks_stay_off_for_control_categories() -> None:
     from virtwire.testing.pair import make_ring_pair
 
     rp = make_ring_pair("split", 8)
-    assert trace.wrap_queue(rp.device, 0) is rp.device
+    assert traced_queue.wrap_queue(rp.device, 0) is rp.device

@@ -15,14 +15,16 @@ from virtwire.explain import PHASES, analyze, narrate
 from virtwire.explain.html import render_html
 from virtwire.explain.live import run_pci_session
 from virtwire.net.device import VirtioNet
+from virtwire.net.frame import decode
 from virtwire.pci.device import VirtioPciDevice
 from virtwire.virtio import spec
+from virtwire.virtio.traced_queue import TracedQueue
 
 
 @pytest.fixture(scope="module")
 def session():
     buf = io.StringIO()
-    trace.start(out=buf)
+    trace.start(out=buf, decode=decode)
     try:
         res = run_pci_session(pings=3)
     finally:
@@ -90,7 +92,7 @@ def test_off_means_no_wrapping_and_no_events() -> None:
     trace.stop()
     res = run_pci_session(pings=1)
     pci = res["device"]
-    assert all(not isinstance(q, trace.TracedQueue) for q in pci.device.queues if q is not None)
+    assert all(not isinstance(q, TracedQueue) for q in pci.device.queues if q is not None)
     assert isinstance(pci, VirtioPciDevice) and isinstance(pci.device, VirtioNet)
     assert isinstance(pci.device.pairs[0].backend, MemoryBackend)
 
@@ -99,7 +101,7 @@ def test_legacy_interface_tells_the_same_story() -> None:
     """A transitional device driven through its legacy I/O BAR (§4.1.4.8): features negotiated
     at DRIVER_OK (no FEATURES_OK), queues placed by page frame number, every phase in order."""
     buf = io.StringIO()
-    trace.start(out=buf)
+    trace.start(out=buf, decode=decode)
     try:
         res = run_pci_session(pings=2, legacy=True)
     finally:

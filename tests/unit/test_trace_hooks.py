@@ -12,6 +12,7 @@ from virtwire.net.device import VirtioNet
 from virtwire.pci.device import MODERN_BAR_SIZE, VirtioPciDevice
 from virtwire.testing.pair import make_ring_pair
 from virtwire.virtio import spec
+from virtwire.virtio.traced_queue import TracedQueue, wrap_queue
 
 BASE = 0xFEBF0000
 
@@ -36,19 +37,19 @@ def _pci() -> VirtioPciDevice:
 
 def test_config_names_cover_header_and_virtio_caps() -> None:
     dev = _pci()
-    assert trace.pci_config_name(dev, 0, 4) == "vendor_id|device_id"
-    assert trace.pci_config_name(dev, 8, 4) == "revision_id|prog_if|class"
-    assert trace.pci_config_name(dev, 0x34) == "cap_ptr"
-    assert trace.pci_config_name(dev, 0x21) == "bar4+1"
+    assert dev.config_reg_name(0, 4) == "vendor_id|device_id"
+    assert dev.config_reg_name(8, 4) == "revision_id|prog_if|class"
+    assert dev.config_reg_name(0x34) == "cap_ptr"
+    assert dev.config_reg_name(0x21) == "bar4+1"
     names = {}
     for at in dev.pci.capabilities:
-        names[trace.pci_config_name(dev, at + 3)] = dev.config_read(at + 3, 1)
+        names[dev.config_reg_name(at + 3)] = dev.config_read(at + 3, 1)
     assert names == {"cap.common_cfg.cfg_type": 1, "cap.notify_cfg.cfg_type": 2,
                      "cap.isr_cfg.cfg_type": 3, "cap.device_cfg.cfg_type": 4,
                      "cap.pci_cfg.cfg_type": 5}
     notify = dev.pci.capabilities[1]
-    assert trace.pci_config_name(dev, notify + 16) == "cap.notify_cfg.notify_off_multiplier"
-    assert trace.pci_config_name(dev, 0xFC) .startswith("cap.")
+    assert dev.config_reg_name(notify + 16) == "cap.notify_cfg.notify_off_multiplier"
+    assert dev.config_reg_name(0xFC) .startswith("cap.")
 
 
 def test_bar_sizing_and_programming(finish) -> None:
@@ -68,9 +69,9 @@ def test_bar_register_names_and_feature_offer(finish) -> None:
     for off, w, want in ((4, 4, "common_cfg.device_feature"), (20, 1, "common_cfg.device_status"),
                          (32, 4, "common_cfg.queue_desc_lo"), (0x1000, 1, "isr"),
                          (0x2000, 1, "device_cfg.mac"), (0x2006, 2, "device_cfg.status")):
-        assert trace.pci_bar_name(dev, 4, off) == want
+        assert dev.bar_reg_name(4, off) == want
         dev.bar_read(BASE + off, w, True)
-    assert trace.pci_bar_name(dev, 4, 0x3004) == "notify.q1"
+    assert dev.bar_reg_name(4, 0x3004) == "notify.q1"
     events = finish()
     offer = [e for e in events if e.get("cat") == "feature"]
     assert len(offer) == 1
@@ -100,8 +101,8 @@ def test_vhost_payloads_are_decoded(finish) -> None:
 
 def test_wrap_queue_reports_chains_and_used(finish) -> None:
     rp = make_ring_pair("split", 16)
-    ring = trace.wrap_queue(rp.device, 3)
-    assert isinstance(ring, trace.TracedQueue) and ring.size == 16
+    ring = wrap_queue(rp.device, 3)
+    assert isinstance(ring, TracedQueue) and ring.size == 16
     rp.device = ring
     rp.add([b"abcd"], [8], "t1")
     rp.driver.publish(rp.mem)
@@ -124,24 +125,24 @@ def test_wrap_queue_reports_chains_and_used(finish) -> None:
 def test_wrap_queue_is_identity_when_off() -> None:
     trace.stop()
     rp = make_ring_pair("split", 8)
-    assert trace.wrap_queue(rp.device, 0) is rp.device
+    assert wrap_queue(rp.device, 0) is rp.device
 
 
 def test_helpers_are_no_ops_when_off() -> None:
     trace.stop()
     dev = _pci()
-    trace.pci_config_access(dev, 0, 2, 0x1AF4, False)
-    trace.pci_bar_access(dev, BASE, 4, 0, True, False)
+    dev.config_read(0, 2)
+    dev.bar_read(BASE, 4, True)
     trace.vhost_message("GET_FEATURES", 1, 0, 0, None)
     trace.status_change(0, 1)
     trace.features_event("ack", 1)
     assert trace.TRACE is None
 
 
-def test_ctrl_command_names(finish) -> None:
-    trace.ctrl_command(spec.VIRTIO_NET_CTRL_RX, spec.VIRTIO_NET_CTRL_RX_PROMISC, 0, b"\x01")
-    trace.ctrl_command(9, 9, 1)
-    ev = [e for e in finish() if e["cat"] == "ctrl"]
-    assert (ev[0]["class_name"], ev[0]["cmd_name"], ev[0]["ack"], ev[0]["data"]) == \
-        ("RX", "PROMISC", 0, "01")
-    assert (ev[1]["class_name"], ev[1]["cmd_name"]) == ("class9", "cmd9")
+def test_ctrl_command_names() -> None:
+    # the one table of control-command names (the device's ctrl events use it)
+    assert spec.ctrl_names(spec.VIRTIO_NET_CTRL_RX, spec.VIRTIO_NET_CTRL_RX_PROMISC) == \
+        ("RX", "PROMISC")
+    assert spec.ctrl_names(spec.VIRTIO_NET_CTRL_MQ, spec.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) == \
+        ("MQ", "VQ_PAIRS_SET")
+    assert spec.ctrl_names(9, 9) == ("9", "9")

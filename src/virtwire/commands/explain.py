@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.live:
         from virtwire import trace
         from virtwire.explain.live import run_pci_session
+        from virtwire.net.frame import decode
 
         if args.save:
             out = args.save
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             os.close(fd)
             out = tmp
         try:
-            trace.start(out, pcap=(out + ".pcapng") if args.save else None)
+            trace.start(out, pcap=(out + ".pcapng") if args.save else None, decode=decode)
             run_pci_session()
         except trace.TraceError as e:
             raise CliError(str(e)) from None
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise CliError("explain needs a TRACE file (or --live, or --example pci-proxy|vhost-user)")
     if not args.no_children and not args.example and not args.live:
-        from virtwire.trace import child_files
+        from virtwire.commands.trace_options import child_files
 
         paths += [c for p in list(paths) for c in child_files(p) if c not in paths]
     try:

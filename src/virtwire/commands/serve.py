@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print QEMU arguments for KVM (MSI-X) instead of TCG (vectors=0)")
     parser.add_argument("--json", action="store_true",
                         help="print the attachment snippets as one JSON object")
-    from virtwire.trace import add_trace_arguments
+    from virtwire.commands.trace_options import add_trace_arguments
 
     add_trace_arguments(parser)
 
@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if len(set(paths)) != len(paths):
         raise CliError("serve: two ports share one socket path")
     from virtwire import serve, trace
+    from virtwire.commands.trace_options import configure_from_args
 
     control = args.control or configs[0].path + ".ctl"
-    tracer = trace.configure_from_args(args)
+    tracer = configure_from_args(args)
     try:
         srv = serve.build(configs)
     except UserFacingError:

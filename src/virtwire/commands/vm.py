@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds allowed for boot and for --command (default 60)")
     parser.add_argument("--json", action="store_true", help="machine-readable result")
-    from virtwire.trace import add_trace_arguments
+    from virtwire.commands.trace_options import add_trace_arguments
 
     add_trace_arguments(parser)  # exported to sidecars (serve, PCI proxy): FILE.<cmd>.<pid>
 
@@ -57,9 +57,9 @@ def _process_age() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virtwire import trace
+    from virtwire.commands.trace_options import configure_from_args
 
-    trace.configure_from_args(args)
+    configure_from_args(args)
     if args.demo:
         return demo(json_out=args.json, accel=args.accel, timeout=args.timeout)
     vm = GuestVM(net=args.net, ip=args.ip, gw=args.gw, hostname=args.hostname,

@@ -5,7 +5,7 @@ Theory of operation
 One file, no external resources: inline CSS, inline SVG charts drawn here in Python, and a few
 lines of inline JavaScript (category filters, expand/collapse). The sequence diagram is a list of
 native ``<details>`` rows, one per message between four lanes (guest, VMM, virtwire device,
-network; ``virtwire.trace.flow``), so it expands down to the descriptor without any script. Runs of
+network; ``virtwire.trace.reader.flow``), so it expands down to the descriptor without any script. Runs of
 the same message (a burst of config reads, of used pushes) fold into one row with a count. Every
 value from the trace is escaped: a trace is data, and it may come from anywhere.
 """
@@ -18,7 +18,8 @@ from typing import Any
 
 from virtwire.explain.model import DATA_CATS, PHASE_TITLES, Analysis, QueueStats, names
 from virtwire.explain.narrative import _INTRO, _VHOST_INTRO
-from virtwire.trace import CATEGORIES, LANES, flow
+from virtwire.trace import CATEGORIES
+from virtwire.trace.reader import LANES, flow
 
 __all__ = ["render_html"]
 

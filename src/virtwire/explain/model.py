@@ -33,7 +33,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtwire.trace import TraceError, read_events
+from virtwire.trace import TraceError
+from virtwire.trace.reader import read_events
 
 __all__ = ["PHASES", "PHASE_TITLES", "Phase", "QueueStats", "Analysis", "analyze", "load",
            "queue_role"]

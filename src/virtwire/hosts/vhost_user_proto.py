@@ -34,6 +34,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from virtwire import trace as _trace
+
 __all__ = [
     "VhostUserRequest",
     "VhostUserBackendRequest",
@@ -121,6 +123,9 @@ PROTOCOL_FEATURE_NAMES = {
 def protocol_feature_names(bits: int) -> list[str]:
     """Names of the set protocol-feature bits (unknown ones as ``bitN``)."""
     return [PROTOCOL_FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if bits >> b & 1]
+
+
+_trace.register_names("vhost_protocol", protocol_feature_names)  # names in vhost trace events
 
 
 class VhostUserRequest(enum.IntEnum):

@@ -26,7 +26,7 @@ Capabilities (§4.1.4, vendor-specific 0x09, in list order): common, notify (wit
 writes bar/offset/length into the capability, then reads or writes ``pci_cfg_data`` to access the
 BAR through configuration space).
 
-Registers are decoded flat (DESIGN.md principle 7): per block one table ``offset -> Reg(name,
+Registers are decoded flat: per block one table ``offset -> Reg(name,
 width, get, set)``, names after spec.py's ``VIRTIO_PCI_COMMON_*`` / legacy ``VIRTIO_PCI_*``. A
 driver must use each field's natural width (§4.1.3.1); an unknown offset or a wrong width logs a
 warning (rate-limited), reads as zero and writes nothing. Nothing here raises into the host.
@@ -65,6 +65,7 @@ from virtwire.pci.config_space import (
     PciConfigSpace,
 )
 from virtwire.pci.function import IntxLine
+from virtwire.pci.reg_names import config_name, field_name
 from virtwire.virtio import spec
 from virtwire.virtio.device import VirtioDevice
 
@@ -236,13 +237,13 @@ class VirtioPciDevice:
     def config_read(self, offset: int, width: int) -> int:
         v = self.pci.read(offset, width)
         if _trace.TRACE is not None:
-            _trace.pci_config_access(self, offset, width, v, False)
+            self._trace_config(offset, width, v, False)
         return v
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         self.pci.write(offset, width, value)
         if _trace.TRACE is not None:
-            _trace.pci_config_access(self, offset, width, value, True)
+            self._trace_config(offset, width, value, True)
 
     def _config_written(self, off: int, width: int, value: int) -> None:
         if off <= PCI_COMMAND + 1 and off + width > PCI_COMMAND:
@@ -255,7 +256,7 @@ class VirtioPciDevice:
             return None
         v = self._bar_access(hit[0].index, hit[1], width, None)
         if _trace.TRACE is not None:
-            _trace.pci_bar_access(self, addr, width, v, memory, False)
+            self._trace_bar(hit[0].index, hit[1], width, v, False)
         return v
 
     def bar_write(self, addr: int, width: int, value: int, memory: bool) -> bool:
@@ -263,11 +264,90 @@ class VirtioPciDevice:
         if hit is None:
             return False
         if _trace.TRACE is not None:
-            _trace.pci_bar_access(self, addr, width, value, memory, True)
+            self._trace_bar(hit[0].index, hit[1], width, value, True)
         self._bar_access(hit[0].index, hit[1], width, value)
         if _trace.TRACE is not None:
-            _trace.pci_bar_written(self, addr, width, value, memory)
+            self._trace_bar_written(hit[0].index, hit[1], value)
         return True
+
+    # -- register names and trace events -----------------------------------------------------
+    def config_reg_name(self, off: int, width: int = 1) -> str:
+        """Name of config-space offset ``off`` ("vendor_id", "cap.common_cfg.bar", ...)."""
+        return config_name(self.pci, off, width)
+
+    def bar_reg_name(self, bar: int, off: int) -> str:
+        """Name of offset ``off`` in BAR ``bar`` ("common_cfg.queue_desc_lo", "notify.q1", "isr",
+        "device_cfg.mac+2", "legacy.QUEUE_PFN"), from this device's register tables."""
+        if bar == MODERN_BAR:
+            block, rel = off & ~(BLOCK_SIZE - 1), off & (BLOCK_SIZE - 1)
+            if block == COMMON_OFFSET:
+                reg = self._common.get(rel)
+                return f"common_cfg.{reg.name}" if reg is not None else f"common_cfg+{rel:#x}"
+            if block == ISR_OFFSET:
+                return "isr" if rel == 0 else f"isr+{rel:#x}"
+            if block == DEVICE_OFFSET:
+                return "device_cfg." + field_name(spec.NET_CONFIG_FIELDS, rel)
+            if block == NOTIFY_OFFSET:
+                q, r = divmod(rel, NOTIFY_OFF_MULTIPLIER)
+                return f"notify.q{q}" + (f"+{r}" if r else "")
+            return f"bar{bar}+{off:#x}"
+        if bar == LEGACY_BAR and self.legacy_bar is not None:
+            lreg = self._legacy.get(off)
+            if lreg is not None:
+                return f"legacy.{lreg.name}"
+            cfg = off - spec.VIRTIO_PCI_CONFIG_OFF_NOMSIX  # no MSI-X: config at 20
+            if cfg < 0:
+                return f"legacy+{off}"
+            return "legacy.device_cfg." + field_name(spec.NET_CONFIG_FIELDS, cfg)
+        return f"bar{bar}+{off:#x}"
+
+    def _trace_config(self, off: int, width: int, value: int, write: bool) -> None:
+        """``pci.cfg_read``/``cfg_write``, plus ``pci.bar_size`` or ``pci.bar_map`` when a write
+        sized or placed a BAR (PCI Local Bus 3.0 §6.2.5.1)."""
+        tr = _trace.TRACE
+        if tr is None:
+            return
+        tr.emit("pci", "cfg_write" if write else "cfg_read", off=off, size=width, val=value,
+                reg=self.config_reg_name(off, width))
+        if not write or not 0x10 <= off < 0x28 or width != 4:
+            return
+        bar = self.pci.bars.get((off - 0x10) // 4)
+        if bar is None:
+            return
+        if value & 0xFFFFFFF0 == 0xFFFFFFF0:
+            tr.emit("pci", "bar_size", bar=bar.index, size=bar.size, kind=bar.kind.value)
+        elif bar.base:
+            tr.emit("pci", "bar_map", bar=bar.index, addr=bar.base, size=bar.size,
+                    kind=bar.kind.value)
+
+    def _trace_bar(self, bar: int, off: int, width: int, value: int, write: bool) -> None:
+        """``pci.bar_read``/``bar_write`` with the register's name; a read of the device
+        features also yields ``feature.offer``."""
+        tr = _trace.TRACE
+        if tr is None:
+            return
+        reg = self.bar_reg_name(bar, off)
+        tr.emit("pci", "bar_write" if write else "bar_read", bar=bar, off=off, size=width,
+                val=value, reg=reg)
+        if not write and (reg == "common_cfg.device_feature" and self.dfselect == 0
+                          or reg == "legacy.HOST_FEATURES"):
+            _trace.features_event("offer", int(self.device.offered_features))
+
+    def _trace_bar_written(self, bar: int, off: int, value: int) -> None:
+        """After a BAR write took effect: the feature word it completed (``feature.ack``), or
+        the features FEATURES_OK accepted (``feature.negotiated``; legacy: at DRIVER_OK)."""
+        reg = self.bar_reg_name(bar, off)
+        d = self.device
+        if reg in ("common_cfg.driver_feature", "legacy.GUEST_FEATURES"):
+            sel = self.gfselect if reg.startswith("common") else 0
+            _trace.features_event("ack", int(d.driver_features), sel=sel)
+        elif reg in ("common_cfg.device_status", "legacy.STATUS"):
+            fok, dok = spec.VIRTIO_CONFIG_S_FEATURES_OK, spec.VIRTIO_CONFIG_S_DRIVER_OK
+            status = int(d.status)
+            if (not reg.startswith("legacy") and value & fok and not value & dok
+                    and status & fok) or (reg.startswith("legacy") and value & dok
+                                          and status & dok):
+                _trace.features_event("negotiated", int(d.negotiated))
 
     def _bar_access(self, bar: int, off: int, width: int, value: int | None) -> int:
         """One access at ``off`` inside BAR ``bar``; ``value`` None means a read."""

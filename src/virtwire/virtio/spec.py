@@ -6,6 +6,8 @@ link (device and driver) import from here; nothing else defines these numbers.
 
 from __future__ import annotations
 
+from virtwire import trace as _trace
+
 # --- virtio 1.2 §2.1 Device Status Field ------------------------------------------------------
 VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
 VIRTIO_CONFIG_S_DRIVER = 2
@@ -125,6 +127,11 @@ FEATURE_NAMES: dict[int, str] = {
 def feature_names(bits: int, names: dict[int, str] = FEATURE_NAMES) -> list[str]:
     """Names of the set bits of a feature word, in bit order (unknown bits as ``bitN``)."""
     return [names.get(b, f"bit{b}") for b in range(64) if bits >> b & 1]
+
+
+def status_names(status: int) -> list[str]:
+    """Names of the set bits of a device status byte (§2.1)."""
+    return [n for b, n in STATUS_NAMES.items() if status & b]
 
 
 def bit(*bits: int) -> int:
@@ -254,6 +261,12 @@ VIRTIO_NET_CONFIG_MAX_VQ_PAIRS = 8  # le16
 VIRTIO_NET_CONFIG_MTU = 10  # le16
 VIRTIO_NET_CONFIG_SPEED = 12  # le32
 VIRTIO_NET_CONFIG_DUPLEX = 16  # u8
+# struct virtio_net_config, field by field (offset, name): register names in traces
+NET_CONFIG_FIELDS: tuple[tuple[int, str], ...] = (
+    (0, "mac"), (6, "status"), (8, "max_virtqueue_pairs"), (10, "mtu"), (12, "speed"),
+    (16, "duplex"), (17, "rss_max_key_size"), (18, "rss_max_indirection_table_length"),
+    (20, "supported_hash_types"),
+)
 
 # --- virtio 1.2 §5.1.6 struct virtio_net_hdr ----------------------------------------------------
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
@@ -292,3 +305,23 @@ VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN = 1
 VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
 VIRTIO_NET_CTRL_GUEST_OFFLOADS = 5
 VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET = 0
+
+# The one table of control-command names (class -> (class name, command names by number)).
+CTRL_NAMES: dict[int, tuple[str, tuple[str, ...]]] = {
+    VIRTIO_NET_CTRL_RX: ("RX", ("PROMISC", "ALLMULTI", "ALLUNI", "NOMULTI", "NOUNI", "NOBCAST")),
+    VIRTIO_NET_CTRL_MAC: ("MAC", ("TABLE_SET", "ADDR_SET")),
+    VIRTIO_NET_CTRL_VLAN: ("VLAN", ("ADD", "DEL")),
+    VIRTIO_NET_CTRL_ANNOUNCE: ("ANNOUNCE", ("ACK",)),
+    VIRTIO_NET_CTRL_MQ: ("MQ", ("VQ_PAIRS_SET",)),
+    VIRTIO_NET_CTRL_GUEST_OFFLOADS: ("GUEST_OFFLOADS", ("SET",)),
+}
+
+
+def ctrl_names(cls: int, cmd: int) -> tuple[str, str]:
+    """(class name, command name) of a control command; unknown numbers as decimal strings."""
+    cname, cmds = CTRL_NAMES.get(cls, (str(cls), ()))
+    return cname, cmds[cmd] if 0 <= cmd < len(cmds) else str(cmd)
+
+
+_trace.register_names("feature", feature_names)
+_trace.register_names("status", status_names)
