@@ -5,9 +5,9 @@ Theory of operation
 One file, no external resources: inline CSS, inline SVG charts drawn here in Python, and a few
 lines of inline JavaScript (category filters, expand/collapse). The sequence diagram is a list of
 native ``<details>`` rows, one per message between four lanes (guest, VMM, virtwire device,
-network; ``virtwire.trace.reader.flow``), so it expands down to the descriptor without any script. Runs of
-the same message (a burst of config reads, of used pushes) fold into one row with a count. Every
-value from the trace is escaped: a trace is data, and it may come from anywhere.
+network; ``virtwire.trace.reader.flow``), so it expands down to the descriptor without any
+script. Runs of the same message (a burst of config reads, of used pushes) fold into one row with
+a count. Every value from the trace is escaped: a trace is data, and it may come from anywhere.
 """
 
 from __future__ import annotations
