@@ -27,7 +27,7 @@ def guest_image():
 @pytest.fixture
 def tap_netns():
     """(Netns, tap name): a fresh namespace with one TAP (no address), removed after the test."""
-    from virtwire.testing.netns import netns_with_tap
+    from virtwire.netns import netns_with_tap
 
     with netns_with_tap("vwfx") as pair:
         yield pair
@@ -36,7 +36,7 @@ def tap_netns():
 @pytest.fixture
 def bridge_netns():
     """(Netns, bridge, [tap0, tap1]): a fresh namespace with a bridge and two TAPs on it."""
-    from virtwire.testing.netns import netns_with_bridge
+    from virtwire.netns import netns_with_bridge
 
     with netns_with_bridge("vwfx", taps=2) as triple:
         yield triple

@@ -32,7 +32,7 @@ import tempfile
 from typing import Any
 
 from virtwire.guest.qemu import GuestVM
-from virtwire.testing.netns import netns, netns_with_tap
+from virtwire.netns import netns, netns_with_tap
 
 
 def _rate(out: str) -> float:

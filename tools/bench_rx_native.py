@@ -26,8 +26,8 @@ from virtwire._native import load
 from virtwire._native.dgram import DgramBackend
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
-from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
+from virtwire.virtio.pair import RecordingInterrupt
 
 SIZE = 256
 BUF_LEN = 2048

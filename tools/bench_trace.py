@@ -2,7 +2,7 @@
 """Does tracing cost anything when it is off? A benchmark (not a test) of the device data path.
 
 What is timed: a virtio-net device (``VirtioNet`` over a ``NullBackend``) serving its TX queue,
-driven in-process by virtwire's own driver model (``testing.pair.DevicePair``). Each round the
+driven in-process by virtwire's own driver model (``virtio.pair.DevicePair``). Each round the
 driver queues a full ring of 64-byte frames and kicks once; only the device's work is timed (the
 ``notify`` call: pop, header check, backend send, used pushes, publish, interrupt decision), in
 CPU seconds of this thread (``time.thread_time``), so other processes on the machine matter less.
@@ -41,7 +41,7 @@ def measure(frames: int, ring: int = 256) -> float:
     state)."""
     from virtwire.backends.null import NullBackend
     from virtwire.net.device import VirtioNet
-    from virtwire.testing.pair import DevicePair
+    from virtwire.virtio.pair import DevicePair
 
     dev = VirtioNet(NullBackend(), queue_size=ring, mac="52:54:00:00:00:01")
     pair = DevicePair(device=dev)

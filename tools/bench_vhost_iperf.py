@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 from virtwire.guest.qemu import GuestVM
-from virtwire.testing.netns import netns
+from virtwire.netns import netns
 
 HOST, GUEST = "10.78.0.1", "10.78.0.2"
 

@@ -5,52 +5,27 @@ A port is written QEMU-style on the command line::
     --port vhost-user,path=/tmp/vw0.sock,backend=tap,ifname=vwtap0,queues=2,mrg_rxbuf=off
 
 ``parse_port`` turns that into a ``PortConfig`` and refuses unknown keys, bad values and missing
-required keys with a one-line ``CliError``. Device feature switches (``mrg_rxbuf``, ``csum``,
-``packed``...) keep QEMU's names and on/off values; they end up in ``PortConfig.features`` as
-{name: bool} and are applied by the wiring (``serve.build``) to the device model.
+required keys with a one-line ``CliError`` (``keyvals``: QEMU's ``,,`` for a comma in a value).
+Device feature switches (``mrg_rxbuf``, ``csum``, ``packed``...) are the device option table's
+(``net.options.SWITCHES``, QEMU's names and on/off values); they end up in
+``PortConfig.features`` as {name: bool} and are applied by the wiring (``serve.build``) to the
+device model.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from virtwire.errors import CliError
+from virtwire.keyvals import parse_key_values, parse_on_off, split_options
+from virtwire.net.options import SWITCHES, is_unicast_mac
 
-__all__ = ["PortConfig", "parse_port", "FEATURE_SWITCHES", "BACKENDS", "parse_bool"]
+__all__ = ["PortConfig", "parse_port", "BACKENDS"]
 
 BACKENDS = ("tap", "null", "switch", "memory")
 
-# QEMU's virtio-net-pci property names -> our VirtioNet keyword (see serve.build).
-FEATURE_SWITCHES: dict[str, str] = {
-    "mrg_rxbuf": "mrg_rxbuf",
-    "csum": "csum",
-    "guest_csum": "guest_csum",
-    "host_tso4": "host_tso4",
-    "host_tso6": "host_tso6",
-    "host_ecn": "host_ecn",
-    "guest_tso4": "guest_tso4",
-    "guest_tso6": "guest_tso6",
-    "guest_ecn": "guest_ecn",
-    "event_idx": "event_idx",
-    "indirect_desc": "indirect",
-    "packed": "packed",
-    "mq": "mq",
-    "status": "status",
-}
-
 _KEYS = {"path", "server", "backend", "ifname", "switch", "uplink", "queues", "mac", "mtu",
-         "queue_size", "name", *FEATURE_SWITCHES}
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-
-def parse_bool(key: str, value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "yes", "true", "1"):
-        return True
-    if v in ("off", "no", "false", "0"):
-        return False
-    raise CliError(f"--port {key}={value}: expected on or off")
+         "queue_size", "name", *SWITCHES}
 
 
 @dataclass
@@ -84,24 +59,15 @@ class PortConfig:
 
 def parse_port(text: str, index: int = 0) -> PortConfig:
     """Parse ``vhost-user,key=val,...`` (see module docstring)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p for p in split_options(text) if p]
     if not parts or parts[0] != "vhost-user":
         raise CliError(f"--port {text!r}: expected 'vhost-user,path=...,backend=...'")
-    opts: dict[str, str] = {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise CliError(f"--port: expected key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        if k not in _KEYS:
-            raise CliError(f"--port: unknown key {k!r} (known: {', '.join(sorted(_KEYS))})")
-        if k in opts:
-            raise CliError(f"--port: key {k!r} given twice")
-        opts[k] = v
+    opts = parse_key_values("--port", parts[1:], _KEYS)
     if "path" not in opts or not opts["path"]:
         raise CliError("--port vhost-user: missing path=SOCKET")
     cfg = PortConfig(path=opts["path"], name=opts.get("name") or f"port{index}")
     if "server" in opts:
-        cfg.server = parse_bool("server", opts["server"])
+        cfg.server = parse_on_off("--port ", "server", opts["server"])
     backend = opts.get("backend", "tap")
     if backend not in BACKENDS:
         raise CliError(f"--port backend={backend}: expected one of {', '.join(BACKENDS)}")
@@ -131,12 +97,12 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
     if cfg.queue_size & (cfg.queue_size - 1):
         raise CliError(f"--port queue_size={cfg.queue_size}: not a power of 2")
     if "mac" in opts:
-        if not _MAC_RE.match(opts["mac"]) or int(opts["mac"][:2], 16) & 1:
+        if not is_unicast_mac(opts["mac"]):
             raise CliError(f"--port mac={opts['mac']}: expected a unicast xx:xx:xx:xx:xx:xx")
         cfg.mac = opts["mac"].lower()
-    for k in FEATURE_SWITCHES:
+    for k in SWITCHES:
         if k in opts:
-            cfg.features[k] = parse_bool(k, opts[k])
+            cfg.features[k] = parse_on_off("--port ", k, opts[k])
     if cfg.queues > 1 and cfg.features.get("mq") is False:
         raise CliError(f"--port queues={cfg.queues} needs mq=on")
     return cfg

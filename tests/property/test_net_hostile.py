@@ -12,8 +12,8 @@ from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator, resolve_features
 from virtwire.net.header import VirtioNetHdr
-from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
+from virtwire.virtio.pair import RecordingInterrupt
 from virtwire.virtio.queue import QueueFull
 from virtwire.virtio.split_ring import SplitDriverQueue
 

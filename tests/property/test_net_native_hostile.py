@@ -11,8 +11,8 @@ from virtwire import _native
 from virtwire.backends.null import NullBackend
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
-from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
+from virtwire.virtio.pair import RecordingInterrupt
 
 pytestmark = pytest.mark.skipif(_native.load() is None, reason="no C compiler")
 

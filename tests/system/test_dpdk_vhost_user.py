@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from virtwire.testing.netns import netns
+from virtwire.netns import netns
 
 pytestmark = pytest.mark.system
 

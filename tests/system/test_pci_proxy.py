@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import pytest
 
 from virtwire.guest.qemu import GuestVM
+from virtwire.netns import Netns, netns_with_tap
 from virtwire.testing import transfer
-from virtwire.testing.netns import Netns, netns_with_tap
 
 pytestmark = pytest.mark.system
 

@@ -18,9 +18,9 @@ from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import decode, icmp_echo
-from virtwire.testing.netns import netns, unique_name
-from virtwire.testing.pair import LocalNetTransport, RecordingInterrupt
+from virtwire.netns import netns, unique_name
 from virtwire.virtio import spec as s
+from virtwire.virtio.pair import LocalNetTransport, RecordingInterrupt
 
 pytestmark = pytest.mark.system
 

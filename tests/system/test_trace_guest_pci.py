@@ -21,7 +21,7 @@ from virtwire import cli, trace
 from virtwire.explain import analyze, load
 from virtwire.guest.qemu import GuestVM
 from virtwire.net.frame import decode
-from virtwire.testing.netns import netns_with_tap
+from virtwire.netns import netns_with_tap
 from virtwire.virtio import spec
 
 pytestmark = pytest.mark.system

@@ -23,7 +23,7 @@ import pytest
 
 from virtwire.explain import analyze, load, narrate
 from virtwire.guest.qemu import GuestVM
-from virtwire.testing.netns import netns
+from virtwire.netns import netns
 from virtwire.virtio import spec
 
 pytestmark = pytest.mark.system

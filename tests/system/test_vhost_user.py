@@ -18,8 +18,8 @@ import time
 import pytest
 
 from virtwire.guest.qemu import GuestVM
+from virtwire.netns import Netns, netns
 from virtwire.testing import transfer
-from virtwire.testing.netns import Netns, netns
 from virtwire.testing.serve_process import ServeProcess as Server
 from virtwire.testing.serve_process import serve_on_tap
 

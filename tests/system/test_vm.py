@@ -12,7 +12,7 @@ import time
 import pytest
 
 from virtwire.guest.qemu import CommandFailed, GuestError, GuestTimeout, GuestVM
-from virtwire.testing.netns import TapError, netns, netns_exists, netns_with_bridge
+from virtwire.netns import TapError, netns, netns_exists, netns_with_bridge
 
 pytestmark = pytest.mark.system
 

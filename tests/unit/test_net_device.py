@@ -18,8 +18,8 @@ from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import inet_checksum
 from virtwire.net.header import VirtioNetHdr
 from virtwire.net.options import parse_options
-from virtwire.testing.pair import LocalNetTransport, RecordingInterrupt
 from virtwire.virtio import spec as s
+from virtwire.virtio.pair import LocalNetTransport, RecordingInterrupt
 
 
 class NetPair:

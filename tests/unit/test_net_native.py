@@ -17,9 +17,9 @@ from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator
 from virtwire.net.header import VirtioNetHdr
-from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
 from virtwire.virtio.packed_ring import PackedDriverQueue
+from virtwire.virtio.pair import RecordingInterrupt
 from virtwire.virtio.split_ring import SplitDriverQueue
 
 pytestmark = pytest.mark.skipif(_native.load() is None, reason="no C compiler")
@@ -126,7 +126,7 @@ def run_rx(native: bool, frames: list[bytes], *, rx_fill: int | None = None,
            packed: bool = False) -> tuple[list[bytes], dict, dict, int]:
     from virtwire._native.dgram import DgramBackend
     from virtwire.net.driver import NetDriverConfig, VirtioNetDriver
-    from virtwire.testing.pair import LocalNetTransport
+    from virtwire.virtio.pair import LocalNetTransport
 
     be = DgramBackend()
     try:

@@ -24,9 +24,9 @@ from virtwire.pci.device import (
     NOTIFY_OFFSET,
     VirtioPciDevice,
 )
-from virtwire.testing.pair import LoopbackDevice
 from virtwire.virtio import spec
 from virtwire.virtio.driver import GuestAllocator, VirtioDriver
+from virtwire.virtio.pair import LoopbackDevice
 
 SLOT = 3
 

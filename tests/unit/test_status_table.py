@@ -181,7 +181,7 @@ def test_tables_render_as_markdown():
 
 def test_bad_queue_base_marks_needs_reset_instead_of_raising():
     """A base the ring refuses (a packed slot beyond an 8-entry ring) is the driver's fault."""
-    from virtwire.testing.pair import DevicePair, LoopbackDevice
+    from virtwire.virtio.pair import DevicePair, LoopbackDevice
     from virtwire.virtio.spec import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_RING_PACKED
 
     pair = DevicePair(device=LoopbackDevice(packed=True))

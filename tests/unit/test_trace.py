@@ -219,7 +219,7 @@ def test_frame_hook_skips_the_header_and_copies_only_when_needed(tmp_path: Path)
 def test_data_path_hooks_stay_off_for_control_categories() -> None:
     trace.start(out=io.StringIO(), categories=["status", "kick"])
     assert trace.FRAMES is None
-    from virtwire.testing.pair import make_ring_pair
+    from virtwire.virtio.pair import make_ring_pair
 
     rp = make_ring_pair("split", 8)
     assert traced_queue.wrap_queue(rp.device, 0) is rp.device

@@ -10,8 +10,8 @@ import pytest
 from virtwire import trace
 from virtwire.net.device import VirtioNet
 from virtwire.pci.device import MODERN_BAR_SIZE, VirtioPciDevice
-from virtwire.testing.pair import make_ring_pair
 from virtwire.virtio import spec
+from virtwire.virtio.pair import make_ring_pair
 from virtwire.virtio.traced_queue import TracedQueue, wrap_queue
 
 BASE = 0xFEBF0000

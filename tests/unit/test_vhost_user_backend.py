@@ -28,9 +28,9 @@ from virtwire.hosts.vhost_user_proto import (
 )
 from virtwire.loop import EventFd, EventLoop
 from virtwire.memory import MmapGuestMemory
-from virtwire.testing.pair import LoopbackDevice
 from virtwire.virtio import spec
 from virtwire.virtio.driver import GuestAllocator
+from virtwire.virtio.pair import LoopbackDevice
 from virtwire.virtio.split_ring import SplitDriverQueue
 
 RAM = 1 << 20
@@ -321,7 +321,7 @@ def test_packed_position_read_back_from_the_ring(size):
     import random
 
     from virtwire.hosts.vhost_user import packed_position_from_ring
-    from virtwire.testing.pair import make_ring_pair
+    from virtwire.virtio.pair import make_ring_pair
 
     rp = make_ring_pair("packed", size)
     desc = rp.driver.layout()[0]
@@ -344,7 +344,7 @@ def test_packed_position_read_back_from_the_ring(size):
 
 def test_packed_position_refuses_multi_slot_chains():
     from virtwire.hosts.vhost_user import packed_position_from_ring
-    from virtwire.testing.pair import make_ring_pair
+    from virtwire.virtio.pair import make_ring_pair
 
     rp = make_ring_pair("packed", 16)
     desc = rp.driver.layout()[0]

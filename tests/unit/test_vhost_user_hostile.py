@@ -17,7 +17,7 @@ from virtwire.hosts import vhost_user_proto as vp
 from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
 from virtwire.hosts.vhost_user_proto import Message, ProtocolError
 from virtwire.loop import EventLoop
-from virtwire.testing.pair import LoopbackDevice
+from virtwire.virtio.pair import LoopbackDevice
 
 codes = st.one_of(st.sampled_from(list(vp.REQUESTS)), st.integers(0, 2**32 - 1))
 flags = st.sampled_from([1, 1 | 8, 1 | 4, 0, 3, 1 | 0x100])

@@ -24,18 +24,17 @@ the kernel cannot queue now is back-pressure (``send`` returns the frames taken 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from virtwire.backends.base import BackendError, Frame, readv_frame
+from virtwire.backends.base import Frame, readv_frame
+from virtwire.netns import TapError, run_in_netns
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -85,10 +84,6 @@ _T = TypeVar("_T")
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags (union, 24 bytes)
 
 
-class TapError(BackendError):
-    """A TAP could not be created, attached or configured (with the kernel's reason)."""
-
-
 def tun_offload_flags(features: int) -> int:
     """TUNSETOFFLOAD flags for what the guest negotiated to receive (GUEST_* features)."""
     f = 0
@@ -114,44 +109,8 @@ def _set_link_up(ifname: str) -> None:
 
 
 def in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` inside network namespace ``netns`` (``/run/netns/NAME``), or here if None.
-
-    # SAFETY: setns(CLONE_NEWNET) changes only the calling thread's namespace, so ``fn`` runs on
-    # a short-lived thread of its own; fds it opens (a tun fd, a socket) keep the namespace they
-    # were opened in after the thread is gone. libc's setns is reached through ctypes (Python
-    # 3.11 has no os.setns).
-    """
-    if netns is None:
-        return fn()
-    if "/" in netns or netns in (".", ".."):
-        raise TapError(f"bad network namespace name {netns!r}")
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            nsfd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            box["e"] = TapError(f"network namespace {netns!r}: {e.strerror}")
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(nsfd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                box["e"] = TapError(f"cannot enter network namespace {netns!r}: "
-                                    f"{os.strerror(err)}")
-                return
-            box["v"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            box["e"] = e
-        finally:
-            os.close(nsfd)
-
-    t = threading.Thread(target=run, name=f"netns-{netns}")
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]  # type: ignore[misc]
-    return box["v"]  # type: ignore[return-value]
+    """Run ``fn`` inside network namespace ``netns`` (``/run/netns/NAME``), or here if None."""
+    return run_in_netns(netns, fn, TapError)
 
 
 class TapBackend:

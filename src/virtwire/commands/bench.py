@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from virtwire.errors import CliError
-from virtwire.testing.pair import make_ring_pair
+from virtwire.virtio.pair import make_ring_pair
 from virtwire.virtio.queue import QueueFull
 
 NAME = "bench"

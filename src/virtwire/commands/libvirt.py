@@ -12,8 +12,9 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-from virtwire.config import _MAC_RE, PortConfig, parse_port
+from virtwire.config import PortConfig, parse_port
 from virtwire.errors import CliError, UserFacingError
+from virtwire.net.options import is_unicast_mac
 
 NAME = "libvirt"
 HELP = ("libvirt guests on virtwire: attach/detach a vhost-user NIC, check a domain XML, "
@@ -157,7 +158,7 @@ def _interface(args: argparse.Namespace) -> int:
         raise CliError("libvirt interface: give --path SOCK (or --port vhost-user,path=SOCK,...)")
     if not 1 <= args.queues <= 64:
         raise CliError(f"libvirt interface --queues {args.queues}: expected 1..64")
-    if not _MAC_RE.match(args.mac) or int(args.mac[:2], 16) & 1:
+    if not is_unicast_mac(args.mac):
         raise CliError(f"libvirt interface --mac {args.mac}: expected a unicast MAC")
     if not args.path or "'" in args.path or '"' in args.path or "<" in args.path \
             or "&" in args.path:

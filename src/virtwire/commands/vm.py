@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def demo(*, json_out: bool = False, accel: str = "tcg", timeout: float = 60.0) -> int:
     """The README's first command: guest <-> TAP in a private netns, ping, tidy summary."""
-    from virtwire.testing.netns import netns_with_tap
+    from virtwire.netns import netns_with_tap
 
     say = (lambda s: None) if json_out else (lambda s: print(s, flush=True))
     t0 = time.monotonic()

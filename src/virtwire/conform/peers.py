@@ -2,8 +2,8 @@
 
 - ``VirtwireServe``: ``virtwire serve`` (our own vhost-user back end, a separate process) inside a
   network namespace we create, its port on a TAP there; the peer is an AF_PACKET socket bound to
-  that TAP, opened *inside* the namespace (the calling thread enters it with ``setns`` only for
-  the ``socket()`` call; a socket stays in the namespace it was created in).
+  that TAP, opened *inside* the namespace (``netns.run_in_netns``: a socket stays in the
+  namespace it was created in).
 
 Frames the suite sends carry the IEEE local-experimental EtherType 0x88B5 and a magic, so the
 namespace's own kernel traffic (IPv6 neighbour discovery on the TAP) is told apart and ignored.
@@ -12,7 +12,6 @@ namespace's own kernel traffic (IPv6 neighbour discovery on the TAP) is told apa
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import socket
@@ -23,6 +22,7 @@ import time
 from collections.abc import Iterator
 
 from virtwire.errors import UserFacingError
+from virtwire.netns import run_in_netns
 
 __all__ = ["packet_socket_in_netns", "VirtwireServe", "TapPeer", "ETH_P_EXPERIMENTAL", "MAGIC",
            "is_test_frame"]
@@ -30,7 +30,6 @@ __all__ = ["packet_socket_in_netns", "VirtwireServe", "TapPeer", "ETH_P_EXPERIME
 ETH_P_ALL = 0x0003
 ETH_P_EXPERIMENTAL = 0x88B5
 MAGIC = b"VWD!"
-CLONE_NEWNET = 0x40000000
 
 
 def is_test_frame(f: bytes) -> bool:
@@ -39,21 +38,17 @@ def is_test_frame(f: bytes) -> bool:
 
 def packet_socket_in_netns(ns: str, ifname: str) -> socket.socket:
     """A raw AF_PACKET socket on ``ifname`` in network namespace ``ns`` (see module docstring)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             s.bind((ifname, 0))
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover - cannot happen
-                raise OSError(ctypes.get_errno(), "setns back to our namespace failed")
-    finally:
-        os.close(target)
-        os.close(home)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    s = run_in_netns(ns, make, OSError)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     return s
 
@@ -133,7 +128,7 @@ class VirtwireServe:
         self._stack = contextlib.ExitStack()
 
     def start(self, timeout: float = 20.0) -> VirtwireServe:
-        from virtwire.testing.netns import netns_with_tap
+        from virtwire.netns import netns_with_tap
 
         try:
             ns, tap = self._stack.enter_context(netns_with_tap(self.name))

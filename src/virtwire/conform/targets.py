@@ -126,7 +126,7 @@ class QemuTarget(Target):
                     QemuNetHarness(transitional=self.legacy, props=props, name="vwd"))
                 self.vm = self.h.vm
                 return
-            from virtwire.testing.netns import netns, unique_name
+            from virtwire.netns import netns, unique_name
 
             ns = self._stack.enter_context(netns("vwd"))
             tap = unique_name("vwd")

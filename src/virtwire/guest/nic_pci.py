@@ -20,69 +20,22 @@ after QEMU has exited; both ends and the TAP are closed then.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import socket
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from virtwire.errors import CliError, UserFacingError
-from virtwire.guest.nics import NicContext, NicPlan, NicSpec, check_ifname
+from virtwire.guest.nics import NicContext, NicPlan, NicSpec, check_ifname, register_nic_kind
+from virtwire.keyvals import parse_on_off
+from virtwire.net.options import SWITCHES
+from virtwire.netns import run_in_netns
 
-__all__ = ["build_pci_nic", "check_pci_nic", "parse_pci_options", "PCI_NIC_KEYS", "run_in_netns"]
+__all__ = ["build_pci_nic", "check_pci_nic", "parse_pci_options", "PCI_NIC_KEYS"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_NET_SWITCHES = ("csum", "guest_csum", "gso", "guest_tso4", "guest_tso6", "guest_ecn",
-                 "host_tso4", "host_tso6", "host_ecn", "mrg_rxbuf", "status", "ctrl_vq",
-                 "ctrl_rx", "ctrl_vlan", "ctrl_mac_addr", "ctrl_guest_offloads",
-                 "guest_announce", "packed", "event_idx", "indirect_desc")
-PCI_NIC_KEYS = frozenset({"backend", "ifname", "transitional", "queue_size", *_NET_SWITCHES})
-_CLONE_NEWNET = 0x40000000
-
-
-def run_in_netns(name: str | None, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a thread that joined network namespace ``name`` (setns(2) is per thread,
-    so the caller's namespace is untouched); fds it opens keep working from any thread."""
-    if not name:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise UserFacingError(f"cannot enter network namespace {name!r}: "
-                                          f"{os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=body, name=f"netns-{name}")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def _on_off(key: str, value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "yes", "true", "1"):
-        return True
-    if v in ("off", "no", "false", "0"):
-        return False
-    raise CliError(f"--net pci,{key}={value}: expected on or off")
+PCI_NIC_KEYS = frozenset({"backend", "ifname", "transitional", "queue_size", *SWITCHES})
 
 
 def parse_pci_options(spec: NicSpec, index: int = 0) -> dict[str, Any]:
@@ -94,11 +47,11 @@ def parse_pci_options(spec: NicSpec, index: int = 0) -> dict[str, Any]:
     if backend not in ("tap", "null"):
         raise CliError(f"--net pci,backend={backend}: expected tap or null")
     ifname = check_ifname(opts.pop("ifname", f"vwtap{index}"))
-    transitional = _on_off("transitional", opts.pop("transitional", "off"))
+    transitional = parse_on_off("--net pci,", "transitional", opts.pop("transitional", "off"))
     queue_size = opts.pop("queue_size", "256")
     if not queue_size.isdigit() or not 1 <= int(queue_size) <= 32768:
         raise CliError(f"--net pci,queue_size={queue_size}: expected 1..32768")
-    switches = {k: ("on" if _on_off(k, v) else "off") for k, v in opts.items()}
+    switches = {k: ("on" if parse_on_off("--net pci,", k, v) else "off") for k, v in opts.items()}
     return {"backend": backend, "ifname": ifname, "transitional": transitional,
             "queue_size": int(queue_size), "switches": switches}
 
@@ -124,7 +77,7 @@ def build_pci_nic(spec: NicSpec, ctx: NicContext) -> NicPlan:
         if backend == "tap":
             from virtwire.backends.tap import TapBackend
 
-            be: Any = run_in_netns(ctx.netns, lambda: TapBackend(ifname))
+            be: Any = run_in_netns(ctx.netns, lambda: TapBackend(ifname), UserFacingError)
         else:
             from virtwire.backends.null import NullBackend
 
@@ -168,3 +121,8 @@ def build_pci_nic(spec: NicSpec, ctx: NicContext) -> NicPlan:
         needs_qtest=ctx.accel == "tcg",
         after_launch=after_launch,
     )
+
+
+register_nic_kind("pci", build_pci_nic, check=check_pci_nic, keys=PCI_NIC_KEYS,
+                  help="virtwire's whole virtio-net PCI device via QEMU's PCI proxy "
+                       "(backend=tap|null, ifname=, transitional=on)")

@@ -24,18 +24,20 @@ import sys
 import time
 from pathlib import Path
 
-from virtwire.config import FEATURE_SWITCHES, parse_bool
 from virtwire.errors import CliError
 from virtwire.guest.nics import NicContext, NicPlan, NicSpec, register_nic_kind
+from virtwire.keyvals import escape_value, parse_on_off
+from virtwire.net.options import SWITCHES
 
-_KEYS = {"socket", "queues", "serve", "server", *FEATURE_SWITCHES}
+_KEYS = {"socket", "queues", "serve", "server", *SWITCHES}
+_FLAG = "--net vhost-user,"
 
 
 def _sidecar_argv(sock: str, serve: str, spec: NicSpec, ctx: NicContext, queues: int,
                   server: bool) -> list[str]:
     kind, _, arg = serve.partition(":")
-    port = f"vhost-user,path={sock},server={'on' if server else 'off'},queues={queues}," \
-           f"mac={ctx.mac},name={ctx.id}"
+    port = (f"vhost-user,path={escape_value(sock)},server={'on' if server else 'off'},"
+            f"queues={queues},mac={ctx.mac},name={ctx.id}")
     if kind == "tap":
         if not arg:
             raise CliError("--net vhost-user,serve=tap:IFNAME needs an interface name")
@@ -46,7 +48,7 @@ def _sidecar_argv(sock: str, serve: str, spec: NicSpec, ctx: NicContext, queues:
         port += ",backend=null"
     else:
         raise CliError(f"--net vhost-user,serve={serve}: expected tap:IFNAME, switch:NAME or null")
-    for k in FEATURE_SWITCHES:
+    for k in SWITCHES:
         if k in spec.options:
             port += f",{k}={spec.options[k]}"
     return [sys.executable, "-m", "virtwire", "serve", "--quiet", "--port", port]
@@ -61,16 +63,16 @@ def build_vhost_user(spec: NicSpec, ctx: NicContext) -> NicPlan:
         raise CliError(f"--net vhost-user,queues={opts['queues']}: not a number") from None
     if not 1 <= queues <= 64:
         raise CliError(f"--net vhost-user,queues={queues}: expected 1..64")
-    server = parse_bool("server", opts.get("server", "on"))  # the back end's role
+    server = parse_on_off(_FLAG, "server", opts.get("server", "on"))  # the back end's role
     cid, nid = f"{ctx.id}c", ctx.id
     chardev = (f"socket,id={cid},path={sock},reconnect=1" if server
                else f"socket,id={cid},path={sock},server=on")
     dev = f"virtio-net-pci,netdev={nid},mac={ctx.mac}"
     if queues > 1:
         dev += ",mq=on"
-    for k in FEATURE_SWITCHES:
+    for k in SWITCHES:
         if k in opts and k != "mq":
-            dev += f",{k}={'on' if parse_bool(k, opts[k]) else 'off'}"
+            dev += f",{k}={'on' if parse_on_off(_FLAG, k, opts[k]) else 'off'}"
     if ctx.accel == "tcg":
         dev += ",vectors=0"
     elif queues > 1:

@@ -32,7 +32,8 @@ A kind is a name plus a *builder*::
   log=/dev/null`` once; ``ctx.qtest_path`` is that path), and ``after_launch`` (called with the
   running ``GuestVM`` once QEMU is up; e.g. connect to the qtest socket).
 
-Kinds register at import. A kind not yet registered is looked up once in the module
+Kinds register at import (``qemu-tap`` and ``none`` here; ``pci`` and ``vhost-user`` in their
+own modules). A kind not yet registered is looked up once in the module
 ``virtwire.guest.nic_<kind>`` (dashes become underscores), so a new kind needs no edit here.
 The generic keys ``ip`` (guest address ADDR/LEN for this NIC) and ``mac`` are accepted by every
 kind; the launcher handles ``ip`` (kernel argument ``vw.ipN``).
@@ -50,10 +51,11 @@ from pathlib import Path
 from typing import Any
 
 from virtwire.errors import CliError
+from virtwire.keyvals import parse_key_values, split_options
+from virtwire.net.options import MAC_RE
+from virtwire.netns import IFNAMSIZ, valid_ifname
 
 GENERIC_KEYS = frozenset({"ip", "mac"})
-IFNAMSIZ = 16  # Linux interface names hold at most IFNAMSIZ - 1 = 15 bytes
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _IP_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})/(\d{1,2})$")
 
 
@@ -150,25 +152,14 @@ def nic_kinds() -> list[str]:
 
 
 def parse_nic_spec(text: str, index: int = 0) -> NicSpec:
-    """Parse ``KIND,key=val,...``; unknown kinds, unknown keys and bad values raise CliError."""
-    parts = [p.strip() for p in text.split(",")]
+    """Parse ``KIND,key=val,...`` (``,,`` is a comma in a value); unknown kinds, unknown keys and
+    bad values raise CliError."""
+    parts = split_options(text)
     kind_name = parts[0]
     if not kind_name:
         raise CliError(f"--net {text!r}: missing kind (known: {', '.join(nic_kinds())})")
     kind = get_nic_kind(kind_name)
-    options: dict[str, str] = {}
-    for p in parts[1:]:
-        if not p:
-            continue
-        if "=" not in p:
-            raise CliError(f"--net {kind_name}: expected key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        if k not in kind.keys:
-            raise CliError(f"--net {kind_name}: unknown key {k!r} "
-                           f"(known: {', '.join(sorted(kind.keys))})")
-        if k in options:
-            raise CliError(f"--net {kind_name}: key {k!r} given twice")
-        options[k] = v
+    options = parse_key_values(f"--net {kind_name}", parts[1:], kind.keys)
     missing = kind.required - options.keys()
     if missing:
         raise CliError(f"--net {kind_name}: missing key {sorted(missing)[0]!r}")
@@ -183,7 +174,7 @@ def parse_nic_spec(text: str, index: int = 0) -> NicSpec:
 
 
 def check_mac(mac: str) -> str:
-    if not _MAC_RE.match(mac):
+    if not MAC_RE.match(mac):
         raise CliError(f"bad MAC address {mac!r} (expected xx:xx:xx:xx:xx:xx)")
     if int(mac[:2], 16) & 1:
         raise CliError(f"bad MAC address {mac!r}: multicast bit set")
@@ -199,8 +190,7 @@ def check_ip(ip: str) -> str:
 
 def check_ifname(name: str) -> str:
     """Validate a Linux interface name (``dev_valid_name``): 1-15 bytes, no '/', ':' or space."""
-    if not name or len(name.encode()) >= IFNAMSIZ or name in (".", "..") or any(
-            c in name for c in "/: \t\n"):
+    if not valid_ifname(name):
         raise CliError(f"bad TAP name {name!r}: 1-{IFNAMSIZ - 1} characters, no '/', ':' "
                        "or whitespace")
     return name
@@ -236,25 +226,3 @@ def _check_qemu_tap(spec: NicSpec) -> None:
 register_nic_kind("qemu-tap", _build_qemu_tap, keys={"ifname"}, check=_check_qemu_tap,
                   help="QEMU's own virtio-net-pci on a TAP (ifname=, mac=)")
 register_nic_kind("none", _build_none, help="no NIC")
-
-
-def _build_pci(spec: NicSpec, ctx: NicContext) -> NicPlan:
-    from virtwire.guest.nic_pci import build_pci_nic  # X's PCI proxy NIC (lazy: heavy imports)
-
-    return build_pci_nic(spec, ctx)
-
-
-def _check_pci(spec: NicSpec) -> None:
-    from virtwire.guest.nic_pci import check_pci_nic
-
-    check_pci_nic(spec)
-
-
-register_nic_kind("pci", _build_pci, check=_check_pci,
-                  keys={"backend", "ifname", "transitional", "queue_size", "csum", "guest_csum",
-                        "gso", "guest_tso4", "guest_tso6", "guest_ecn", "host_tso4", "host_tso6",
-                        "host_ecn", "mrg_rxbuf", "status", "ctrl_vq", "ctrl_rx", "ctrl_vlan",
-                        "ctrl_mac_addr", "ctrl_guest_offloads", "guest_announce", "packed",
-                        "event_idx", "indirect_desc"},
-                  help="virtwire's whole virtio-net PCI device via QEMU's PCI proxy "
-                       "(backend=tap|null, ifname=, transitional=on)")

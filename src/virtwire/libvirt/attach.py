@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtwire.config import _MAC_RE, PortConfig
+from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.libvirt.check import (
     _Q,
@@ -38,6 +38,7 @@ from virtwire.libvirt.check import (
     merge_parts,
     valid_alias,
 )
+from virtwire.net.options import MAC_RE
 
 __all__ = ["AttachRefused", "AttachResult", "attach", "open_connection", "plan_attach",
            "port_config", "plan_detach", "detach"]
@@ -97,7 +98,7 @@ def port_config(text: str) -> PortConfig:
             server, queues, mac = att.get("server"), att.get("queues"), att.get("mac")
             # (it came off a socket: only well-formed values reach the XML)
             if isinstance(server, bool) and isinstance(queues, int) and 1 <= queues <= 64 \
-                    and isinstance(mac, str) and _MAC_RE.match(mac):
+                    and isinstance(mac, str) and MAC_RE.match(mac):
                 return PortConfig(path=text, server=server, queues=queues, mac=mac.lower())
             break
     raise UserFacingError(f"port {text}: the virtwire serve on {ctl} does not describe that port")

@@ -1,19 +1,23 @@
 """The virtio-net device's options: QEMU's ``virtio-net-pci`` property names and what they mean.
 
-``NET_OPTIONS`` maps each on/off switch to the feature bits it withdraws when off; the value
-options (``queues``, ``mac``, ``mtu``, ...) are listed in ``VALUE_OPTIONS``. ``parse_options``
-checks a ``"key=val,..."`` string or a mapping against them; ``mac_bytes`` and ``random_mac`` are
-the device's MAC helpers.
+The one table of device options. ``NET_OPTIONS`` maps each on/off switch to the feature bits it
+withdraws when off; the value options (``queues``, ``mac``, ``mtu``, ...) are listed in
+``VALUE_OPTIONS``. ``SWITCHES`` are the on/off device switches a user may give on ``--port`` and
+``--net`` (derived from the two). ``on_off`` is the one on/off parser, ``MAC_RE`` /
+``is_unicast_mac`` the one MAC check. ``parse_options`` checks a ``"key=val,..."`` string or a
+mapping against the table; ``mac_bytes`` and ``random_mac`` are the device's MAC helpers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from virtwire.virtio import spec as s
 
-__all__ = ["NET_OPTIONS", "VALUE_OPTIONS", "BOOL", "parse_options", "mac_bytes", "random_mac"]
+__all__ = ["NET_OPTIONS", "VALUE_OPTIONS", "BOOL", "SWITCHES", "BOOL_VALUE_OPTIONS", "MAC_RE",
+           "on_off", "is_unicast_mac", "parse_options", "mac_bytes", "random_mac"]
 
 # QEMU-style per-device switches (``-device virtio-net-pci,mrg_rxbuf=off``) -> feature bits.
 NET_OPTIONS: dict[str, tuple[int, ...]] = {
@@ -40,6 +44,24 @@ BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no
          "1": True, "0": False}
 VALUE_OPTIONS = ("queues", "mac", "mtu", "host_mtu", "rx_queue_size", "tx_queue_size",
                   "queue_size", "packed", "event_idx", "indirect_desc", "link")
+# Value options that are on/off too (ring layout and ring features, the link state).
+BOOL_VALUE_OPTIONS = ("packed", "event_idx", "indirect_desc", "link")
+# The on/off device switches of ``--port`` and ``--net`` (QEMU's property names).
+SWITCHES: tuple[str, ...] = (*NET_OPTIONS, *(k for k in BOOL_VALUE_OPTIONS if k != "link"))
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def on_off(value: str) -> bool:
+    """``on``/``off`` (also yes/no, true/false, 1/0, any case) -> bool; ValueError otherwise."""
+    v = BOOL.get(value.lower())
+    if v is None:
+        raise ValueError(f"{value!r}: expected on or off")
+    return v
+
+
+def is_unicast_mac(mac: str) -> bool:
+    """Is ``mac`` written xx:xx:xx:xx:xx:xx with the multicast bit clear?"""
+    return bool(MAC_RE.match(mac)) and not int(mac[:2], 16) & 1
 
 
 def parse_options(options: str | Mapping[str, Any] | None) -> dict[str, str]:
@@ -60,8 +82,7 @@ def parse_options(options: str | Mapping[str, Any] | None) -> dict[str, str]:
             raise ValueError(f"unknown virtio-net option {k!r} (known: "
                              f"{', '.join(sorted([*NET_OPTIONS, *VALUE_OPTIONS]))})")
         val = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
-        if (key in NET_OPTIONS or key in ("packed", "event_idx", "indirect_desc", "link")) \
-                and val not in BOOL:
+        if (key in NET_OPTIONS or key in BOOL_VALUE_OPTIONS) and val not in BOOL:
             raise ValueError(f"virtio-net option {k}={v!r}: expected on/off")
         out[key] = val
     return out

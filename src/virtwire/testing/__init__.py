@@ -1,10 +1,11 @@
 """virtwire.testing: the test kit shipped inside the package (trio style).
 
 An in-process driver/device pair over one guest memory, a recording interrupt sink and a small
-guest allocator; see ``virtwire.testing.pair``.
+guest allocator; see ``virtwire.virtio.pair``.
 """
 
-from virtwire.testing.pair import (
+from virtwire.virtio.driver import GuestAllocator
+from virtwire.virtio.pair import (
     DevicePair,
     LocalTransport,
     LoopbackDevice,
@@ -13,7 +14,6 @@ from virtwire.testing.pair import (
     make_device_queue,
     make_ring_pair,
 )
-from virtwire.virtio.driver import GuestAllocator
 
 __all__ = [
     "DevicePair",

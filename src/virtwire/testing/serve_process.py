@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from virtwire.testing.netns import Netns, netns
+from virtwire.netns import Netns, netns
 
 __all__ = ["ServeProcess", "serve_on_tap"]
 

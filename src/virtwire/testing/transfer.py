@@ -12,7 +12,7 @@ import sys
 import time
 
 from virtwire.guest.qemu import GuestVM
-from virtwire.testing.netns import Netns
+from virtwire.netns import Netns
 
 __all__ = ["tcp_both_ways", "pattern_sha256"]
 

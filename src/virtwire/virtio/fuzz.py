@@ -285,7 +285,7 @@ def _device_loop(rng: random.Random, rp: Any, stats: FuzzStats) -> None:
 
 def _via_device(rp: Any) -> None:
     """Serve the ring through ``VirtioDevice.notify``: nothing may escape."""
-    from virtwire.testing.pair import LoopbackDevice
+    from virtwire.virtio.pair import LoopbackDevice
 
     d = LoopbackDevice([rp.size], packed=rp.fmt == "packed")
     d.mem = rp.mem
@@ -302,7 +302,7 @@ def _via_device(rp: Any) -> None:
 
 def run_case(seed: int, fmt: str, stats: FuzzStats | None = None) -> str:
     """Run one case; returns its outcome and records it (see module docstring)."""
-    from virtwire.testing.pair import make_ring_pair
+    from virtwire.virtio.pair import make_ring_pair
 
     st = stats if stats is not None else FuzzStats()
     rng = random.Random(seed)

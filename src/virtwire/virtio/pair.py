@@ -12,7 +12,8 @@ feature negotiation, queue activation and kicks run exactly as over a real trans
 Two levels:
 
 - ``RingPair`` / ``make_ring_pair(fmt, size, ...)``: just a driver queue and a device queue of
-  one ring format over shared memory, with buffer helpers. Property tests, fuzz and bench use it.
+  one ring format over shared memory, with buffer helpers. ``virtwire bench``, ``virtwire fuzz``
+  and the property tests use it.
 - ``DevicePair``: a ``VirtioDevice`` (default ``LoopbackDevice``, which copies each chain's
   readable bytes into its writable part) plus a ``VirtioDriver`` over ``LocalTransport``.
 """

@@ -1,4 +1,9 @@
-"""Network namespaces with TAPs or a bridge, made for one test (or the demo) and removed after.
+"""Network namespaces: run code inside one, and make one with TAPs or a bridge for a while.
+
+``run_in_netns(name, fn)`` runs ``fn`` inside namespace ``/run/netns/NAME`` (the TAP backend
+opens its TAP there, the PCI NIC its backend, conform its packet sockets). ``netns``,
+``netns_with_tap`` and ``netns_with_bridge`` make a namespace for a test, the demo or a
+conformance target and remove it after.
 
 Everything lives inside a namespace created here, so addresses only ever go on links we made and
 nothing touches the host's own interfaces. Removal happens in ``finally`` blocks: a failing test
@@ -13,24 +18,78 @@ the context: a namespace a process still uses disappears only when that process 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import secrets
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from virtwire.backends.base import BackendError
 from virtwire.errors import UserFacingError
-from virtwire.guest.nics import IFNAMSIZ
+
+__all__ = ["IFNAMSIZ", "NetnsError", "TapError", "run_in_netns", "Netns", "netns",
+           "netns_with_tap", "netns_with_bridge", "netns_exists", "unique_name", "valid_ifname"]
+
+IFNAMSIZ = 16  # Linux interface names hold at most IFNAMSIZ - 1 = 15 bytes
+CLONE_NEWNET = 0x40000000
+_T = TypeVar("_T")
 
 
 class NetnsError(UserFacingError):
     """A namespace, TAP, bridge or address could not be set up."""
 
 
-class TapError(NetnsError):
-    """The kernel refused to create a TAP (bad name, no /dev/net/tun, no permission)."""
+class TapError(NetnsError, BackendError):
+    """A TAP could not be created, attached or configured (with the kernel's reason)."""
+
+
+def run_in_netns(name: str | None, fn: Callable[[], _T],
+                 error: type[Exception] = NetnsError) -> _T:
+    """Run ``fn`` inside network namespace ``name`` (``/run/netns/NAME``), or here if None.
+
+    # SAFETY: setns(CLONE_NEWNET) changes only the calling thread's namespace, so ``fn`` runs on
+    # a short-lived thread of its own and the caller's namespace is untouched; fds it opens (a
+    # tun fd, a socket) keep the namespace they were opened in after the thread is gone. libc's
+    # setns is reached through ctypes (Python 3.11 has no os.setns).
+
+    A namespace that cannot be entered raises ``error`` with the reason; what ``fn`` raises is
+    raised in the caller's thread.
+    """
+    if not name:
+        return fn()
+    if "/" in name or name in (".", ".."):
+        raise error(f"bad network namespace name {name!r}")
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            nsfd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            box["e"] = error(f"network namespace {name!r}: {e.strerror}")
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                box["e"] = error(f"cannot enter network namespace {name!r}: {os.strerror(err)}")
+                return
+            box["v"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["e"] = e
+        finally:
+            os.close(nsfd)
+
+    t = threading.Thread(target=run, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]  # type: ignore[misc]
+    return box["v"]  # type: ignore[return-value]
 
 
 def _ip(args: Sequence[str], what: str, err: type[NetnsError] = NetnsError) -> str:
