@@ -18,6 +18,7 @@ peer can ignore unrelated traffic.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 import time
@@ -28,8 +29,9 @@ from typing import Any
 
 from virtwire.conform.peers import ETH_P_EXPERIMENTAL, MAGIC
 from virtwire.conform.targets import Target
-from virtwire.net.driver import DEFAULT_NET_FEATURES, NetDriverConfig, VirtioNetDriver
+from virtwire.net.driver import NetDriverConfig, VirtioNetDriver
 from virtwire.net.frame import inet_checksum
+from virtwire.net.header import finish_checksum
 from virtwire.virtio import spec
 from virtwire.virtio.spec import bit
 
@@ -648,12 +650,12 @@ def _udp_frame(payload: bytes) -> tuple[bytes, bytes]:
     return eth + ip + udp_full, eth + ip + udp_part
 
 
-def _complete_csum(frame: bytes, start: int, off: int) -> bytes:
+def _finished(frame: bytes, start: int, off: int) -> bytes:
+    """``frame`` with its NEEDS_CSUM checksum completed (``net.header.finish_checksum``);
+    unchanged when the checksum field lies outside it."""
     f = bytearray(frame)
-    if start + off + 2 > len(f):
-        return bytes(f)
-    c = inet_checksum(bytes(f[start:]))
-    f[start + off : start + off + 2] = (c or 0xFFFF).to_bytes(2, "big")
+    with contextlib.suppress(ValueError):
+        finish_checksum(f, start, off)
     return bytes(f)
 
 
@@ -681,7 +683,7 @@ def c_csum(ctx: Context) -> Result:
             r = rx[0]
             got = r.data
             if r.flags & spec.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-                got = _complete_csum(got, r.csum_start, r.csum_offset)
+                got = _finished(got, r.csum_start, r.csum_offset)
         else:
             got, csum_not_ready = _peer_any(ctx, drv)
             if got is not None and got == partial and csum_not_ready:
@@ -816,7 +818,7 @@ def c_rx_gso(ctx: Context) -> Result:
             return Result(FAIL, "GSO frame delivered although GUEST_TSO4 was not negotiated", d)
         data = f0.data
         if f0.flags & spec.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            data = _complete_csum(data, f0.csum_start, f0.csum_offset)
+            data = _finished(data, f0.csum_start, f0.csum_offset)
         why = _tcp_payload_ok([data], payload)
         if why or f0.gso_type != spec.VIRTIO_NET_HDR_GSO_TCPV4 or f0.gso_size != 1448:
             return Result(FAIL, f"GSO frame: {why or 'gso fields wrong'}", d)
@@ -992,4 +994,3 @@ def format_table(report: dict[str, Any], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-_ = DEFAULT_NET_FEATURES  # re-exported for callers composing feature sets

@@ -3,7 +3,7 @@
 They are written through the real ``Tracer`` (with a fake clock), so every event has the shape a
 host writes. Used by the tests of ``explain`` and by ``virtwire explain --example``; the sequence
 follows what Linux 6.1's virtio_pci + virtio_net do (virtio 1.2 §3.1.1 Driver Requirements: Device
-Initialization) and, for vhost-user, QEMU 7.2's message order (see DESIGN.md).
+Initialization) and, for vhost-user, QEMU 7.2's message order.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def pci_proxy_session(out: IO[str], pings: int = 4) -> None:
 
 
 def vhost_user_session(out: IO[str], pings: int = 4) -> None:
-    """QEMU's vhost-user handshake, then the guest driver loading, then ping (DESIGN.md order)."""
+    """QEMU's vhost-user handshake, then the guest driver loading, then ping (QEMU 7.2's order)."""
     clk = _Clock()
     tr = Tracer(out, clock=clk, close_out=False)
     tr.emit("host", "start", kind="vhost-user", socket="/tmp/vwt.sock")

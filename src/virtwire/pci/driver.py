@@ -450,11 +450,6 @@ class _PciTransportBase:
     def name(self) -> str:
         return f"{'legacy' if self.legacy else 'modern'} virtio-pci {self.fn.bdf}"
 
-    def irq_raised(self) -> bool:
-        """Is the INTx line currently asserted (as seen through qtest's IOAPIC intercept)?"""
-        level = getattr(self.io, "irq_level", None)
-        return bool(level and self.fn.irq >= 0 and level.get(self.fn.irq))
-
     def wait_interrupt(self, timeout: float) -> int:
         """Wait for INTx, then read (and so acknowledge) the ISR; returns the ISR bits."""
         waiter = getattr(self.io, "wait_irq", None)
