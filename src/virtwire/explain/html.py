@@ -399,20 +399,7 @@ def _dur(d: float) -> str:
     return f"{d * 1e6:.0f} µs"
 
 
-def render_html(a: Analysis, title: str = "virtwire explain") -> str:
-    """The whole page as one string (see module docstring)."""
-    h: list[str] = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-                    '<meta name="viewport" content="width=device-width,initial-scale=1">',
-                    f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"]
-    src = ", ".join(a.sources) or "trace"
-    h.append(f"<header><h1>{_e(title)}</h1><div class='sub'>{_e(src)} &middot; transport "
-             f"<b>{_e(a.transport)}</b> &middot; {a.duration:.3f} s &middot; {len(a.events)} "
-             "events</div><nav>")
-    for p in a.phases:
-        h.append(f'<a href="#ph-{_e(p.id)}">{_e(p.title)}</a>')
-    h.append('<a href="#features">Features</a><a href="#queues">Queues</a>'
-             '<a href="#seq">Sequence</a></nav></header>')
-    # the story
+def _story_html(a: Analysis, h: list[str]) -> None:
     h.append('<h2 id="story">What happened</h2>')
     h.append(_timeline(a))
     h.append('<ol class="phases">')
@@ -429,7 +416,9 @@ def render_html(a: Analysis, title: str = "virtwire explain") -> str:
     missing = a.missing()
     if missing:
         h.append(f"<p class='sub'>Not seen in this trace: {_e(', '.join(missing))}</p>")
-    # features
+
+
+def _features_html(a: Analysis, h: list[str]) -> None:
     h.append('<h2 id="features">Features</h2>')
     if a.offered or a.negotiated:
         names = a.offered or a.negotiated
@@ -441,7 +430,9 @@ def render_html(a: Analysis, title: str = "virtwire explain") -> str:
                  "accepted by the driver</p>")
     else:
         h.append("<p class='sub'>No feature events in this trace.</p>")
-    # queues
+
+
+def _queues_html(a: Analysis, h: list[str]) -> None:
     h.append('<h2 id="queues">Queues</h2>')
     qs = [a.queues[q] for q in sorted(a.queues) if q >= 0]
     if qs:
@@ -473,7 +464,9 @@ def render_html(a: Analysis, title: str = "virtwire explain") -> str:
         h.append(f"<p>Steady state: {s['frames_tx']} frames out, {s['frames_rx']} in over "
                  f"{s['duration']:.3f} s; {s['kicks']} kicks, {s['irqs']} interrupts, "
                  f"{s['suppressed']} suppressed.</p>")
-    # sequence diagram
+
+
+def _sequence_html(a: Analysis, h: list[str]) -> None:
     cats = [c for c in CATEGORIES if any(e.get("cat") == c for e in a.events)]
     boxes = "".join(f'<label><input type="checkbox" data-cat="{_e(c)}" checked> {_e(c)}'
                     "</label>" for c in cats)
@@ -488,4 +481,23 @@ def render_html(a: Analysis, title: str = "virtwire explain") -> str:
     h.append(f'<div class="lanes"><div></div><div class="names">{lanes}</div></div>')
     h.append(f'<div id="seq">{_sequence(a)}</div>')
     h.append(f"<script>{_JS}</script></body></html>")
+
+
+def render_html(a: Analysis, title: str = "virtwire explain") -> str:
+    """The whole page as one string (see module docstring)."""
+    h: list[str] = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+                    '<meta name="viewport" content="width=device-width,initial-scale=1">',
+                    f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"]
+    src = ", ".join(a.sources) or "trace"
+    h.append(f"<header><h1>{_e(title)}</h1><div class='sub'>{_e(src)} &middot; transport "
+             f"<b>{_e(a.transport)}</b> &middot; {a.duration:.3f} s &middot; {len(a.events)} "
+             "events</div><nav>")
+    for p in a.phases:
+        h.append(f'<a href="#ph-{_e(p.id)}">{_e(p.title)}</a>')
+    h.append('<a href="#features">Features</a><a href="#queues">Queues</a>'
+             '<a href="#seq">Sequence</a></nav></header>')
+    _story_html(a, h)
+    _features_html(a, h)
+    _queues_html(a, h)
+    _sequence_html(a, h)
     return "\n".join(h)

@@ -234,10 +234,9 @@ def _w(e: dict[str, Any]) -> int:
     return s if isinstance(s, int) and s > 0 else 1
 
 
-def analyze(events: Iterable[dict[str, Any]], sources: Sequence[str] = ()) -> Analysis:
-    """Assign phases and gather the facts ``narrate`` and the HTML page tell (module docstring)."""
-    evs = [e for e in events if isinstance(e, dict)]
-    evs.sort(key=lambda e: float(e.get("t", 0.0)) if isinstance(e.get("t"), (int, float)) else 0)
+def _transport_and_counts(evs: list[dict[str, Any]]) -> tuple[str, dict[str, int]]:
+    """The host kind (from ``host.start``, else guessed from the categories) and the true
+    event counts summed over every ``trace.end``."""
     transport = "unknown"
     counts: dict[str, int] = {}
     for e in evs:
@@ -252,121 +251,139 @@ def analyze(events: Iterable[dict[str, Any]], sources: Sequence[str] = ()) -> An
             transport = "vhost-user"
         elif any(e.get("cat") == "pci" for e in evs):
             transport = "pci-proxy"
+    return transport, counts
 
-    have_frames = any(e.get("cat") == "frame" and "dir" in e for e in evs)
-    phases: list[Phase] = []
-    order = {p: i for i, p in enumerate(PHASES)}
-    seen_tx = seen_rx = False
-    queues: dict[int, QueueStats] = {}
-    offered: list[str] = []
-    negotiated: list[str] = []
-    negotiated_hex: str | None = None
-    status_path: list[str] = []
-    a = Analysis(evs, transport, phases, offered, negotiated, None, queues, counts, 0.0,
-                 status_path, sources=list(sources))
 
-    def qs(q: Any) -> QueueStats | None:
+class _Walk:
+    """What ``analyze`` carries from one event to the next: the phase so far and the facts."""
+
+    def __init__(self, a: Analysis) -> None:
+        self.a = a
+        self.have_frames = any(e.get("cat") == "frame" and "dir" in e for e in a.events)
+        self.order = {p: i for i, p in enumerate(PHASES)}
+        self.seen_tx = self.seen_rx = False
+
+    def qs(self, q: Any) -> QueueStats | None:
         if not isinstance(q, int) or q < 0 or q > 0xFFFF:
             return None
-        if q not in queues:
-            queues[q] = QueueStats(q)
-        return queues[q]
+        if q not in self.a.queues:
+            self.a.queues[q] = QueueStats(q)
+        return self.a.queues[q]
 
-    for i, e in enumerate(evs):
-        t = float(e.get("t", 0.0)) if isinstance(e.get("t"), (int, float)) else 0.0
-        cat, ev = e.get("cat"), e.get("ev")
-        trig = _trigger(e)
-        if not have_frames and isinstance(e.get("q"), int):
+    def trigger(self, e: dict[str, Any]) -> str | None:
+        """The phase this event would start (before the order rules)."""
+        cat, trig = e.get("cat"), _trigger(e)
+        if not self.have_frames and isinstance(e.get("q"), int):
             # Frames not traced: the first tx chain / first filled rx buffer stand in for them.
-            if cat == "chain" and e["q"] % 2 == 1 and not seen_tx:
+            if cat == "chain" and e["q"] % 2 == 1 and not self.seen_tx:
                 trig = "first_tx"
-            elif cat == "used" and e["q"] % 2 == 0 and not seen_rx and e.get("len", 0):
+            elif cat == "used" and e["q"] % 2 == 0 and not self.seen_rx and e.get("len", 0):
                 trig = "first_rx"
-            elif cat == "chain" and seen_tx and seen_rx:
+            elif cat == "chain" and self.seen_tx and self.seen_rx:
                 trig = "steady"
-        elif cat == "frame" and seen_tx and seen_rx:
+        elif cat == "frame" and self.seen_tx and self.seen_rx:
             trig = "steady"
-        if trig is not None:
-            cur = phases[-1].id if phases else None
-            new = trig
-            if new in ("first_tx", "first_rx"):
-                if any(p.id == new for p in phases):
-                    new = None
-            elif cur is not None and order[new] <= order[cur]:
-                new = None
-            elif cur in ("first_tx", "first_rx") and new != "steady":
-                new = None  # control events during I/O do not rewind the story
-            if new is not None and new in order:
-                if phases:
-                    phases[-1].end = t
-                    phases[-1].last = i
-                title = PHASE_TITLES[new]
-                if transport == "vhost-user":
-                    title = _VHOST_TITLES.get(new, title)
-                phases.append(Phase(new, title, t, first=i))
-                if new == "first_tx":
-                    seen_tx = True
-                elif new == "first_rx":
-                    seen_rx = True
-        # facts
+        return trig
+
+    def phase(self, i: int, e: dict[str, Any], t: float) -> None:
+        new = self.trigger(e)
+        if new is None:
+            return
+        phases = self.a.phases
+        cur = phases[-1].id if phases else None
+        if new in ("first_tx", "first_rx"):
+            if any(p.id == new for p in phases):
+                return
+        elif cur is not None and self.order[new] <= self.order[cur]:
+            return
+        elif cur in ("first_tx", "first_rx") and new != "steady":
+            return  # control events during I/O do not rewind the story
+        if new not in self.order:
+            return
+        if phases:
+            phases[-1].end = t
+            phases[-1].last = i
+        title = PHASE_TITLES[new]
+        if self.a.transport == "vhost-user":
+            title = _VHOST_TITLES.get(new, title)
+        phases.append(Phase(new, title, t, first=i))
+        if new == "first_tx":
+            self.seen_tx = True
+        elif new == "first_rx":
+            self.seen_rx = True
+
+    def fact(self, e: dict[str, Any], t: float) -> None:
+        a, cat, ev = self.a, e.get("cat"), e.get("ev")
         if cat == "feature" and ev == "offer" and isinstance(e.get("names"), list):
-            offered[:] = [str(x) for x in e["names"]]
+            a.offered[:] = [str(x) for x in e["names"]]
         elif cat == "feature" and ev == "negotiated" and isinstance(e.get("names"), list):
-            negotiated[:] = [str(x) for x in e["names"]]
-            negotiated_hex = str(e.get("features"))
-        elif cat == "feature" and ev == "ack" and isinstance(e.get("names"), list) \
-                and negotiated_hex is None:
-            pass
+            a.negotiated[:] = [str(x) for x in e["names"]]
+            a.negotiated_hex = str(e.get("features"))
         elif cat == "status" and ev == "set" and isinstance(e.get("new_names"), list):
-            status_path.append("|".join(str(x) for x in e["new_names"]) or "0 (reset)")
+            a.status_path.append("|".join(str(x) for x in e["new_names"]) or "0 (reset)")
         elif cat == "status" and ev == "reset":
-            status_path.append("0 (reset)")
+            a.status_path.append("0 (reset)")
         elif cat == "queue" and ev == "setup":
-            s = qs(e.get("q"))
+            s = self.qs(e.get("q"))
             if s is not None:
                 s.size, s.desc, s.avail, s.used_addr = (e.get("size"), e.get("desc"),
                                                        e.get("avail"), e.get("used"))
                 s.packed = bool(e.get("packed", False))
         elif cat in DATA_CATS:
-            w = _w(e)
-            s = qs(e.get("q"))
-            if cat == "frame":
-                n = e.get("len", 0) if isinstance(e.get("len"), int) else 0
-                if e.get("dir") == "tx":
-                    a.frames_tx += w
-                    a.bytes_tx += n * w
-                else:
-                    a.frames_rx += w
-                    a.bytes_rx += n * w
-                if s is not None:
-                    s.frames += w
-                    s.bytes += n * w
-            elif s is not None:
-                if cat == "kick":
-                    s.kicks += w
-                elif cat == "chain":
-                    s.chains += w
-                    d = e.get("descs")
-                    s.descs += (len(d) if isinstance(d, list) else 1) * w
-                elif cat == "used" and ev == "used":
-                    s.used += w
-                elif cat == "irq" and ev == "irq":
-                    s.irqs += w
-                elif cat == "irq" and ev == "suppressed":
-                    s.suppressed += w
-            if s is not None and len(s.times) < 200_000:
-                s.times.append((t, f"{cat}.{ev}" if cat in ("irq", "used") else cat, w))
+            self.data(e, t)
+
+    def data(self, e: dict[str, Any], t: float) -> None:
+        a, cat, ev, w = self.a, e.get("cat"), e.get("ev"), _w(e)
+        s = self.qs(e.get("q"))
+        if cat == "frame":
+            n = e.get("len", 0) if isinstance(e.get("len"), int) else 0
+            if e.get("dir") == "tx":
+                a.frames_tx += w
+                a.bytes_tx += n * w
+            else:
+                a.frames_rx += w
+                a.bytes_rx += n * w
+            if s is not None:
+                s.frames += w
+                s.bytes += n * w
+        elif s is not None:
+            if cat == "kick":
+                s.kicks += w
+            elif cat == "chain":
+                s.chains += w
+                d = e.get("descs")
+                s.descs += (len(d) if isinstance(d, list) else 1) * w
+            elif cat == "used" and ev == "used":
+                s.used += w
+            elif cat == "irq" and ev == "irq":
+                s.irqs += w
+            elif cat == "irq" and ev == "suppressed":
+                s.suppressed += w
+        if s is not None and len(s.times) < 200_000:
+            s.times.append((t, f"{cat}.{ev}" if cat in ("irq", "used") else str(cat), w))
+
+
+def analyze(events: Iterable[dict[str, Any]], sources: Sequence[str] = ()) -> Analysis:
+    """Assign phases and gather the facts ``narrate`` and the HTML page tell (module docstring)."""
+    evs = [e for e in events if isinstance(e, dict)]
+    evs.sort(key=lambda e: float(e.get("t", 0.0)) if isinstance(e.get("t"), (int, float)) else 0)
+    transport, counts = _transport_and_counts(evs)
+    a = Analysis(evs, transport, [], [], [], None, {}, counts, 0.0, [], sources=list(sources))
+    walk = _Walk(a)
+    for i, e in enumerate(evs):
+        t = float(e.get("t", 0.0)) if isinstance(e.get("t"), (int, float)) else 0.0
+        walk.phase(i, e, t)
+        walk.fact(e, t)
     if evs:
         a.duration = float(evs[-1].get("t", 0.0) or 0.0)
-    if phases:
-        phases[-1].end = a.duration
-        phases[-1].last = len(evs)
+    if a.phases:
+        a.phases[-1].end = a.duration
+        a.phases[-1].last = len(evs)
     _backdate_io(a)
-    a.negotiated_hex = negotiated_hex
     # roles: the control queue is the last one when CTRL_VQ was negotiated and the count is odd
-    set_up = sorted(q for q, s in queues.items() if s.size is not None)
-    ctrl_q = set_up[-1] if ("CTRL_VQ" in negotiated and len(set_up) % 2 == 1) else None
-    for q, s in queues.items():
+    set_up = sorted(q for q, s in a.queues.items() if s.size is not None)
+    ctrl_q = set_up[-1] if ("CTRL_VQ" in a.negotiated and len(set_up) % 2 == 1) else None
+    for q, s in a.queues.items():
         s.role = queue_role(q, ctrl_q)
     _steady(a)
     _facts(a)
@@ -426,95 +443,115 @@ def _facts(a: Analysis) -> None:
         p.facts[:] = [f for f in p.facts if not (f in seen or seen.add(f))]
 
 
+def _bars_facts(evs: list[dict[str, Any]], f: list[str]) -> None:
+    for e in evs:
+        if e.get("cat") == "pci" and e.get("ev") == "bar_size":
+            f.append(f"BAR{e.get('bar')} sized: {_size(e.get('size'))} "
+                     f"({e.get('kind', '?')})")
+        elif e.get("cat") == "pci" and e.get("ev") == "bar_map":
+            f.append(f"BAR{e.get('bar')} placed at {_hx(e.get('addr'))} "
+                     f"({_size(e.get('size'))}, {e.get('kind', '?')})")
+        elif e.get("cat") == "vhost" and e.get("ev") == "msg":
+            f.append(_vhost_line(e))
+    caps = _caps(evs)
+    if caps:
+        f.append(f"capabilities read: {', '.join(caps)}")
+    cmd = [e for e in evs if e.get("cat") == "pci" and e.get("ev") == "cfg_write"
+           and e.get("reg") == "command"]
+    if cmd:
+        v = cmd[-1].get("val", 0)
+        if isinstance(v, int):
+            bits = [n for b, n in ((0, "I/O"), (1, "memory"), (2, "bus master"))
+                    if v >> b & 1]
+            f.append(f"command register: {_hx(v)} ({', '.join(bits) or 'decoding off'})")
+
+
+def _negotiation_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> None:
+    for e in evs:
+        cat, ev = e.get("cat"), e.get("ev")
+        if cat == "status" and ev == "set" and not names(e.get("new_names")):
+            f.append("driver resets the device (status := 0)")
+        elif cat == "status" and ev == "set":
+            f.append(f"status {'|'.join(names(e.get('old_names'))) or '0'} -> "
+                     f"{'|'.join(names(e.get('new_names')))}")
+        elif cat == "status" and ev == "reset" and not (
+                f and f[-1].startswith("driver resets")):
+            f.append("device reset")
+        elif cat == "feature" and ev == "offer":
+            f.append(f"device offers {len(names(e.get('names')))} features: "
+                     f"{' '.join(names(e.get('names')))}")
+        elif cat == "feature" and ev == "ack" and e.get("names") is not None:
+            acc = ' '.join(names(e.get('names'))) or 'none'
+            f.append(f"driver writes feature word {e['sel']}; accepted so far: {acc}"
+                     if "sel" in e else f"driver accepts {acc}")
+        elif cat == "feature" and ev == "negotiated":
+            f.append(f"negotiated {e.get('features')}: {' '.join(names(e.get('names')))}")
+        elif cat == "vhost" and ev == "msg":
+            f.append(_vhost_line(e))
+    if a.offered and a.negotiated:
+        declined = [n for n in a.offered if n not in a.negotiated]
+        if declined:
+            f.append(f"offered but not accepted: {' '.join(declined)}")
+
+
+def _queues_facts(a: Analysis, evs: list[dict[str, Any]], f: list[str]) -> None:
+    for e in evs:
+        cat, ev = e.get("cat"), e.get("ev")
+        if cat == "queue" and ev == "setup":
+            q = e.get("q")
+            s = a.queues.get(q) if isinstance(q, int) else None
+            f.append(f"queue {q} ({s.role if s else '?'}): {e.get('size')} entries"
+                     f"{', packed' if e.get('packed') else ''}, desc {_hx(e.get('desc'))}"
+                     f", avail {_hx(e.get('avail'))}, used {_hx(e.get('used'))}")
+        elif cat == "status" and ev == "set":
+            f.append(f"status -> {'|'.join(names(e.get('new_names')))}")
+        elif cat == "vhost" and ev == "msg" and _req(e) in ("SET_MEM_TABLE",
+                                                            "ADD_MEM_REG"):
+            f.append(_vhost_line(e))
+        elif cat == "irq" and ev == "irq" and e.get("q", 0) == -1:
+            f.append("config interrupt")
+
+
+def _control_facts(evs: list[dict[str, Any]], f: list[str]) -> None:
+    for e in evs:
+        if e.get("cat") == "ctrl" and e.get("ev") == "cmd":
+            f.append(f"control queue: {e.get('class_name', e.get('class'))} "
+                     f"{e.get('cmd_name', e.get('cmd'))} -> "
+                     f"{'OK' if e.get('ack') == 0 else 'ERR'}")
+        elif e.get("cat") == "config" and e.get("ev") == "change":
+            f.append(f"config change: {e.get('field')} = {e.get('val')}")
+
+
+def _steady_facts(a: Analysis, f: list[str]) -> None:
+    s = a.steady
+    f.append(f"{s['duration']:.3f} s: {s['frames_tx']} frames out "
+             f"({s['pps_tx']:.1f}/s, {_rate(s['bps_tx'])}), {s['frames_rx']} in "
+             f"({s['pps_rx']:.1f}/s, {_rate(s['bps_rx'])})")
+    f.append(f"notifications: {s['kicks']} kicks (guest -> device), {s['irqs']} "
+             f"interrupts (device -> guest), {s['suppressed']} suppressed")
+    if s["chains_per_kick"] is not None:
+        f.append(f"{s['chains_per_kick']:.2f} chains per kick")
+    if s["frames_per_irq"] is not None:
+        f.append(f"{s['frames_per_irq']:.2f} frames per interrupt")
+
+
 def _phase_facts(a: Analysis, p: Phase) -> None:
     evs = a.events[p.first:p.last]
     f = p.facts
     if p.id == "discovery":
         _discovery_facts(a, evs, f)
     elif p.id == "bars":
-        for e in evs:
-            if e.get("cat") == "pci" and e.get("ev") == "bar_size":
-                f.append(f"BAR{e.get('bar')} sized: {_size(e.get('size'))} "
-                         f"({e.get('kind', '?')})")
-            elif e.get("cat") == "pci" and e.get("ev") == "bar_map":
-                f.append(f"BAR{e.get('bar')} placed at {_hx(e.get('addr'))} "
-                         f"({_size(e.get('size'))}, {e.get('kind', '?')})")
-            elif e.get("cat") == "vhost" and e.get("ev") == "msg":
-                f.append(_vhost_line(e))
-        caps = _caps(evs)
-        if caps:
-            f.append(f"capabilities read: {', '.join(caps)}")
-        cmd = [e for e in evs if e.get("cat") == "pci" and e.get("ev") == "cfg_write"
-               and e.get("reg") == "command"]
-        if cmd:
-            v = cmd[-1].get("val", 0)
-            if isinstance(v, int):
-                bits = [n for b, n in ((0, "I/O"), (1, "memory"), (2, "bus master"))
-                        if v >> b & 1]
-                f.append(f"command register: {_hx(v)} ({', '.join(bits) or 'decoding off'})")
+        _bars_facts(evs, f)
     elif p.id == "negotiation":
-        for e in evs:
-            cat, ev = e.get("cat"), e.get("ev")
-            if cat == "status" and ev == "set" and not names(e.get("new_names")):
-                f.append("driver resets the device (status := 0)")
-            elif cat == "status" and ev == "set":
-                f.append(f"status {'|'.join(names(e.get('old_names'))) or '0'} -> "
-                         f"{'|'.join(names(e.get('new_names')))}")
-            elif cat == "status" and ev == "reset" and not (
-                    f and f[-1].startswith("driver resets")):
-                f.append("device reset")
-            elif cat == "feature" and ev == "offer":
-                f.append(f"device offers {len(names(e.get('names')))} features: "
-                         f"{' '.join(names(e.get('names')))}")
-            elif cat == "feature" and ev == "ack" and e.get("names") is not None:
-                acc = ' '.join(names(e.get('names'))) or 'none'
-                f.append(f"driver writes feature word {e['sel']}; accepted so far: {acc}"
-                         if "sel" in e else f"driver accepts {acc}")
-            elif cat == "feature" and ev == "negotiated":
-                f.append(f"negotiated {e.get('features')}: {' '.join(names(e.get('names')))}")
-            elif cat == "vhost" and ev == "msg":
-                f.append(_vhost_line(e))
-        if a.offered and a.negotiated:
-            declined = [n for n in a.offered if n not in a.negotiated]
-            if declined:
-                f.append(f"offered but not accepted: {' '.join(declined)}")
+        _negotiation_facts(a, evs, f)
     elif p.id == "queues":
-        for e in evs:
-            cat, ev = e.get("cat"), e.get("ev")
-            if cat == "queue" and ev == "setup":
-                q = e.get("q")
-                s = a.queues.get(q) if isinstance(q, int) else None
-                f.append(f"queue {q} ({s.role if s else '?'}): {e.get('size')} entries"
-                         f"{', packed' if e.get('packed') else ''}, desc {_hx(e.get('desc'))}"
-                         f", avail {_hx(e.get('avail'))}, used {_hx(e.get('used'))}")
-            elif cat == "status" and ev == "set":
-                f.append(f"status -> {'|'.join(names(e.get('new_names')))}")
-            elif cat == "vhost" and ev == "msg" and _req(e) in ("SET_MEM_TABLE",
-                                                                "ADD_MEM_REG"):
-                f.append(_vhost_line(e))
-            elif cat == "irq" and ev == "irq" and e.get("q", 0) == -1:
-                f.append("config interrupt")
+        _queues_facts(a, evs, f)
     elif p.id in ("first_tx", "first_rx"):
         _io_facts(a, evs, f, "tx" if p.id == "first_tx" else "rx")
     if p.id != "steady":
-        for e in evs:
-            if e.get("cat") == "ctrl" and e.get("ev") == "cmd":
-                f.append(f"control queue: {e.get('class_name', e.get('class'))} "
-                         f"{e.get('cmd_name', e.get('cmd'))} -> "
-                         f"{'OK' if e.get('ack') == 0 else 'ERR'}")
-            elif e.get("cat") == "config" and e.get("ev") == "change":
-                f.append(f"config change: {e.get('field')} = {e.get('val')}")
+        _control_facts(evs, f)
     if p.id == "steady":
-        s = a.steady
-        f.append(f"{s['duration']:.3f} s: {s['frames_tx']} frames out "
-                 f"({s['pps_tx']:.1f}/s, {_rate(s['bps_tx'])}), {s['frames_rx']} in "
-                 f"({s['pps_rx']:.1f}/s, {_rate(s['bps_rx'])})")
-        f.append(f"notifications: {s['kicks']} kicks (guest -> device), {s['irqs']} "
-                 f"interrupts (device -> guest), {s['suppressed']} suppressed")
-        if s["chains_per_kick"] is not None:
-            f.append(f"{s['chains_per_kick']:.2f} chains per kick")
-        if s["frames_per_irq"] is not None:
-            f.append(f"{s['frames_per_irq']:.2f} frames per interrupt")
+        _steady_facts(a, f)
 
 
 def _rate(bps: float) -> str:

@@ -416,78 +416,83 @@ class VirtioPciDevice:
             return self.device.queue_config[sel]
         return None
 
+    # -- common configuration registers (§4.1.4.3) -------------------------------------------
+    def _q_get(self, attr: str, shift: int = 0) -> Callable[[], int]:
+        def get() -> int:
+            q = self._qcfg()
+            return (getattr(q, attr) >> shift) & 0xFFFFFFFF if q is not None else 0
+        return get
+
+    def _q_addr_set(self, attr: str, hi: bool) -> Callable[[int], None]:
+        def set_(v: int) -> None:
+            q = self._qcfg()
+            if q is None:
+                self._bad(f"queue address write for queue {self.queue_select}")
+                return
+            cur = getattr(q, attr)
+            new = (cur & 0xFFFFFFFF) | (v << 32) if hi else (cur & ~0xFFFFFFFF) | v
+            addrs = {"desc": q.desc, "driver": q.driver, "device": q.device, attr: new}
+            self.device.set_queue_addresses(q.index, addrs["desc"], addrs["driver"],
+                                            addrs["device"])
+        return set_
+
+    def _ignore(self, name: str) -> Callable[[int], None]:
+        def set_(v: int) -> None:
+            if v not in (0, spec.VIRTIO_MSI_NO_VECTOR):
+                self._bad(f"{name} write of {v:#x} (not supported)")
+        return set_
+
+    def _set_dfselect(self, v: int) -> None:
+        self.dfselect = v
+
+    def _set_gfselect(self, v: int) -> None:
+        self.gfselect = v
+
+    def _get_df(self) -> int:
+        return (self.device.offered_features >> (32 * self.dfselect)) & 0xFFFFFFFF \
+            if self.dfselect < 2 else 0
+
+    def _get_gf(self) -> int:
+        return (self.device.driver_features >> (32 * self.gfselect)) & 0xFFFFFFFF \
+            if self.gfselect < 2 else 0
+
+    def _set_gf(self, v: int) -> None:
+        if self.gfselect >= 2:
+            if v:
+                self._bad(f"driver_feature word {self.gfselect} = {v:#x}")
+            return
+        d, sh = self.device, 32 * self.gfselect
+        d.set_driver_features((d.driver_features & ~(0xFFFFFFFF << sh)) | (v << sh))
+
+    def _set_status(self, v: int) -> None:
+        self.device.write_status(v)
+        if v == 0:
+            self._transport_reset()
+
+    def _set_qsel(self, v: int) -> None:
+        self.queue_select = v
+
+    def _set_qsize(self, v: int) -> None:
+        if self._qcfg() is None:
+            self._bad(f"queue_size write for queue {self.queue_select}")
+            return
+        self.device.set_queue_size(self.queue_select, v)
+
+    def _set_qenable(self, v: int) -> None:
+        if self._qcfg() is None:
+            self._bad(f"queue_enable for queue {self.queue_select}")
+            return
+        if v != 1:
+            self._bad(f"queue_enable write of {v} (only 1 is allowed, §4.1.4.3.2)")
+            return
+        self.device.set_queue_ready(self.queue_select, True)
+
     def _common_table(self) -> dict[int, Reg]:
         d = self.device
-
-        def q_get(attr: str, shift: int = 0) -> Callable[[], int]:
-            def get() -> int:
-                q = self._qcfg()
-                return (getattr(q, attr) >> shift) & 0xFFFFFFFF if q is not None else 0
-            return get
-
-        def q_addr_set(attr: str, hi: bool) -> Callable[[int], None]:
-            def set_(v: int) -> None:
-                q = self._qcfg()
-                if q is None:
-                    self._bad(f"queue address write for queue {self.queue_select}")
-                    return
-                cur = getattr(q, attr)
-                new = (cur & 0xFFFFFFFF) | (v << 32) if hi else (cur & ~0xFFFFFFFF) | v
-                addrs = {"desc": q.desc, "driver": q.driver, "device": q.device, attr: new}
-                d.set_queue_addresses(q.index, addrs["desc"], addrs["driver"], addrs["device"])
-            return set_
-
-        def set_dfselect(v: int) -> None:
-            self.dfselect = v
-
-        def set_gfselect(v: int) -> None:
-            self.gfselect = v
-
-        def get_df() -> int:
-            return (d.offered_features >> (32 * self.dfselect)) & 0xFFFFFFFF \
-                if self.dfselect < 2 else 0
-
-        def get_gf() -> int:
-            return (d.driver_features >> (32 * self.gfselect)) & 0xFFFFFFFF \
-                if self.gfselect < 2 else 0
-
-        def set_gf(v: int) -> None:
-            if self.gfselect >= 2:
-                if v:
-                    self._bad(f"driver_feature word {self.gfselect} = {v:#x}")
-                return
-            sh = 32 * self.gfselect
-            d.set_driver_features((d.driver_features & ~(0xFFFFFFFF << sh)) | (v << sh))
-
-        def set_status(v: int) -> None:
-            d.write_status(v)
-            if v == 0:
-                self._transport_reset()
-
-        def set_qsel(v: int) -> None:
-            self.queue_select = v
-
-        def set_qsize(v: int) -> None:
-            if self._qcfg() is None:
-                self._bad(f"queue_size write for queue {self.queue_select}")
-                return
-            d.set_queue_size(self.queue_select, v)
-
-        def set_qenable(v: int) -> None:
-            if self._qcfg() is None:
-                self._bad(f"queue_enable for queue {self.queue_select}")
-                return
-            if v != 1:
-                self._bad(f"queue_enable write of {v} (only 1 is allowed, §4.1.4.3.2)")
-                return
-            d.set_queue_ready(self.queue_select, True)
-
-        def ignore(name: str) -> Callable[[int], None]:
-            def set_(v: int) -> None:
-                if v not in (0, spec.VIRTIO_MSI_NO_VECTOR):
-                    self._bad(f"{name} write of {v:#x} (not supported)")
-            return set_
-
+        q_get, q_addr_set, ignore = self._q_get, self._q_addr_set, self._ignore
+        set_dfselect, set_gfselect, get_df = self._set_dfselect, self._set_gfselect, self._get_df
+        get_gf, set_gf, set_status = self._get_gf, self._set_gf, self._set_status
+        set_qsel, set_qsize, set_qenable = self._set_qsel, self._set_qsize, self._set_qenable
         C = spec
         return {
             C.VIRTIO_PCI_COMMON_DFSELECT: Reg("device_feature_select", 4, lambda: self.dfselect,
