@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(command_run=mod.run)
     return parser
 
 
@@ -59,11 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    if not getattr(args, "_run", None):
+    if not getattr(args, "command_run", None):
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        return int(args.command_run(args) or 0)
     except UserFacingError as e:
         sys.stderr.write(f"virtwire: error: {e}\n")
         return e.exit_code

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.image_command == "build":
-        progress = None if args.quiet else image._stderr_progress
+        progress = None if args.quiet else image.stderr_progress
         result = image.build_image(rebuild=args.rebuild, progress=progress)
         if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from typing import Any
 
 from virtwire.config import PortConfig, parse_port
 from virtwire.errors import CliError, UserFacingError
@@ -188,7 +189,7 @@ def _interface(args: argparse.Namespace) -> int:
 
 
 # -- attach and domain ---------------------------------------------------------------------------
-def _add_attach_domain(sub: argparse._SubParsersAction) -> None:
+def _add_attach_domain(sub: Any) -> None:  # argparse's sub-parser action
     a = sub.add_parser("attach", help="give a defined domain a vhost-user NIC on a virtwire serve "
                                       "port, through the libvirt API (validated before saving)")
     a.add_argument("domain", metavar="DOMAIN", help="a defined domain's name")

@@ -302,7 +302,7 @@ def _burst_rounds(ctx: Context, target: Target, packed: bool, rounds: int = 30,
         if target.loopback:
             got = [r.data for r in drv.poll_receive(burst, 5)]
         else:
-            got = [Context._peer_recv(target, drv, 5) for _ in frames]
+            got = [Context.peer_recv(target, drv, 5) for _ in frames]
         if got != frames:
             raise AssertionError("frames lost or changed during a burst")
     return drv

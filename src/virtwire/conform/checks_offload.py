@@ -288,7 +288,7 @@ def c_mq(ctx: Context) -> Result:
         if drv.send_all(fr, queue=q) != len(fr):
             return Result(FAIL, f"transmitq{q} stuck")
         sent_out += fr
-    got_out = [Context._peer_recv(ctx.t, drv, 3) for _ in sent_out]
+    got_out = [Context.peer_recv(ctx.t, drv, 3) for _ in sent_out]
     inn = [test_frame(ctx.rnd, ctx.rnd.randint(60, 1514)) for _ in range(100)]
     for f in inn:
         ctx.t.peer_send(f)

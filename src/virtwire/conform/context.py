@@ -106,7 +106,7 @@ class Context:
                 raise AssertionError(f"transmit ring stuck after {k} frames")
             if not t.loopback:
                 for _ in b:
-                    ex.got_out.append(self._peer_recv(t, drv, timeout))
+                    ex.got_out.append(self.peer_recv(t, drv, timeout))
                 for f in inn[k : k + batch]:
                     t.peer_send(f)
             rx = drv.poll_receive(len(b), timeout=timeout)
@@ -119,7 +119,7 @@ class Context:
         return ex
 
     @staticmethod
-    def _peer_recv(t: Target, drv: VirtioNetDriver, timeout: float) -> bytes | None:
+    def peer_recv(t: Target, drv: VirtioNetDriver, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             f = t.peer_recv(0.002)

@@ -58,6 +58,7 @@ class QtestClient:
         self._buf = bytearray()
         self.irq_level: dict[int, bool] = {}
         self.irq_raises: dict[int, int] = {}
+        self.intercepted: set[str] = set()  # qom paths whose IRQ inputs are reported
         self.round_trips = 0
 
     # -- line transport ----------------------------------------------------------------------
@@ -204,8 +205,12 @@ class QtestClient:
 
     # -- interrupts and clock ------------------------------------------------------------------
     def irq_intercept_in(self, qom_path: str) -> None:
-        """Report the GPIO *inputs* of ``qom_path`` (e.g. ``ioapic``) as IRQ lines."""
+        """Report the GPIO *inputs* of ``qom_path`` (e.g. ``ioapic``) as IRQ lines (once: QEMU
+        refuses a second interception)."""
+        if qom_path in self.intercepted:
+            return
         self.command(f"irq_intercept_in {qom_path}")
+        self.intercepted.add(qom_path)
 
     def irq_intercept_out(self, qom_path: str) -> None:
         self.command(f"irq_intercept_out {qom_path}")

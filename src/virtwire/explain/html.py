@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from virtwire.explain.model import DATA_CATS, PHASE_TITLES, Analysis, QueueStats, names
-from virtwire.explain.narrative import _INTRO, _VHOST_INTRO
+from virtwire.explain.narrative import INTRO, VHOST_INTRO
 from virtwire.trace import CATEGORIES
 from virtwire.trace.reader import LANES, flow
 
@@ -404,8 +404,8 @@ def _story_html(a: Analysis, h: list[str]) -> None:
     h.append(_timeline(a))
     h.append('<ol class="phases">')
     for p in a.phases:
-        intro = (_VHOST_INTRO.get(p.id) if a.transport == "vhost-user" else None) or \
-            _INTRO.get(p.id, "")
+        intro = (VHOST_INTRO.get(p.id) if a.transport == "vhost-user" else None) or \
+            INTRO.get(p.id, "")
         facts = "".join(f"<li>{_e(f)}</li>" for f in p.facts[:40])
         h.append(f'<li id="ph-{_e(p.id)}"><span class="ph-t">{_e(p.title)}</span>'
                  f'<span class="ph-m">t={p.start:.6f} s, {p.end - p.start:.6f} s, '

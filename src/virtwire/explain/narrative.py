@@ -8,7 +8,7 @@ from virtwire.explain.model import PHASE_TITLES, Analysis
 
 __all__ = ["narrate"]
 
-_INTRO = {
+INTRO = {
     "discovery": "The guest finds the device and reads what it is.",
     "bars": "Resources are assigned so the device's registers become reachable.",
     "negotiation": "Driver and device agree on features (virtio 1.2 §3.1.1, §2.2).",
@@ -20,7 +20,7 @@ _INTRO = {
                 "(§5.1.6.3).",
     "steady": "Traffic flows; notification counts show how well suppression batches (§2.7.7).",
 }
-_VHOST_INTRO = {
+VHOST_INTRO = {
     "discovery": "QEMU connects to the vhost-user socket and asks what the back end can do.",
     "bars": "QEMU sets itself as owner and hands over notification eventfds.",
     "negotiation": "The guest driver has negotiated features with QEMU; QEMU passes them on "
@@ -44,8 +44,8 @@ def narrate(a: Analysis, width: int = 100) -> str:
         head = f"{n}. {p.title}"
         out.append(f"  {head:<44} t={p.start:9.4f} s  ({p.end - p.start:.4f} s, "
                    f"{count} events)")
-        intro = (_VHOST_INTRO.get(p.id) if a.transport == "vhost-user" else None) or \
-            _INTRO.get(p.id, "")
+        intro = (VHOST_INTRO.get(p.id) if a.transport == "vhost-user" else None) or \
+            INTRO.get(p.id, "")
         out.extend(textwrap.wrap(intro, width=width, initial_indent="     ",
                                  subsequent_indent="     "))
         for f in p.facts[:24]:

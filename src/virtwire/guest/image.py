@@ -98,7 +98,7 @@ class GuestImage:
 Progress = Callable[[str], None]
 
 
-def _stderr_progress(msg: str) -> None:
+def stderr_progress(msg: str) -> None:
     sys.stderr.write(f"image: {msg}\n")
     sys.stderr.flush()
 

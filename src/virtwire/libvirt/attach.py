@@ -31,7 +31,7 @@ from typing import Any
 from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.libvirt.check import (
-    _Q,
+    QEMU_TAG,
     Report,
     check_domain,
     interface_parts,
@@ -136,9 +136,9 @@ def plan_attach(root: ET.Element, cfg: PortConfig,
                 old = iface.find("alias")
                 replaced.append(old.get("name", "") if old is not None else "")
                 devices.remove(iface)
-    ovr = root.find(f"{_Q}override")
+    ovr = root.find(f"{QEMU_TAG}override")
     if ovr is not None:
-        for d in ovr.findall(f"{_Q}device"):
+        for d in ovr.findall(f"{QEMU_TAG}device"):
             if d.get("alias") in replaced and d.get("alias") != alias:
                 ovr.remove(d)
         if not len(ovr):
@@ -239,9 +239,9 @@ def plan_detach(root: ET.Element, which: str) -> list[str]:
     if not gone:
         raise UserFacingError(f"libvirt detach: no vhostuser interface with socket, alias or MAC "
                               f"{which!r} in {root.findtext('name') or 'the domain'}")
-    ovr = root.find(f"{_Q}override")
+    ovr = root.find(f"{QEMU_TAG}override")
     if ovr is not None:
-        for d in ovr.findall(f"{_Q}device"):
+        for d in ovr.findall(f"{QEMU_TAG}device"):
             if d.get("alias") and d.get("alias") in gone:
                 ovr.remove(d)
                 changes.append(f"qemu:override {d.get('alias')}: removed")

@@ -39,7 +39,7 @@ __all__ = ["Finding", "Report", "check_domain", "check_file", "interface_parts",
            "interface_snippet", "QEMU_NS", "valid_alias"]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-_Q = f"{{{QEMU_NS}}}"
+QEMU_TAG = f"{{{QEMU_NS}}}"
 _ALIAS_RE = re.compile(r"^ua-[A-Za-z0-9_-]+$")
 
 ET.register_namespace("qemu", QEMU_NS)
@@ -189,8 +189,8 @@ def _check_acpi(root: ET.Element, rep: Report) -> None:
 def _vectors_overrides(root: ET.Element) -> dict[str, str]:
     """``{alias: value}`` of each ``<qemu:override>`` frontend property ``vectors``."""
     found: dict[str, str] = {}
-    for dev in root.findall(f"./{_Q}override/{_Q}device"):
-        for prop in dev.findall(f"./{_Q}frontend/{_Q}property"):
+    for dev in root.findall(f"./{QEMU_TAG}override/{QEMU_TAG}device"):
+        for prop in dev.findall(f"./{QEMU_TAG}frontend/{QEMU_TAG}property"):
             if prop.get("name") == "vectors":
                 found[dev.get("alias", "")] = prop.get("value", "")
     return found
@@ -393,10 +393,10 @@ def interface_parts(cfg: PortConfig, alias: str) -> dict[str, ET.Element]:
     mb = ET.Element("memoryBacking")
     ET.SubElement(mb, "source", type="memfd")
     ET.SubElement(mb, "access", mode="shared")
-    ovr = ET.Element(f"{_Q}override")
-    dev = ET.SubElement(ovr, f"{_Q}device", alias=alias)
-    fe = ET.SubElement(dev, f"{_Q}frontend")
-    ET.SubElement(fe, f"{_Q}property", name="vectors", type="unsigned", value="0")
+    ovr = ET.Element(f"{QEMU_TAG}override")
+    dev = ET.SubElement(ovr, f"{QEMU_TAG}device", alias=alias)
+    fe = ET.SubElement(dev, f"{QEMU_TAG}frontend")
+    ET.SubElement(fe, f"{QEMU_TAG}property", name="vectors", type="unsigned", value="0")
     return {"memoryBacking": mb, "acpi": ET.Element("acpi"),
             "interface": ET.fromstring(libvirt_xml(cfg, alias=alias)), "qemu:override": ovr}
 
@@ -450,12 +450,12 @@ def merge_parts(root: ET.Element, parts: dict[str, ET.Element]) -> ET.Element:
         devices = ET.SubElement(root, "devices")
     devices.append(parts["interface"])
     if root.get("type") == "qemu":
-        alias = parts["qemu:override"].find(f"{_Q}device").get("alias")
-        ovr = root.find(f"{_Q}override")
+        alias = parts["qemu:override"].find(f"{QEMU_TAG}device").get("alias")
+        ovr = root.find(f"{QEMU_TAG}override")
         if ovr is None:
             root.append(parts["qemu:override"])
         else:
-            for d in ovr.findall(f"{_Q}device"):
+            for d in ovr.findall(f"{QEMU_TAG}device"):
                 if d.get("alias") == alias:
                     ovr.remove(d)
             ovr.extend(list(parts["qemu:override"]))

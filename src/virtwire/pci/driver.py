@@ -479,7 +479,6 @@ def probe_pci_transport(
     walk_capabilities(f)
     route_intx(f, cfg)
     intercept = getattr(io, "irq_intercept_in", None)
-    if intercept is not None and f.irq >= 0 and not getattr(io, "_vw_ioapic_intercepted", False):
-        intercept("ioapic")
-        io._vw_ioapic_intercepted = True  # type: ignore[attr-defined]
+    if intercept is not None and f.irq >= 0:
+        intercept("ioapic")  # the client intercepts once
     return LegacyPciTransport(f, io) if legacy else ModernPciTransport(f, io)
