@@ -1,7 +1,9 @@
 """virtwire.testing: the test kit shipped inside the package (trio style).
 
-An in-process driver/device pair over one guest memory, a recording interrupt sink and a small
-guest allocator; see ``virtwire.virtio.pair``.
+What only tests use: a libvirtd of their own (``libvirtd``), ``virtwire serve`` as a child
+process (``serve_process``), bulk transfers through a guest (``transfer``). For convenience it
+re-exports the in-process driver/device pair, which is product code (``virtio.pair``: the
+``bench`` and ``fuzz`` commands run on it).
 """
 
 from virtwire.virtio.driver import GuestAllocator
