@@ -46,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
     control = args.control or configs[0].path + ".ctl"
     tracer = configure_from_args(args)
+    from virtwire.backends.base import BackendError
+
     try:
         srv = serve.build(configs)
+    except BackendError as e:  # a TapError too: our side, one clear line
+        raise UserFacingError(f"serve: cannot set up the ports: {e}") from None
     except UserFacingError:
         raise
-    except Exception as e:  # TapError, BackendError, OSError...: our side, one clear line
+    except Exception as e:  # OSError...: our side, one clear line
         raise UserFacingError(f"serve: cannot set up the ports: {e}") from None
     try:
         try:
