@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from virtwire import _native
 from virtwire.backends.null import NullBackend
 from virtwire.memory import BytearrayGuestMemory
+from virtwire.net import native as _native
 from virtwire.net.device import VirtioNet
 from virtwire.net.driver import DmaAllocator
 from virtwire.net.header import VirtioNetHdr

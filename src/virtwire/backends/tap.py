@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from virtwire.backends.base import BackendError, Frame, readv_frame
+from virtwire.net.backend import count_into
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -244,9 +245,16 @@ class TapBackend:
     def fileno(self) -> int:
         return self.fd
 
-    def native_tx_fd(self) -> int | None:
-        """For the device's C TX fast path: frames are written to this fd (header kept)."""
+    def native_fd(self) -> int | None:
+        """For the device's C fast paths: frames are written to and read from this fd (header
+        kept; ``NetBackend.native_fd``)."""
         return self.fd if self.fd >= 0 else None
+
+    def drain_wakeup(self) -> None:
+        """Nothing to clear: the TAP fd is readable exactly while frames are queued."""
+
+    def count_native(self, **counts: int) -> None:
+        count_into(self.counters, **counts)
 
     def configure(self, features: int, hdr_len: int) -> None:
         """Header size = the guest's; offloads = what the guest can receive."""

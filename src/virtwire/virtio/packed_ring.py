@@ -71,7 +71,7 @@ from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.chain import ChainBuilder, DescriptorChain
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, packed_need_event
-from virtwire.virtio.queue import QueueFull
+from virtwire.virtio.queue import QueueFull, RingPositions
 from virtwire.virtio.spec import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -342,6 +342,34 @@ class PackedQueue:
         self.next_used, self.used_wrap = idx, wrap
         self.inflight = gap
         self._mark_signalled()
+
+    # -- positions for a native burst and for restart (``queue.DeviceQueue``) -----------------
+    def positions(self) -> RingPositions:
+        return RingPositions(self.next_avail, self.next_used, self.inflight, self._staged,
+                             self.avail_wrap, self.used_wrap, self._staged_first)
+
+    def adopt(self, pos: RingPositions) -> None:
+        """Take over what a native burst did (slots popped, used elements staged; the first
+        staged element's flags are kept back for ``publish``)."""
+        self.next_avail, self.avail_wrap = pos.next_avail, pos.avail_wrap
+        self.next_used, self.used_wrap = pos.next_used, pos.used_wrap
+        self.inflight = pos.in_flight
+        self._staged = pos.staged
+        self._staged_first = pos.staged_first
+
+    def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None = None) -> None:
+        """Give ``chains`` (the last popped, none used) back: next-avail moves back over their
+        descriptors (packed rings count descriptors and may cross a wrap); the used side stays."""
+        if not chains:
+            return
+        used = self.get_used_base()
+        idx, wrap = self.next_avail, self.avail_wrap
+        idx -= sum(c.ring_descs for c in chains)
+        while idx < 0:
+            idx += self.size
+            wrap ^= 1
+        self.set_base(idx | wrap << PVIRTQ_EVENT_WRAP_SHIFT)
+        self.set_used_base(used)
 
     def get_vring_base32(self) -> int:
         """QEMU's 32-bit packed vring base: avail (idx|wrap<<15) | used (idx|wrap<<15) << 16."""

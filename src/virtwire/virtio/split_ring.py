@@ -51,7 +51,7 @@ from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.chain import ChainBuilder, DescriptorChain
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, vring_need_event
-from virtwire.virtio.queue import QueueFull
+from virtwire.virtio.queue import QueueFull, RingPositions
 from virtwire.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -453,6 +453,46 @@ class SplitQueue:
     def in_flight(self) -> int:
         """Chains popped and not yet pushed."""
         return self._in_flight
+
+    # -- positions for a native burst and for restart (``queue.DeviceQueue``) -----------------
+    def positions(self) -> RingPositions:
+        return RingPositions(self.next_avail, self.next_used, self._in_flight, self._staged)
+
+    def adopt(self, pos: RingPositions) -> None:
+        """Take over what a native burst did: chains popped (``next_avail``, ``in_flight``),
+        used elements staged after ours (``staged``) or already published (``next_used``)."""
+        self.next_avail = pos.next_avail & 0xFFFF
+        self.next_used = pos.next_used & 0xFFFF
+        self._in_flight = pos.in_flight
+        self._staged = pos.staged
+
+    def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None) -> None:
+        """Give ``chains`` (popped, none used) back: move next-avail back over them.
+
+        That is only right when they are exactly the last ones popped, in order -- the usual
+        case, checked against the avail entries. When a chain popped in between was already
+        used (a guest's too-small RX buffer, a dropped TX frame), the chains are returned as used
+        with length 0 instead (§2.7.8: a device may return a buffer unwritten)."""
+        if not chains:
+            return
+        n = len(chains)
+        start = (self.next_avail - n) & 0xFFFF
+        contiguous = (start - self.next_used) & 0xFFFF == 0
+        if contiguous and mem is not None:
+            try:
+                for k, c in enumerate(chains):
+                    slot = (start + k) & (self.size - 1)
+                    if mem.read_u16(self.avail_addr + 4 + 2 * slot) != c.head:
+                        contiguous = False
+                        break
+            except Exception:  # noqa: BLE001 - memory already gone: give back by count
+                pass
+        if contiguous:
+            self.set_base(start)
+            return
+        for c in chains:
+            self.push(mem, c, 0)  # type: ignore[arg-type]
+        self.publish(mem)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
