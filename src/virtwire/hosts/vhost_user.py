@@ -140,7 +140,8 @@ class HostedDevice(Protocol):
     def queue_enabled(self, index: int, enabled: bool) -> None: ...
 
     def queue_kicked(self, index: int) -> None:
-        """Process ring ``index`` (drain it: batch, one publish, at most one ``notify``)."""
+        """Process ring ``index`` (drain it: batch, one publish, at most one ``notify``). It
+        may come for a ring stopped after its kick was read: ignored then."""
 
     def memory_changed(self, mem: Any) -> None: ...
 
@@ -585,7 +586,8 @@ class VhostUserBackend:
             tr = _trace.TRACE
             if tr is not None:
                 tr.emit("kick", "kick", q=vr.index)
-            self.loop.defer(("vring", id(self), vr.index), self._kicked, vr)
+            # Straight to the device (the kick path is short: epoll, this, the device).
+            self.loop.defer(("vring", id(self), vr.index), self.device.queue_kicked, vr.index)
 
     def _kicked(self, vr: Vring) -> None:
         if not vr.started:
@@ -1035,6 +1037,8 @@ class VirtioDeviceHost:
         from virtwire.virtio import spec as s
 
         d = self.dev
+        if d.queues[index] is None:
+            return  # the ring stopped after the kick was read
         was = d.status & s.VIRTIO_CONFIG_S_NEEDS_RESET
         d.notify(index)
         if d.status & s.VIRTIO_CONFIG_S_NEEDS_RESET and not was and self.on_ring_error:
