@@ -41,7 +41,8 @@ from xml.sax.saxutils import escape as xml_escape
 from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.hosts.pump import BackendPump
-from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
+from virtwire.hosts.vhost_device import VirtioDeviceHost
+from virtwire.hosts.vhost_user import VhostUserBackend
 from virtwire.loop import EventLoop
 
 log = logging.getLogger(__name__)
