@@ -8,7 +8,7 @@ This is the one module that knows every layer (Firecracker's builder role). For 
 - the frame backend of each queue pair: a TAP queue (``IFF_MULTI_QUEUE`` when there are several
   pairs), a port of an in-process learning switch, ``null`` or ``memory``;
 - the virtio-net device model (``net.device.VirtioNet``) with those backends and the port's
-  feature switches, hosted through ``hosts.vhost_user.VirtioDeviceHost`` (2 rings per pair: QEMU
+  feature switches, hosted through ``hosts.vhost_device.VirtioDeviceHost`` (2 rings per pair: QEMU
   keeps the control queue);
 - the ``VhostUserBackend`` on the port's socket (server or client).
 

@@ -19,7 +19,7 @@ from virtwire.net.driver import DmaAllocator
 from virtwire.net.header import VirtioNetHdr
 from virtwire.testing.pair import RecordingInterrupt
 from virtwire.virtio import spec as s
-from virtwire.virtio.packed_ring import PackedDriverQueue
+from virtwire.virtio.packed_driver import PackedDriverQueue
 from virtwire.virtio.split_ring import SplitDriverQueue
 
 pytestmark = pytest.mark.skipif(_native.load() is None, reason="no C compiler")

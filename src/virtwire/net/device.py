@@ -17,7 +17,7 @@ Stopping a ring (vhost-user GET_VRING_BASE, ``queue_stopped``) publishes what wa
 rewinds the ring over stashed/pending chains (``DeviceQueue.rewind``), so a restarted back end
 offers them again.
 
-Driving without a status register (vhost-user): ``VirtioDeviceHost`` (hosts/vhost_user.py) walks
+Driving without a status register (vhost-user): ``VirtioDeviceHost`` (hosts/vhost_device.py) walks
 the status machine itself and hands over started rings; the hooks here are ``queue_started``,
 ``queue_stopped``, ``queue_enabled``, ``send_rarp`` and ``set_mtu``; a backend wake-up is
 ``backend_ready(pair)``. ``start_direct(features, mem, interrupt)`` does the same walk for an
@@ -354,7 +354,7 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
             raise FeatureError(self.last_error or "features refused")
         self.write_status(A | D | F | K)
 
-    # -- vhost-user host hooks (hosts/vhost_user.VirtioDeviceHost) ---------------------------
+    # -- vhost-user host hooks (hosts/vhost_device.VirtioDeviceHost) -------------------------
     def queue_started(self, index: int) -> None:
         role, pair = self.queue_role(index)
         if role == "rx":

@@ -174,7 +174,7 @@ def make_driver_queue(
         q.setup(mem, start or 0)
         return q
     if fmt == "packed":
-        from virtwire.virtio.packed_ring import PackedDriverQueue
+        from virtwire.virtio.packed_driver import PackedDriverQueue
 
         pq = PackedDriverQueue.allocate(allocator, size, event_idx=event_idx, indirect=indirect)
         if start is None:

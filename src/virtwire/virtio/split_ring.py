@@ -508,6 +508,25 @@ class TableAllocator(Protocol):
     def free(self, gpa: int) -> None: ...
 
 
+def _write_table(tv: memoryview, out: Sequence[tuple[int, int]],
+                 in_: Sequence[tuple[int, int]]) -> int:
+    """Fill an indirect table (chained in order); the device-writable bytes in it."""
+    total = len(out) + len(in_)
+    pack = _DESC.pack_into
+    inlen = 0
+    k = 0
+    for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+        for a, n in segs:
+            k += 1
+            if k < total:
+                pack(tv, 16 * k - 16, a, n, f | VIRTQ_DESC_F_NEXT, k)
+            else:
+                pack(tv, 16 * k - 16, a, n, f, 0)
+            if f:
+                inlen += n
+    return inlen
+
+
 class SplitDriverQueue:
     """The driver's half of a split virtqueue (implements ``queue.DriverQueue``), as a guest's
     virtio_ring.c does it (§2.7.13 "Supplying Buffers to The Device", §2.7.14 "Receiving Used
@@ -634,18 +653,7 @@ class SplitDriverQueue:
             if not free:
                 raise QueueFull("no free descriptor")
             table = self.allocator.alloc(16 * total, 16)
-            tv = mem.view(table, 16 * total)
-            pack = _DESC.pack_into
-            k = 0
-            for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
-                for a, n in segs:
-                    k += 1
-                    if k < total:
-                        pack(tv, 16 * k - 16, a, n, f | VIRTQ_DESC_F_NEXT, k)
-                    else:
-                        pack(tv, 16 * k - 16, a, n, f, 0)
-                    if f:
-                        inlen += n
+            inlen = _write_table(mem.view(table, 16 * total), out, in_)
             head = free.pop()
             dq[2 * head] = table
             di[4 * head + 2] = 16 * total
