@@ -35,6 +35,7 @@ from virtwire import trace as _trace
 from virtwire.memory import GuestMemory
 from virtwire.net import native
 from virtwire.net.backend import NetBackend
+from virtwire.net.counters import NetQueueCounters, RxCounters, TxCounters
 from virtwire.net.ctrl import GUEST_OFFLOAD_MASK, MAC_TABLE_MAX, ControlQueue, RxFilter
 from virtwire.net.header import TX_DROP_REASONS, VirtioNetHdr, hdr_size
 from virtwire.net.options import BOOL, NET_OPTIONS, mac_bytes, parse_options, random_mac
@@ -42,6 +43,7 @@ from virtwire.net.pair import QueuePair
 from virtwire.net.rx import Receive
 from virtwire.net.tx import Transmit
 from virtwire.virtio import spec as s
+from virtwire.virtio.counters import QueueCounters
 from virtwire.virtio.device import VirtioDevice
 from virtwire.virtio.errors import FeatureError
 
@@ -52,10 +54,6 @@ log = logging.getLogger(__name__)
 _HOST_OFFLOADS = (s.VIRTIO_NET_F_HOST_TSO4, s.VIRTIO_NET_F_HOST_TSO6, s.VIRTIO_NET_F_HOST_ECN,
                   s.VIRTIO_NET_F_HOST_UFO)
 CONFIG_SIZE = 12  # mac[6], le16 status, le16 max_virtqueue_pairs, le16 mtu (§5.1.4)
-
-
-def _qcounters() -> dict[str, int]:
-    return {"frames": 0, "bytes": 0, "drops": 0}
 
 
 class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
@@ -105,8 +103,6 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
             legacy=legacy,
             name=name or "virtio-net",
         )
-        for c in self.counters:
-            c.update(_qcounters())
         self.hdr_len = 12
         self.mrg_rxbuf = False
         self.curr_pairs = 1
@@ -150,6 +146,12 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
     def vlans(self) -> set[int]:
         """The VLAN table the driver set (§5.1.6.5.3)."""
         return self.rx_filter.vlans
+
+    def new_queue_counters(self, index: int) -> QueueCounters:
+        """Typed counters per direction (``net.counters``); the control queue's are plain."""
+        if index < 2 * self.max_pairs:
+            return TxCounters() if index & 1 else RxCounters()
+        return NetQueueCounters()
 
     def native_lib(self) -> Any:
         """The C helper, or None (``native.load``: built on first use; None without a
@@ -330,7 +332,7 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
             if p.stash:
                 p.stash = deque((c, list(c.writable(mem))) for c, _vs in p.stash)
             if p.tx_pending:
-                scratch: dict[str, int] = {"drops": 0}
+                scratch = TxCounters()
                 p.tx_pending = [(c, iov) for c, iov in (
                     (c, self.tx_frame(c, mem, scratch, self.negotiated, self.hdr_len,
                                       p.backend)) for c, _old in p.tx_pending)

@@ -36,6 +36,7 @@ from virtwire import trace as _trace
 from virtwire.memory import GuestMemory
 from virtwire.net import native
 from virtwire.net.backend import NetBackend
+from virtwire.net.counters import RxCounters
 from virtwire.net.ctrl import GUEST_OFFLOAD_MASK, RxFilter
 from virtwire.net.header import ETH_HLEN, MAX_FRAME, NUM_BUFFERS_OFFSET, gather, scatter, skip
 from virtwire.net.pair import QueuePair
@@ -73,7 +74,7 @@ class _Round:
     __slots__ = ("qi", "q", "mem", "p", "be", "cnt", "hl", "mrg", "vnet", "filt", "clear_flags")
 
     def __init__(self, qi: int, q: Any, mem: GuestMemory, p: QueuePair, be: NetBackend,
-                 cnt: dict[str, int], hl: int, mrg: bool, filt: bool, clear_flags: bool) -> None:
+                 cnt: RxCounters, hl: int, mrg: bool, filt: bool, clear_flags: bool) -> None:
         self.qi, self.q, self.mem, self.p, self.be, self.cnt = qi, q, mem, p, be, cnt
         self.hl, self.mrg, self.vnet, self.filt = hl, mrg, be.vnet_hdr, filt
         self.clear_flags = clear_flags
@@ -89,7 +90,7 @@ class Receive:
     name: str
     mem: GuestMemory | None
     queues: list[Any]
-    counters: list[dict[str, int]]
+    counters: list[Any]  # RxCounters on RX queues
     pairs: list[QueuePair]
     negotiated: int
     guest_offloads: int
@@ -182,7 +183,7 @@ class Receive:
         if q.publish(mem):  # frames, and chains returned unused (too small for a header)
             self.signal_used(r.qi)
         if starved:
-            r.cnt["rx_wait_buffers"] = r.cnt.get("rx_wait_buffers", 0) + 1
+            r.cnt.rx_wait_buffers += 1
             if q.enable_notifications(mem):
                 return RxStep.RETRY  # buffers arrived between our last pop and the re-enable
             if not p.rx_waiting:
@@ -257,7 +258,7 @@ class Receive:
             if n == 0:
                 return _Fill.EMPTY, _NO_FRAME
             p.held = bytes(self.bounce[:n])
-            r.cnt["rx_held"] = r.cnt.get("rx_held", 0) + 1
+            r.cnt.rx_held += 1
             return _Fill.NEXT, _NO_FRAME
         views = stash[0][1]
         n = self._read(r, views, held)
@@ -298,12 +299,12 @@ class Receive:
         if over > len(bounce):
             self._count_rx_drop(r.cnt, "truncated")
             return _Fill.NEXT, _NO_FRAME
-        r.cnt["rx_overflow"] = r.cnt.get("rx_overflow", 0) + 1
+        r.cnt.rx_overflow += 1
         if p.stash_cap < total and not self._stash_more(r, total):
             # Not enough buffers for the whole frame yet: keep it aside (backend format).
             off = 0 if vnet else hl
             p.held = gather(views, acc - off, off) + bytes(bounce[:over])
-            r.cnt["rx_held"] = r.cnt.get("rx_held", 0) + 1
+            r.cnt.rx_held += 1
             return _Fill.NEXT, _NO_FRAME
         extra: list[memoryview] = []
         for i in range(k, len(stash)):
@@ -326,8 +327,8 @@ class Receive:
             for c in chains:
                 if c.writable_len < hl:
                     q.push(mem, c, 0)
-                    cnt["drops"] += 1
-                    cnt["rx_bad_chain"] = cnt.get("rx_bad_chain", 0) + 1
+                    cnt.drops += 1
+                    cnt.rx_bad_chain += 1
                     continue
                 p.stash.append((c, list(c.writable(mem))))
                 p.stash_cap += c.writable_len
@@ -347,12 +348,12 @@ class Receive:
             self._count_rx_drop(cnt, "short")
             return 0
         if r.filt and not self.rx_filter.accept(gather(views, 18, hl)):
-            cnt["rx_filtered"] = cnt.get("rx_filtered", 0) + 1
+            cnt.rx_filtered += 1
             return 0
         v0 = views[0]
         if vnet:
             if len(v0) >= 2 and v0[1]:
-                cnt["rx_gso"] = cnt.get("rx_gso", 0) + 1
+                cnt.rx_gso += 1
             if r.clear_flags:
                 v0[0] = 0
         # Hand the chains over: mergeable may span several (§5.1.6.4).
@@ -372,9 +373,9 @@ class Receive:
         fh = _trace.FRAMES
         if fh is not None:
             fh("rx", list(views), r.qi, hl, total - hl)
-        cnt["chains"] += used
-        cnt["frames"] += 1
-        cnt["bytes"] += total - hl
+        cnt.chains += used
+        cnt.frames += 1
+        cnt.bytes += total - hl
         return 1
 
     @staticmethod
@@ -394,12 +395,10 @@ class Receive:
             else:
                 scatter(views, used.to_bytes(2, "little"), NUM_BUFFERS_OFFSET)
 
-    def _count_rx_drop(self, cnt: dict[str, int], reason: str) -> None:
-        key = "rx_drop_" + reason
-        cnt[key] = cnt.get(key, 0) + 1
-        cnt["drops"] += 1
-        if cnt[key] & (cnt[key] - 1) == 0:
-            log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, cnt[key])
+    def _count_rx_drop(self, cnt: RxCounters, reason: str) -> None:
+        n = cnt.drop("rx_drop_" + reason)
+        if n & (n - 1) == 0:
+            log.warning("%s: RX frame dropped: %s (%d so far)", self.name, reason, n)
 
     # -- native RX (``native.NativeRx``) -------------------------------------------------------
     def _rx_native(self, r: _Round, limit: int) -> tuple[int, native.RxStop | None, int]:
@@ -438,14 +437,13 @@ class Receive:
     def _rx_native_count(self, r: _Round, res: Any) -> None:
         cnt = r.cnt
         if res.frames:
-            cnt["frames"] += res.frames
-            cnt["bytes"] += res.bytes
-            cnt["chains"] += res.chains
-            cnt["rx_native"] = cnt.get("rx_native", 0) + res.frames
-        for key, v in (("rx_gso", res.gso), ("rx_overflow", res.overflow),
-                       ("rx_filtered", res.filtered)):
-            if v:
-                cnt[key] = cnt.get(key, 0) + v
+            cnt.frames += res.frames
+            cnt.bytes += res.bytes
+            cnt.chains += res.chains
+            cnt.rx_native += res.frames
+        cnt.rx_gso += res.gso
+        cnt.rx_overflow += res.overflow
+        cnt.rx_filtered += res.filtered
         for _ in range(res.truncated):
             self._count_rx_drop(cnt, "truncated")
         for _ in range(res.runt):

@@ -26,6 +26,7 @@ from virtwire import trace as _trace
 from virtwire.memory import GuestMemory
 from virtwire.net import native
 from virtwire.net.backend import NetBackend
+from virtwire.net.counters import TxCounters
 from virtwire.net.header import (
     ETH_HLEN,
     MAX_FRAME,
@@ -53,7 +54,7 @@ class Transmit:
     name: str
     mem: GuestMemory | None
     queues: list[Any]
-    counters: list[dict[str, int]]
+    counters: list[Any]  # TxCounters on TX queues
     pairs: list[QueuePair]
     negotiated: int
     hdr_len: int
@@ -99,7 +100,7 @@ class Transmit:
             self.more_work(qi)
         return True
 
-    def _tx_native_run(self, q: Any, mem: GuestMemory, p: QueuePair, cnt: dict[str, int],
+    def _tx_native_run(self, q: Any, mem: GuestMemory, p: QueuePair, cnt: TxCounters,
                        fd: int, qi: int) -> int:
         """C takes each run of simple chains; the chain it stops at goes through the Python
         checks right away, so frames leave in ring order. Returns the chains consumed."""
@@ -129,7 +130,7 @@ class Transmit:
                 break
         return n_chains
 
-    def _tx_chains(self, q: Any, mem: GuestMemory, p: QueuePair, cnt: dict[str, int],
+    def _tx_chains(self, q: Any, mem: GuestMemory, p: QueuePair, cnt: TxCounters,
                    chains: list[DescriptorChain], qi: int) -> None:
         """Check ``chains`` (after any pending frames), send them as one batch, push used."""
         be = p.backend
@@ -156,7 +157,7 @@ class Transmit:
                 batch.append((c, iov))
         for c in dropped:
             q.push(mem, c, 0)
-        cnt["chains"] += len(chains)
+        cnt.chains += len(chains)
         if not batch:
             return
         taken = self._tx_send(p, cnt, batch, qi, take_hdr)
@@ -164,17 +165,17 @@ class Transmit:
             q.push(mem, c, 0)
         if taken < len(batch):
             p.tx_pending = batch[taken:]
-            cnt["tx_backpressure"] = cnt.get("tx_backpressure", 0) + 1
+            cnt.tx_backpressure += 1
 
-    def _tx_send(self, p: QueuePair, cnt: dict[str, int],
+    def _tx_send(self, p: QueuePair, cnt: TxCounters,
                  batch: list[tuple[DescriptorChain, list[Any]]], qi: int, take_hdr: bool) -> int:
         """Hand ``batch`` to the backend; how many leading frames it took."""
         be = p.backend
         hl = self.hdr_len
         if be is None or not p.enabled:
             taken = len(batch)
-            cnt["drops"] += taken
-            cnt["tx_drop_no_backend"] = cnt.get("tx_drop_no_backend", 0) + taken
+            cnt.drops += taken
+            cnt.tx_drop_no_backend += taken
             return taken
         taken = be.send([iov for _c, iov in batch])
         while 0 < taken < len(batch):  # partial take: offer the rest while it moves
@@ -182,8 +183,8 @@ class Transmit:
             if not more:
                 break
             taken += more
-        cnt["frames"] += taken
-        cnt["bytes"] += sum(c.readable_len for c, _i in batch[:taken]) - hl * taken
+        cnt.frames += taken
+        cnt.bytes += sum(c.readable_len for c, _i in batch[:taken]) - hl * taken
         fh = _trace.FRAMES
         if fh is not None:
             for _c, iov in batch[:taken]:
@@ -199,19 +200,19 @@ class Transmit:
             return None
         return fd
 
-    def _tx_native_count(self, n: int, res: Any, keep_hdr: bool, cnt: dict[str, int],
+    def _tx_native_count(self, n: int, res: Any, keep_hdr: bool, cnt: TxCounters,
                          be: NetBackend) -> None:
-        cnt["frames"] += res.frames
-        cnt["bytes"] += res.bytes
-        cnt["chains"] += n
-        cnt["tx_native"] = cnt.get("tx_native", 0) + n
+        cnt.frames += res.frames
+        cnt.bytes += res.bytes
+        cnt.chains += n
+        cnt.tx_native += n
         if res.gso:
-            cnt["tx_gso"] = cnt.get("tx_gso", 0) + res.gso
+            cnt.tx_gso += res.gso
         be.count_native(tx_frames=res.frames - res.errors,
                         tx_bytes=res.bytes + (self.hdr_len * res.frames if keep_hdr else 0),
                         tx_errors=res.errors)
 
-    def tx_frame(self, c: DescriptorChain, mem: GuestMemory, cnt: dict[str, int],
+    def tx_frame(self, c: DescriptorChain, mem: GuestMemory, cnt: TxCounters,
                  features: int, hl: int, be: NetBackend | None) -> list[Any] | None:
         """The iovec to hand the backend for chain ``c``, or None (dropped, counted)."""
         views = list(c.readable(mem))
@@ -230,22 +231,19 @@ class Transmit:
             elif c.readable_len - hl > MAX_FRAME:
                 reason = "oversize"
         if reason is not None:
-            key = "tx_drop_" + reason
-            cnt[key] = cnt.get(key, 0) + 1
-            cnt["drops"] += 1
-            n = cnt[key]
+            n = cnt.drop("tx_drop_" + reason)
             if n & (n - 1) == 0:
                 log.warning("%s: TX frame dropped: %s (%d so far)", self.name, reason, n)
             return None
         take_hdr = be is not None and be.vnet_hdr
         if hdr is not None and hdr.gso_type:
-            cnt["tx_gso"] = cnt.get("tx_gso", 0) + 1
+            cnt.tx_gso += 1
         if hdr is not None and hdr.needs_csum and (not take_hdr or not be.host_offloads >>
                                                    s.VIRTIO_NET_F_CSUM & 1):
             # Finish the checksum on a private copy (TX buffers are read-only to the device).
             frame = bytearray(b"".join(skip(views, hl)))
             finish_checksum(frame, hdr.csum_start, hdr.csum_offset)
-            cnt["tx_sw_csum"] = cnt.get("tx_sw_csum", 0) + 1
+            cnt.tx_sw_csum += 1
             if take_hdr:
                 h = VirtioNetHdr(gso_type=hdr.gso_type, hdr_len=hdr.hdr_len,
                                  gso_size=hdr.gso_size)
