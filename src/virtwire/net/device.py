@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from virtwire import trace as _trace
-from virtwire.memory import GuestMemory
+from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.net import native
 from virtwire.net.backend import NetBackend
 from virtwire.net.counters import NetQueueCounters, RxCounters, TxCounters
@@ -45,7 +45,7 @@ from virtwire.net.tx import Transmit
 from virtwire.virtio import spec as s
 from virtwire.virtio.counters import QueueCounters
 from virtwire.virtio.device import VirtioDevice
-from virtwire.virtio.errors import FeatureError
+from virtwire.virtio.errors import DriverError, FeatureError
 
 __all__ = ["VirtioNet", "TX_DROP_REASONS", "CONFIG_SIZE", "MAC_TABLE_MAX"]
 
@@ -429,10 +429,16 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
         if not 0 <= pair < len(self.pairs) or not self.active:
             return
         p = self.pairs[pair]
-        if p.tx_pending and self.queues[2 * pair + 1] is not None:
-            self.run_guarded(2 * pair + 1, lambda i: self.process_tx(pair))
-        if p.rx_backend and self.queues[2 * pair] is not None:
-            self.run_guarded(2 * pair, lambda i: self.process_rx(pair))
+        index = 2 * pair + 1
+        try:
+            if p.tx_pending:
+                self.process_tx(pair)
+            index = 2 * pair
+            if p.rx_backend:
+                self.process_rx(pair)  # it asks whether the pair can receive (``rx_round``)
+        except (DriverError, GuestMemoryError) as e:
+            self.counters[index].errors += 1
+            self.needs_reset(f"queue {index}: {e}")
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

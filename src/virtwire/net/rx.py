@@ -134,7 +134,7 @@ class Receive:
         mem = self.mem
         p = self.pairs[pair]
         be = p.backend
-        if q is None or mem is None or be is None or not p.rx_backend or not p.enabled:
+        if q is None or mem is None or be is None or not p.can_receive:
             return RxStep.DONE
         r = _Round(qi, q, mem, p, be, self.counters[qi], self.hdr_len, self.mrg_rxbuf,
                    self.rx_filter.active,
