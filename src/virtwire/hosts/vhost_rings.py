@@ -108,13 +108,13 @@ def packed_position_from_ring(mem: Any, desc: int, n: int) -> int | None:
 class VringTable:
     """Guest memory and the rings of one vhost-user device (see module docstring).
 
-    ``on_kick(vr)`` is watched on a started ring's kick eventfd, ``service(vr)`` runs the ring
+    ``on_kick(vr)`` is watched on a started ring's kick eventfd, ``service(index)`` runs the ring
     (without a kick fd: polled every millisecond; and once at start), ``notify(vr)`` is the
     device's interrupt request for it."""
 
     def __init__(self, device: HostedDevice, loop: EventLoop, num: int, *, name: str,
                  max_queue_size: int, on_kick: Callable[[Vring], None],
-                 service: Callable[[Vring], None], notify: Callable[[Vring], None]) -> None:
+                 service: Callable[[int], None], notify: Callable[[Vring], None]) -> None:
         self.device = device
         self.loop = loop
         self.name = name
@@ -188,12 +188,12 @@ class VringTable:
         if vr.kick is not None:
             self.loop.add_reader(vr.kick, self.on_kick, vr)
         else:
-            vr.poll_timer = self.loop.call_every(0.001, self.service, vr)
+            vr.poll_timer = self.loop.call_every(0.001, self.service, vr.index)
         log.info("%s: ring %d started (%s, %d entries, base %d, %s)", self.name, vr.index,
                  "packed" if self.packed else "split", vr.num, q.get_base(),
                  "enabled" if vr.enabled else "disabled")
         # Buffers may already be waiting (restart): process once without a kick.
-        self.loop.defer(("vring", id(self), vr.index), self.service, vr)
+        self.loop.defer(("vring", id(self), vr.index), self.service, vr.index)
 
     def _resume_position(self, vr: Vring, q: Any, desc: int, dev: int) -> None:
         """Set the ring's start position from the base the front end sent (and, after a back

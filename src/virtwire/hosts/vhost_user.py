@@ -132,7 +132,7 @@ class VhostUserBackend:
         nq = device.num_queues
         self.queue_pairs = queue_pairs if queue_pairs is not None else max(1, nq // 2)
         self.rings = VringTable(device, loop, nq, name=self.name, max_queue_size=max_queue_size,
-                                on_kick=self._on_kick, service=self._kicked,
+                                on_kick=self._on_kick, service=device.queue_kicked,
                                 notify=self._notify)
         self.vrings = self.rings.vrings
         self.listener: socket.socket | None = None
@@ -368,11 +368,6 @@ class VhostUserBackend:
             # Straight to the device (the kick path is short: epoll, this, the device).
             self.loop.defer(("vring", id(self.rings), vr.index), self.device.queue_kicked, vr.index)
 
-    def _kicked(self, vr: Vring) -> None:
-        if not vr.started:
-            return
-        self.device.queue_kicked(vr.index)
-
     def _notify(self, vr: Vring) -> None:
         self.loop.defer(("call", id(self), vr.index), self._signal_call, vr)
 
@@ -386,9 +381,8 @@ class VhostUserBackend:
 
     def kick_ring(self, index: int) -> None:
         """Process ring ``index`` as if kicked (a frame backend has data for an RX ring)."""
-        vr = self.vrings[index]
-        if vr.started:
-            self.loop.defer(("vring", id(self.rings), index), self._kicked, vr)
+        if self.vrings[index].started:
+            self.loop.defer(("vring", id(self.rings), index), self.device.queue_kicked, index)
 
     def ring_error(self, index: int) -> None:
         """Signal the ring's error eventfd (SET_VRING_ERR) after a guest fault on it."""
