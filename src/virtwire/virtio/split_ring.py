@@ -459,20 +459,16 @@ class SplitQueue:
         return RingPositions(self.next_avail, self.next_used, self._in_flight, self._staged)
 
     def adopt(self, pos: RingPositions) -> None:
-        """Take over what a native burst did: chains popped (``next_avail``, ``in_flight``),
-        used elements staged after ours (``staged``) or already published (``next_used``)."""
+        """Take over what a native burst did (chains popped; used elements staged or published)."""
         self.next_avail = pos.next_avail & 0xFFFF
         self.next_used = pos.next_used & 0xFFFF
         self._in_flight = pos.in_flight
         self._staged = pos.staged
 
     def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None) -> None:
-        """Give ``chains`` (popped, none used) back: move next-avail back over them.
-
-        That is only right when they are exactly the last ones popped, in order -- the usual
-        case, checked against the avail entries. When a chain popped in between was already
-        used (a guest's too-small RX buffer, a dropped TX frame), the chains are returned as used
-        with length 0 instead (§2.7.8: a device may return a buffer unwritten)."""
+        """Give ``chains`` (popped, none used) back: next-avail moves back over them when they
+        are the last ones popped, in order (checked against the avail entries); otherwise they
+        are returned used with length 0 (§2.7.8: a device may return a buffer unwritten)."""
         if not chains:
             return
         n = len(chains)
