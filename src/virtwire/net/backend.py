@@ -92,13 +92,16 @@ def count_into(counters: dict[str, int], *, tx_frames: int = 0, tx_bytes: int = 
                rx_errors: int = 0) -> None:
     """``count_native`` for a backend whose counters are a dict (tx_/rx_ frames, bytes, and
     errors only when there were any)."""
-    for key, v in (("tx_frames", tx_frames), ("tx_bytes", tx_bytes), ("rx_frames", rx_frames),
-                   ("rx_bytes", rx_bytes)):
-        if v:
-            counters[key] = counters.get(key, 0) + v
-    for key, v in (("tx_errors", tx_errors), ("rx_errors", rx_errors)):
-        if v:
-            counters[key] = counters.get(key, 0) + v
+    if tx_frames or tx_bytes:
+        counters["tx_frames"] = counters.get("tx_frames", 0) + tx_frames
+        counters["tx_bytes"] = counters.get("tx_bytes", 0) + tx_bytes
+    if rx_frames or rx_bytes:
+        counters["rx_frames"] = counters.get("rx_frames", 0) + rx_frames
+        counters["rx_bytes"] = counters.get("rx_bytes", 0) + rx_bytes
+    if tx_errors:
+        counters["tx_errors"] = counters.get("tx_errors", 0) + tx_errors
+    if rx_errors:
+        counters["rx_errors"] = counters.get("rx_errors", 0) + rx_errors
 
 
 __all__ += ["count_into"]
