@@ -82,8 +82,10 @@ class BackendBase:
         """No C fast path unless a subclass says otherwise."""
         return None
 
-    def count_native(self, **counts: int) -> None:
-        count_into(self.counters, **counts)
+    def count_native(self, *, tx_frames: int = 0, tx_bytes: int = 0, tx_errors: int = 0,
+                     rx_frames: int = 0, rx_bytes: int = 0, rx_errors: int = 0) -> None:
+        count_into(self.counters, tx_frames=tx_frames, tx_bytes=tx_bytes, tx_errors=tx_errors,
+                   rx_frames=rx_frames, rx_bytes=rx_bytes, rx_errors=rx_errors)
 
     def drain_wakeup(self) -> None:
         if self._efd is not None:

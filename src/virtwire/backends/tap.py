@@ -253,8 +253,10 @@ class TapBackend:
     def drain_wakeup(self) -> None:
         """Nothing to clear: the TAP fd is readable exactly while frames are queued."""
 
-    def count_native(self, **counts: int) -> None:
-        count_into(self.counters, **counts)
+    def count_native(self, *, tx_frames: int = 0, tx_bytes: int = 0, tx_errors: int = 0,
+                     rx_frames: int = 0, rx_bytes: int = 0, rx_errors: int = 0) -> None:
+        count_into(self.counters, tx_frames=tx_frames, tx_bytes=tx_bytes, tx_errors=tx_errors,
+                   rx_frames=rx_frames, rx_bytes=rx_bytes, rx_errors=rx_errors)
 
     def configure(self, features: int, hdr_len: int) -> None:
         """Header size = the guest's; offloads = what the guest can receive."""

@@ -39,8 +39,9 @@ from virtwire.virtio.split_ring import SplitQueue
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load", "TxStop", "RxStop", "GuestView", "guest_view", "tx_burst", "NativeRx",
-           "RxStash", "rx_filter_struct", "RX_MAXC", "RX_MAXS", "RX_MAC_MAX"]
+__all__ = ["load", "TxStop", "RxStop", "TX_STOPS", "RX_STOPS", "GuestView", "guest_view",
+           "tx_burst", "tx_stop", "NativeRx", "RxStash", "rx_filter_struct", "RX_MAXC", "RX_MAXS",
+           "RX_MAC_MAX"]
 
 _SRC = Path(__file__).resolve().parent.parent / "_native" / "vwnet.c"
 _lib: Any = None
@@ -247,8 +248,8 @@ class RxStop(IntEnum):
     FRAME_LEFT = 4  # a frame read whose tail needs more buffers: Python finishes it
 
 
-_TX_STOPS = tuple(TxStop)
-_RX_STOPS = tuple(RxStop)
+TX_STOPS = tuple(TxStop)  # by code
+RX_STOPS = tuple(RxStop)
 
 
 def tx_burst(lib: Any, q: SplitQueue | PackedQueue, mem: GuestMemory, *, hdr_len: int, fd: int,
@@ -313,11 +314,7 @@ def _tx_burst_packed(lib: Any, q: PackedQueue, mem: GuestMemory, hdr_len: int, f
 
 
 def tx_stop(res: VwResult | None) -> TxStop:
-    return _TX_STOPS[res.stop] if res is not None else TxStop.EMPTY
-
-
-def rx_stop(res: VwRxResult) -> RxStop:
-    return _RX_STOPS[res.stop]
+    return TX_STOPS[res.stop] if res is not None else TxStop.EMPTY
 
 
 class RxStash:

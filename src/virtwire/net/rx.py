@@ -428,19 +428,26 @@ class Receive:
         if res is None:  # a ring outside guest RAM: the Python path reports it
             self.rx_spill(p, r.mem)
             return 0, native.RxStop.CHAIN, 0
-        self._rx_native_count(r, res)
-        stop = native.rx_stop(res)
-        if stop is native.RxStop.CHAIN or stop is native.RxStop.FRAME_LEFT:
-            self.rx_spill(p, r.mem)
-        return res.frames, stop, res.pending if stop is native.RxStop.FRAME_LEFT else 0
-
-    def _rx_native_count(self, r: _Round, res: Any) -> None:
-        cnt = r.cnt
-        if res.frames:
-            cnt.frames += res.frames
+        frames = res.frames
+        if frames:
+            cnt = r.cnt
+            cnt.frames += frames
             cnt.bytes += res.bytes
             cnt.chains += res.chains
-            cnt.rx_native += res.frames
+            cnt.rx_native += frames
+        if res.gso or res.overflow or res.filtered or res.truncated or res.runt or res.errors:
+            self._rx_native_rare(r, res)
+        reads = res.reads
+        if reads:
+            r.be.count_native(rx_frames=reads, rx_bytes=res.read_bytes)
+        stop = native.RX_STOPS[res.stop]
+        if stop is native.RxStop.CHAIN or stop is native.RxStop.FRAME_LEFT:
+            self.rx_spill(p, r.mem)
+        return frames, stop, res.pending if stop is native.RxStop.FRAME_LEFT else 0
+
+    def _rx_native_rare(self, r: _Round, res: Any) -> None:
+        """The native burst's less common counts: GSO, overflow, filtered, drops, read errors."""
+        cnt = r.cnt
         cnt.rx_gso += res.gso
         cnt.rx_overflow += res.overflow
         cnt.rx_filtered += res.filtered
@@ -448,8 +455,8 @@ class Receive:
             self._count_rx_drop(cnt, "truncated")
         for _ in range(res.runt):
             self._count_rx_drop(cnt, "short")
-        r.be.count_native(rx_frames=res.reads, rx_bytes=res.read_bytes, rx_errors=res.errors)
         if res.errors:
+            r.be.count_native(rx_errors=res.errors)
             log.warning("%s: read failed: %s", r.be.name, os.strerror(res.err))
 
     def rx_spill(self, p: QueuePair, mem: GuestMemory | None) -> None:
