@@ -42,6 +42,7 @@ from virtwire.net.header import ETH_HLEN, MAX_FRAME, NUM_BUFFERS_OFFSET, gather,
 from virtwire.net.pair import QueuePair
 from virtwire.virtio import spec as s
 from virtwire.virtio.packed_ring import PackedQueue
+from virtwire.virtio.queue import DeviceQueue
 from virtwire.virtio.split_ring import SplitQueue
 
 __all__ = ["Receive", "RxStep"]
@@ -73,7 +74,7 @@ class _Round:
 
     __slots__ = ("qi", "q", "mem", "p", "be", "cnt", "hl", "mrg", "vnet", "filt", "clear_flags")
 
-    def __init__(self, qi: int, q: Any, mem: GuestMemory, p: QueuePair, be: NetBackend,
+    def __init__(self, qi: int, q: DeviceQueue, mem: GuestMemory, p: QueuePair, be: NetBackend,
                  cnt: RxCounters, hl: int, mrg: bool, filt: bool, clear_flags: bool) -> None:
         self.qi, self.q, self.mem, self.p, self.be, self.cnt = qi, q, mem, p, be, cnt
         self.hl, self.mrg, self.vnet, self.filt = hl, mrg, be.vnet_hdr, filt

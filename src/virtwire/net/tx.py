@@ -40,6 +40,7 @@ from virtwire.net.pair import QueuePair
 from virtwire.virtio import spec as s
 from virtwire.virtio.chain import DescriptorChain
 from virtwire.virtio.packed_ring import PackedQueue
+from virtwire.virtio.queue import DeviceQueue
 from virtwire.virtio.split_ring import SplitQueue
 
 __all__ = ["Transmit"]
@@ -130,7 +131,7 @@ class Transmit:
                 break
         return n_chains
 
-    def _tx_chains(self, q: Any, mem: GuestMemory, p: QueuePair, cnt: TxCounters,
+    def _tx_chains(self, q: DeviceQueue, mem: GuestMemory, p: QueuePair, cnt: TxCounters,
                    chains: list[DescriptorChain], qi: int) -> None:
         """Check ``chains`` (after any pending frames), send them as one batch, push used."""
         be = p.backend
@@ -191,7 +192,7 @@ class Transmit:
                 fh("tx", list(iov), qi, hl if take_hdr else 0)
         return taken
 
-    def _native_tx_fd(self, be: NetBackend | None, q: Any) -> int | None:
+    def _native_tx_fd(self, be: NetBackend | None, q: DeviceQueue) -> int | None:
         """The fd for the native TX fast path (-1: discard), or None when it does not apply."""
         if be is None or not isinstance(q, SplitQueue | PackedQueue):
             return None
