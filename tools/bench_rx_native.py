@@ -22,10 +22,10 @@ import os
 import sys
 import time
 
-from virtwire._native import load
 from virtwire._native.dgram import DgramBackend
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.net.device import VirtioNet
+from virtwire.net.native import load
 from virtwire.virtio import spec as s
 from virtwire.virtio.pair import RecordingInterrupt
 

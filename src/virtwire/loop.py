@@ -145,9 +145,6 @@ class EventLoop:
             pass
         return True
 
-    def has_reader(self, fd: int) -> bool:
-        return fd in self._readers
-
     def call_soon(self, callback: Callback, *args: Any) -> None:
         self._soon.append((callback, args))
 

@@ -148,9 +148,6 @@ class RegionMemory:
         del self._starts[i]
         return self._regions.pop(i)
 
-    def total_size(self) -> int:
-        return sum(r.size for r in self._regions)
-
     def uva_to_gpa(self, uva: int, n: int = 1) -> int:
         """Translate a front end's virtual address (vhost-user ring addresses) to a GPA."""
         for r in self._regions:

@@ -8,18 +8,18 @@ This is the one module that knows every layer (Firecracker's builder role). For 
 - the frame backend of each queue pair: a TAP queue (``IFF_MULTI_QUEUE`` when there are several
   pairs), a port of an in-process learning switch, ``null`` or ``memory``;
 - the virtio-net device model (``net.device.VirtioNet``) with those backends and the port's
-  feature switches, hosted through ``hosts.vhost_user.VirtioDeviceHost`` (2 rings per pair: QEMU
+  feature switches, hosted through ``hosts.vhost_device.VirtioDeviceHost`` (2 rings per pair: QEMU
   keeps the control queue);
 - the ``VhostUserBackend`` on the port's socket (server or client).
 
 Everything is served by one ``loop.EventLoop``. Frames flow like this: a guest kick on a TX ring
 wakes the loop; the device drains the ring into the backend in one batch. A backend fd becoming
 readable (TAP, or the eventfd of an in-process backend) makes the device fill the pair's RX ring
-in one batch. RX flow control: a pair's backend fd is *not* watched while there is a reason
-(``Port.rx_paused``): "device" -- its RX ring ran dry (the device's ``rx_watch(pair, False)``;
-it re-enables notifications, and says ``True`` once the guest's RX kick brought buffers) -- or
-"ring" -- the RX ring is not started/enabled yet (the next RX ring service clears it). Without
-that a level-triggered TAP would spin the loop.
+in one batch. RX flow control is ``hosts.pump.BackendPump`` (``Port.pump``): a pair's backend fd
+is *not* watched while there is a reason -- "device": its RX ring ran dry (the device's
+``rx_watch(pair, False)``; it re-enables notifications, and says ``True`` once the guest's RX
+kick brought buffers) -- or "ring": the RX ring is not started/enabled yet (the next RX kick
+clears it). Without that a level-triggered TAP would spin the loop.
 
 Counters: ``Server.stats()`` (JSON-ready) merges the back end's per-ring counters (kicks,
 interrupts) with the device's (frames, bytes, drops) and the backends'. It is served on a small
@@ -34,13 +34,15 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
 from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
-from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
+from virtwire.hosts.pump import BackendPump
+from virtwire.hosts.vhost_device import VirtioDeviceHost
+from virtwire.hosts.vhost_user import VhostUserBackend
 from virtwire.loop import EventLoop
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class Port:
     host: VirtioDeviceHost
     vhost: VhostUserBackend
     backends: list[Any]
-    rx_paused: list[set[str]] = field(default_factory=list)  # why each pair's fd is unwatched
+    pump: BackendPump  # watches the backends' fds (``Port.pump.paused``: why one is not)
 
 
 def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
@@ -82,7 +84,7 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
 
         return [MemoryBackend(f"memory:{cfg.name}.{i}") for i in range(pairs)]
     if cfg.backend == "switch":
-        from virtwire.backends import switch as swmod  # N's learning switch
+        from virtwire.backends import switch as swmod
 
         sw = switches.get(cfg.switch)
         if sw is None:
@@ -129,61 +131,17 @@ class Server:
                                  packed=cfg.packed, queue_pairs=cfg.queues,
                                  max_queue_size=cfg.queue_size)
         host.on_ring_error = vhost.ring_error
-        # An RX kick means the guest posted buffers: a paused backend is watched again.
-        host.on_kicked = lambda i: self._rx_kicked(i, host)
-        port = Port(cfg, device, host, vhost, backends, [set() for _ in range(cfg.queues)])
-        # The device tells us when a pair's RX ring ran dry (stop watching the backend fd, a
-        # level-triggered TAP would spin) and when a batch budget ran out (serve it again).
-        device.rx_watch = lambda pair, on: (self._resume_rx if on else self._pause_rx)(
-            port, pair, "device")
+        # The device serves a pair's RX only while its ring is started and enabled; an RX
+        # kick means the guest posted buffers (a paused backend is watched again).
+        vrings = vhost.vrings
+        pump = BackendPump(self.loop, device, backends, ready=lambda pair: (
+            vrings[2 * pair].started and vrings[2 * pair].enabled and device.active))
+        host.on_kicked = pump.kicked
+        # When a batch budget ran out, the ring is served again.
         device.more_work = vhost.kick_ring
-        for pair, be in enumerate(backends):
-            fd = be.fileno()
-            if fd is not None:
-                self.loop.add_reader(fd, self._on_backend_readable, port, pair)
+        port = Port(cfg, device, host, vhost, backends, pump)
         self.ports.append(port)
         return port
-
-    def _rx_kicked(self, index: int, host: VirtioDeviceHost) -> None:
-        if index % 2:
-            return
-        for p in self.ports:
-            if p.host is host:
-                self._resume_rx(p, index // 2, "ring")
-
-    def _on_backend_readable(self, port: Port, pair: int) -> None:
-        """A backend has RX frames for ``pair`` (or room again): serve the pair (one batch)."""
-        vr = port.vhost.vrings[2 * pair]
-        if not vr.started or not vr.enabled:
-            self._pause_rx(port, pair, "ring")  # nowhere to put frames; a ring kick resumes
-            return
-        self.loop.defer(("rx", id(port), pair), self._serve_backend, port, pair)
-
-    def _serve_backend(self, port: Port, pair: int) -> None:
-        if not port.vhost.vrings[2 * pair].started or not port.device.active:
-            self._pause_rx(port, pair, "ring")  # a device that cannot take frames: no spinning
-            return
-        port.device.backend_ready(pair)
-
-    def _pause_rx(self, port: Port, pair: int, why: str) -> None:
-        """Stop watching ``pair``'s backend fd for reason ``why`` ("device": its RX ring ran dry,
-        the device says when buffers came; "ring": not started/enabled, a ring kick resumes)."""
-        fd = port.backends[pair].fileno()
-        if fd is None or fd < 0:
-            return
-        reasons = port.rx_paused[pair]
-        if not reasons:
-            self.loop.remove_reader(fd)
-        reasons.add(why)
-
-    def _resume_rx(self, port: Port, pair: int, why: str) -> None:
-        fd = port.backends[pair].fileno()
-        reasons = port.rx_paused[pair]
-        if fd is None or fd < 0 or why not in reasons:
-            return
-        reasons.discard(why)
-        if not reasons:
-            self.loop.add_reader(fd, self._on_backend_readable, port, pair)
 
     def start(self, control_path: str | None = None) -> None:
         for p in self.ports:
@@ -201,10 +159,8 @@ class Server:
     def close(self) -> None:
         for p in self.ports:
             p.vhost.close()
+            p.pump.close()
             for be in p.backends:
-                fd = be.fileno()
-                if fd is not None and fd >= 0:
-                    self.loop.remove_reader(fd)
                 be.close()
         for sw in self.switches.values():
             close = getattr(sw, "close", None)

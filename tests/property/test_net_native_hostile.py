@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtwire import _native
 from virtwire.backends.null import NullBackend
 from virtwire.memory import BytearrayGuestMemory
+from virtwire.net import native as _native
 from virtwire.net.device import VirtioNet
 from virtwire.virtio import spec as s
 from virtwire.virtio.pair import RecordingInterrupt

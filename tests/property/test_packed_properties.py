@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.virtio.errors import QueueError
-from virtwire.virtio.packed_ring import PackedDriverQueue, PackedQueue
+from virtwire.virtio.packed_driver import PackedDriverQueue
+from virtwire.virtio.packed_ring import PackedQueue
 from virtwire.virtio.queue import QueueFull
 from virtwire.virtio.spec import (
     RING_EVENT_FLAGS_DESC,

@@ -1,4 +1,4 @@
-"""The virtio-net driver model against a scripted device (S's device-side split ring), no QEMU.
+"""The virtio-net driver model against a scripted device (the device-side split ring), no QEMU.
 
 The fake transport records what the driver does (status writes, features, queue programming,
 notifications); the test plays the device with ``SplitQueue`` on the same memory, including a

@@ -3,7 +3,7 @@
 import pytest
 
 from virtwire.testing import DevicePair, LoopbackDevice
-from virtwire.virtio.driver import DeviceError
+from virtwire.virtio.driver import DeviceFault
 from virtwire.virtio.errors import FeatureError
 from virtwire.virtio.spec import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK,
@@ -99,7 +99,7 @@ def test_driver_negotiates_the_intersection_and_ring_format():
 
 def test_driver_fails_on_a_device_refusing_features():
     pair = DevicePair(NeedsBoth([8]))
-    with pytest.raises(DeviceError, match="FEATURES_OK clear"):
+    with pytest.raises(DeviceFault, match="FEATURES_OK clear"):
         pair.start(wanted=bit(5))  # the driver offers 5 without 0
     assert pair.device.status & VIRTIO_CONFIG_S_FAILED
 
@@ -111,7 +111,7 @@ def test_driver_fails_on_a_modern_device_without_version_1():
             return bit(VIRTIO_F_EVENT_IDX)
 
     pair = DevicePair(Old([8]))
-    with pytest.raises(DeviceError, match="VERSION_1"):
+    with pytest.raises(DeviceFault, match="VERSION_1"):
         pair.start()
 
 

@@ -58,7 +58,7 @@ def test_mmap_memory_shares_a_memfd_and_translates_user_addresses():
 def test_derived_objects_live_until_the_region_set_changes():
     """The native path's host-address table is kept per region set; unmapping drops it first,
     so its exports never keep a region's buffer (or mapping) from being released."""
-    from virtwire._native import guest_view
+    from virtwire.net.native import guest_view
 
     mem = MmapGuestMemory()
     fd = os.memfd_create("vw-derived")

@@ -6,6 +6,7 @@ import pytest
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.virtio.errors import QueueError
+from virtwire.virtio.packed_driver import PackedDriverQueue
 from virtwire.virtio.packed_ring import (
     PVIRTQ_DESC_ALIGN,
     PVIRTQ_DESC_OFF_ADDR,
@@ -16,7 +17,6 @@ from virtwire.virtio.packed_ring import (
     PVIRTQ_EVENT_OFF_DESC,
     PVIRTQ_EVENT_OFF_FLAGS,
     PVIRTQ_EVENT_SIZE,
-    PackedDriverQueue,
     PackedQueue,
     pack_desc,
     packed_ring_layout,

@@ -6,9 +6,9 @@ import pytest
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.virtio.errors import DriverError, QueueError
+from virtwire.virtio.packed_driver import PackedDriverQueue
 from virtwire.virtio.packed_ring import (
     PACKED_MAX_INDIRECT,
-    PackedDriverQueue,
     PackedQueue,
     pack_desc,
 )

@@ -5,7 +5,7 @@ import pytest
 
 from virtwire.memory import BytearrayGuestMemory
 from virtwire.testing import DevicePair, LocalTransport, LoopbackDevice, RecordingInterrupt
-from virtwire.virtio.driver import DeviceError
+from virtwire.virtio.driver import DeviceFault
 from virtwire.virtio.spec import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK,
 )
@@ -109,26 +109,26 @@ def test_driver_detects_a_device_that_does_not_reset():
     dev.attach(BytearrayGuestMemory(0x100000))
     pair = DevicePair(dev)
     pair.driver.transport = StuckStatus(dev)
-    with pytest.raises(DeviceError, match="after reset"):
+    with pytest.raises(DeviceFault, match="after reset"):
         pair.driver.negotiate(0)
 
 
 def test_driver_detects_driver_ok_not_sticking_and_needs_reset():
     pair = DevicePair(LoopbackDevice([8]))
     pair.driver.transport = DropsDriverOk(pair.device)
-    with pytest.raises(DeviceError, match="DRIVER_OK did not stick"):
+    with pytest.raises(DeviceFault, match="DRIVER_OK did not stick"):
         pair.start()
     pair = DevicePair(LoopbackDevice([8]))
     pair.driver.negotiate(0)
     pair.device.needs_reset("test")
-    with pytest.raises(DeviceError, match="NEEDS_RESET"):
+    with pytest.raises(DeviceFault, match="NEEDS_RESET"):
         pair.driver.driver_ok()
 
 
 def test_driver_refuses_queue_that_does_not_exist_and_rounds_split_sizes():
     pair = DevicePair(LoopbackDevice([8, 100]))
     pair.driver.negotiate(0)
-    with pytest.raises(DeviceError, match="does not exist"):
+    with pytest.raises(DeviceFault, match="does not exist"):
         pair.driver.setup_queue(2)
     q = pair.driver.setup_queue(1)
     assert q.size == 64  # largest power of 2 <= 100 for a split ring

@@ -1,4 +1,4 @@
-"""``serve.Server`` end to end in one process: D's Python vhost-user front end + driver against
+"""``serve.Server`` end to end in one process: the Python vhost-user front end + driver against
 our back end, device and an in-memory frame backend (no QEMU, no TAP)."""
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import struct
 import pytest
 
 from virtwire.hosts import vhost_user_proto as vp
-from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost, build_rarp
+from virtwire.hosts.vhost_device import VirtioDeviceHost, build_rarp
+from virtwire.hosts.vhost_user import VhostUserBackend
 from virtwire.hosts.vhost_user_proto import (
     MemRegion,
     MemTable,
@@ -320,7 +321,7 @@ def test_packed_position_read_back_from_the_ring(size):
     """After a crash QEMU re-sends a stale packed base: the flags tell the real position."""
     import random
 
-    from virtwire.hosts.vhost_user import packed_position_from_ring
+    from virtwire.hosts.vhost_rings import packed_position_from_ring
     from virtwire.virtio.pair import make_ring_pair
 
     rp = make_ring_pair("packed", size)
@@ -343,7 +344,7 @@ def test_packed_position_read_back_from_the_ring(size):
 
 
 def test_packed_position_refuses_multi_slot_chains():
-    from virtwire.hosts.vhost_user import packed_position_from_ring
+    from virtwire.hosts.vhost_rings import packed_position_from_ring
     from virtwire.virtio.pair import make_ring_pair
 
     rp = make_ring_pair("packed", 16)

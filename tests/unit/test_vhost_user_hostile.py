@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtwire.hosts import vhost_user_proto as vp
-from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
+from virtwire.hosts.vhost_device import VirtioDeviceHost
+from virtwire.hosts.vhost_user import VhostUserBackend
 from virtwire.hosts.vhost_user_proto import Message, ProtocolError
 from virtwire.loop import EventLoop
 from virtwire.virtio.pair import LoopbackDevice

@@ -2,7 +2,7 @@
 
 It behaves like ``backends.tap.TapBackend`` with a virtio_net_hdr (one ``readv`` = one frame,
 header first; ``pending_len`` unknown; a non-blocking fd), so the device's native paths
-(``native_tx_fd``) and its pure-Python paths can be compared without root or a TAP. The test
+(``native_fd``) and its pure-Python paths can be compared without root or a TAP. The test
 or benchmark writes frames (header included) to ``peer`` and reads what the guest sent there.
 """
 
@@ -39,7 +39,7 @@ class DgramBackend(BackendBase):
     def fileno(self) -> int | None:
         return self.fd
 
-    def native_tx_fd(self) -> int | None:
+    def native_fd(self) -> int | None:
         return self.fd if self.fd >= 0 else None
 
     def pending_len(self) -> int | None:

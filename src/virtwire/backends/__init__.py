@@ -1,7 +1,9 @@
 """Frame backends for the virtio-net device: ``tap``, ``switch``, ``null``, ``memory``.
 
-``create(kind, **params)`` builds one by name (the ``backend=`` of ``virtwire serve --port``);
-the classes are importable from their modules. See ``base.py`` for the ``NetBackend`` protocol.
+Each implements ``net.backend.NetBackend`` (the protocol lives with the device that uses it);
+``base`` holds the shared plumbing (``BackendBase``, ``readv_frame``). ``create(kind, **params)``
+builds one by name (the ``backend=`` of ``virtwire serve --port``); the classes are importable
+from their modules. Which host watches a backend's fd: ``hosts.pump.BackendPump``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from virtwire.backends.base import BackendError, NetBackend
+from virtwire.backends.base import BackendError
+from virtwire.net.backend import NetBackend
 
 __all__ = ["NetBackend", "BackendError", "KINDS", "create"]
 

@@ -1,34 +1,7 @@
-"""The ``NetBackend`` protocol: where a virtio-net device's frames go and come from.
+"""Shared plumbing for the frame backends (the ``NetBackend`` protocol is ``net/backend.py``).
 
-Theory of operation
--------------------
-A backend is the far end of one queue pair of a ``VirtioNet`` device (kvmtool's ``{rx, tx}``
-table, Firecracker's tap): the device hands it *batches* of TX frames and asks it for RX frames
-only when the guest has posted receive buffers. A frame is an iovec list (``list[memoryview]``):
-zero-copy views of guest buffers on TX, guest writable buffers on RX. Whether a frame carries a
-``virtio_net_hdr`` prefix is the backend's ``vnet_hdr`` attribute; its size (10 or 12) is set
-by ``configure`` once the guest's features are known, together with the offloads the guest can
-receive (GUEST_CSUM/TSO4/TSO6/ECN/UFO -> e.g. TUNSETOFFLOAD).
-
-``host_offloads`` says which TX offloads the backend accepts in a frame (a mask of
-VIRTIO_NET_F_CSUM / HOST_TSO4 / HOST_TSO6 / HOST_ECN / HOST_UFO bits): the device offers a HOST_*
-feature only when its backend takes it, and finishes partial checksums in software for a
-backend without CSUM.
-
-Readiness: ``fileno()`` is an fd the event loop watches for RX frames (the TAP fd, or an eventfd
-the in-process backends write when a frame is queued); ``None`` means the backend never has RX.
-
-Back-pressure: ``send`` returns how many frames of the batch it took; the device keeps the rest
-(their chains stay un-used) and retries on the next kick or on the backend's next wake-up
-(``VirtioNet.backend_ready``).
-
-Optional: ``native_tx_fd()`` (TAP: its fd; null: -1) lets the device's C fast path write
-frames itself; ``drain_wakeup()`` is called before each RX pass (in-process backends clear their
-eventfd there).
-``recv`` copies or reads *one* frame into the given buffers and returns its length (header
-included when ``vnet_hdr``), or 0 when nothing is pending. ``pending_len`` is the length of the
-next frame when the backend knows it (in-process backends) and ``None`` when it cannot tell
-(TAP: the device then prepares buffers for the largest frame).
+``BackendBase`` gives an in-process backend its counters, a wake-up eventfd and the defaults;
+``readv_frame`` reads one frame from a one-read-one-frame fd (a TAP, a datagram socket).
 """
 
 from __future__ import annotations
@@ -36,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
 
+from virtwire.net.backend import Frame, NetBackend, count_into
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN,
@@ -48,41 +21,9 @@ from virtwire.virtio.spec import (
 
 __all__ = ["NetBackend", "BackendError", "BackendBase", "Frame", "guest_offloads", "readv_frame"]
 
-Frame = Sequence[memoryview]
-
 
 class BackendError(Exception):
     """A backend could not be created or configured (our side, not the guest's)."""
-
-
-@runtime_checkable
-class NetBackend(Protocol):
-    """What ``VirtioNet`` needs from the far end of a queue pair (see module docstring)."""
-
-    name: str
-    vnet_hdr: bool
-    host_offloads: int
-
-    def fileno(self) -> int | None: ...
-
-    def configure(self, features: int, hdr_len: int) -> None:
-        """The negotiated feature word and the virtio-net header size (10 or 12)."""
-
-    def send(self, frames: Sequence[Frame]) -> int:
-        """Transmit a batch; returns how many leading frames were taken (the rest: retry)."""
-
-    def recv(self, bufs: Sequence[memoryview]) -> int:
-        """Receive one frame into ``bufs``; its length, or 0 when nothing is pending."""
-
-    def pending_len(self) -> int | None:
-        """The next RX frame's length (0: none) when known; None when unknown."""
-
-    def set_enabled(self, enabled: bool) -> None:
-        """The queue pair was enabled/disabled (MQ VQ_PAIRS_SET, vhost-user VRING_ENABLE)."""
-
-    def stats(self) -> dict[str, int]: ...
-
-    def close(self) -> None: ...
 
 
 def readv_frame(fd: int, bufs: Sequence[memoryview], counters: dict[str, int], name: str,
@@ -136,6 +77,15 @@ class BackendBase:
         if self._efd is None:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return self._efd
+
+    def native_fd(self) -> int | None:
+        """No C fast path unless a subclass says otherwise."""
+        return None
+
+    def count_native(self, *, tx_frames: int = 0, tx_bytes: int = 0, tx_errors: int = 0,
+                     rx_frames: int = 0, rx_bytes: int = 0, rx_errors: int = 0) -> None:
+        count_into(self.counters, tx_frames=tx_frames, tx_bytes=tx_bytes, tx_errors=tx_errors,
+                   rx_frames=rx_frames, rx_bytes=rx_bytes, rx_errors=rx_errors)
 
     def drain_wakeup(self) -> None:
         if self._efd is not None:

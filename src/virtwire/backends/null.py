@@ -29,8 +29,8 @@ class NullBackend(BackendBase):
     def fileno(self) -> int | None:
         return None
 
-    def native_tx_fd(self) -> int:
-        """For the device's C TX fast path: -1 means count and discard."""
+    def native_fd(self) -> int:
+        """For the C TX fast path: -1 means count and discard (``NetBackend.native_fd``)."""
         return -1
 
     def send(self, frames: Sequence[Frame]) -> int:

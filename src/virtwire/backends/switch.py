@@ -203,7 +203,7 @@ class _Uplink:
         self.port_name = "uplink"
         self.counters = {"tx_frames": 0, "rx_frames": 0, "drops": 0}
         tap.configure(0, 12)  # the kernel finishes checksums and segments before handing over
-        self._scratch = bytearray(12 + MAX_FRAME)
+        self.scratch = bytearray(12 + MAX_FRAME)  # one uplink read
 
     def enqueue(self, item: _Item) -> bool:
         flags, gso_type, gso_size, hdr_len, cs, co, frame = item
@@ -273,7 +273,7 @@ class L2Switch:
         if up is None:
             return 0
         items: list[_Item] = []
-        view = memoryview(up._scratch)
+        view = memoryview(up.scratch)
         for _ in range(limit):
             n = up.tap.recv([view])
             if n == 0:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from virtwire.backends.base import Frame, readv_frame
+from virtwire.net.backend import count_into
 from virtwire.netns import TapError, run_in_netns
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
@@ -203,9 +204,18 @@ class TapBackend:
     def fileno(self) -> int:
         return self.fd
 
-    def native_tx_fd(self) -> int | None:
-        """For the device's C TX fast path: frames are written to this fd (header kept)."""
+    def native_fd(self) -> int | None:
+        """For the device's C fast paths: frames are written to and read from this fd (header
+        kept; ``NetBackend.native_fd``)."""
         return self.fd if self.fd >= 0 else None
+
+    def drain_wakeup(self) -> None:
+        """Nothing to clear: the TAP fd is readable exactly while frames are queued."""
+
+    def count_native(self, *, tx_frames: int = 0, tx_bytes: int = 0, tx_errors: int = 0,
+                     rx_frames: int = 0, rx_bytes: int = 0, rx_errors: int = 0) -> None:
+        count_into(self.counters, tx_frames=tx_frames, tx_bytes=tx_bytes, tx_errors=tx_errors,
+                   rx_frames=rx_frames, rx_bytes=rx_bytes, rx_errors=rx_errors)
 
     def configure(self, features: int, hdr_len: int) -> None:
         """Header size = the guest's; offloads = what the guest can receive."""

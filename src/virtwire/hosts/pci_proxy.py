@@ -74,6 +74,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtwire.hosts.pump import RING, BackendPump
 from virtwire.memory import GuestMemoryError, MmapGuestMemory
 from virtwire.pci.function import PciFunction
 
@@ -570,9 +571,9 @@ class PciProxyServer:
     """One proxied PCI device and its frame backends, served by one ``EventLoop``.
 
     ``transport`` is the ``pci.device.VirtioPciDevice`` (the proxy target); its ``device`` may be
-    a ``net.device.VirtioNet`` whose hooks are wired here: a backend fd becoming readable calls
-    ``device.backend_ready(pair)``; ``rx_watch(pair, on)`` starts/stops watching that fd (while the
-    guest has no RX buffers a level-triggered TAP would spin the loop); ``more_work(index)``
+    a ``net.device.VirtioNet`` whose backends a ``hosts.pump.BackendPump`` watches (a readable fd
+    calls ``device.backend_ready(pair)``; not while the guest has no RX buffers or the device is
+    not active, else a level-triggered TAP would spin the loop); ``more_work(index)``
     reschedules a queue whose batch budget ran out. Notifications from the guest are run after the
     proxy has answered the access (``transport.flush`` deferred to the end of the iteration).
 
@@ -592,8 +593,6 @@ class PciProxyServer:
         transport.defer_notify = True
         self.remote.after_reply.append(self._after_reply)
         self.remote.on_irqfd = self._on_irqfd
-        self._watched: dict[int, bool] = {}
-        self._parked: set[int] = set()
         self.thread: threading.Thread | None = None
         self._calls: deque[tuple[Callable[[], Any], list[Any]]] = deque()
         self._stop_requested = False
@@ -601,12 +600,12 @@ class PciProxyServer:
         self._wake_r.setblocking(False)
         self.loop.add_reader(self._wake_r, self._on_wake)
         self.loop.add_reader(self.remote.sock, self._on_proxy)
-        if hasattr(self.device, "rx_watch"):
-            self.device.rx_watch = self._rx_watch
+        # Nothing to deliver to before DRIVER_OK: the pump stops watching (a level-triggered TAP
+        # would spin the loop) until the device is active, checked after each proxy reply.
+        self.pump = BackendPump(self.loop, self.device, self.backends, ready=lambda pair: bool(
+            getattr(self.device, "active", False)))
         if hasattr(self.device, "more_work"):
             self.device.more_work = self._more_work
-        for pair in range(len(self.backends)):
-            self._rx_watch(pair, True)
         self.stopped = threading.Event()
 
     # -- loop callbacks ----------------------------------------------------------------------
@@ -618,32 +617,8 @@ class PciProxyServer:
     def _after_reply(self) -> None:
         if self.transport.pending:
             self.loop.defer(("pci-flush", id(self)), self.transport.flush)
-        if self._parked and getattr(self.device, "active", False):
-            for pair in self._parked:
-                self._rx_watch(pair, True)
-            self._parked.clear()
-
-    def _on_backend(self, pair: int) -> None:
-        ready = getattr(self.device, "backend_ready", None)
-        if ready is None or not getattr(self.device, "active", False):
-            # Nothing to deliver to before DRIVER_OK: stop watching (a level-triggered TAP would
-            # spin the loop) until the device is active, checked after each proxy reply.
-            self._rx_watch(pair, False)
-            self._parked.add(pair)
-            return
-        self.loop.defer(("pci-rx", id(self), pair), ready, pair)
-
-    def _rx_watch(self, pair: int, on: bool) -> None:
-        if not 0 <= pair < len(self.backends):
-            return
-        fd = self.backends[pair].fileno()
-        if fd is None or fd < 0 or self._watched.get(pair) == on:
-            return
-        if on:
-            self.loop.add_reader(fd, self._on_backend, pair)
-        else:
-            self.loop.remove_reader(fd)
-        self._watched[pair] = on
+        if self.pump.waiting(RING) and getattr(self.device, "active", False):
+            self.pump.resume_all(RING)
 
     def _more_work(self, index: int) -> None:
         dev = self.device
@@ -719,8 +694,7 @@ class PciProxyServer:
     def close(self) -> None:
         """After ``stop``: release the socket, guest RAM mappings and backends."""
         self.stop()
-        for pair in list(self._watched):
-            self._rx_watch(pair, False)
+        self.pump.close()
         self.loop.remove_reader(self.remote.sock)
         self.loop.remove_reader(self._wake_r)
         if self.remote.irqfd is not None:

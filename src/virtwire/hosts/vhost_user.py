@@ -27,10 +27,12 @@ expects a reply (a GET) and cannot be answered drops the connection instead, sin
 nothing would hang the front end. The device itself is not trusted to be told anything twice: a
 ring is restarted from scratch each time it is started.
 
-The device is hosted through a narrow interface (``HostedDevice``): the back end owns the queue
-objects and the eventfds, the device processes queues when asked (``queue_kicked``) and asks for
-an interrupt through the ``notify`` callback it was given; the back end coalesces interrupts so a
-ring is signalled at most once per loop iteration (``loop.defer``).
+The device is hosted through a narrow interface (``vhost_device.HostedDevice``): the back end
+owns the queue objects and the eventfds, the device processes queues when asked
+(``queue_kicked``) and asks for an interrupt through the ``notify`` callback it was given; the
+back end coalesces interrupts so a ring is signalled at most once per loop iteration
+(``loop.defer``). This module is the connection and the messages; the memory table and the
+rings' state are ``vhost_rings.VringTable``.
 
 Restart. With QEMU's ``reconnect=`` the front end re-sends the whole handshake to a restarted
 back end. When QEMU could not read GET_VRING_BASE (we were killed) it restores a split ring's
@@ -50,11 +52,12 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from virtwire import trace as _trace
 from virtwire.hosts import vhost_user_proto as vp
+from virtwire.hosts.vhost_device import HostedDevice, Refused
+from virtwire.hosts.vhost_rings import MAX_MEM_SLOTS, Vring, VringTable
 from virtwire.hosts.vhost_user_proto import (
     ConfigSpace,
     FramingError,
@@ -74,20 +77,13 @@ from virtwire.loop import EventFd, EventLoop, TimerHandle
 from virtwire.memory import GuestMemoryError, MmapGuestMemory
 from virtwire.virtio import spec
 from virtwire.virtio.errors import DriverError
-from virtwire.virtio.split_ring import SplitQueue
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HostedDevice",
     "VhostUserBackend",
-    "Vring",
-    "Refused",
     "DEFAULT_PROTOCOL_FEATURES",
     "VHOST_F_LOG_ALL",
-    "VirtioDeviceHost",
-    "build_rarp",
-    "packed_position_from_ring",
 ]
 
 VHOST_F_LOG_ALL = 26  # dirty logging for migration (never offered: no LOG_SHMFD)
@@ -100,130 +96,6 @@ DEFAULT_PROTOCOL_FEATURES = spec.bit(
     vp.VHOST_USER_PROTOCOL_F_CONFIG,
     vp.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
 )
-MAX_MEM_SLOTS = 8
-
-
-class Refused(Exception):
-    """A request we refuse (the front end's fault); the message is the log line's reason."""
-
-
-class HostedDevice(Protocol):
-    """What the back end needs from the virtio device it hosts.
-
-    Queue ``i``'s object (``SplitQueue``/``PackedQueue``) is owned by the back end and handed over
-    in ``queue_started``; ``notify()`` asks for the ring's interrupt. Guest faults raised while
-    processing are ``DriverError``s; the device is expected to count and log them itself.
-    """
-
-    @property
-    def device_features(self) -> int: ...
-
-    @property
-    def num_queues(self) -> int:
-        """How many rings the device has (virtio-net: 2 x queue pairs, no control queue here)."""
-
-    def config_bytes(self) -> bytes:
-        """The device configuration space (virtio 1.2 §5.1.4 for net)."""
-
-    def write_config(self, offset: int, data: bytes) -> None:
-        """SET_CONFIG; raise ``Refused``/``DriverError`` for read-only fields."""
-
-    def set_features(self, features: int) -> int | None:
-        """SET_FEATURES (the driver's acked bits, VHOST_USER_F_PROTOCOL_FEATURES removed);
-        returns the bits the device took on when it drops some (e.g. QEMU-owned ones)."""
-
-    def queue_started(self, index: int, queue: Any, mem: Any, notify: Callable[[], None]) -> None:
-        ...
-
-    def queue_stopped(self, index: int) -> None: ...
-
-    def queue_enabled(self, index: int, enabled: bool) -> None: ...
-
-    def queue_kicked(self, index: int) -> None:
-        """Process ring ``index`` (drain it: batch, one publish, at most one ``notify``)."""
-
-    def memory_changed(self, mem: Any) -> None: ...
-
-    def send_rarp(self, mac: bytes) -> None: ...
-
-    def set_mtu(self, mtu: int) -> None: ...
-
-    def reset(self) -> None: ...
-
-
-@dataclass
-class Vring:
-    """One ring as the front end configured it, plus our per-ring counters."""
-
-    index: int
-    num: int = 0
-    addr: VringAddr | None = None
-    base: int = 0
-    kick: EventFd | None = None
-    call: EventFd | None = None
-    err: EventFd | None = None
-    enabled: bool = False
-    started: bool = False
-    poll_timer: TimerHandle | None = None
-    queue: Any = None
-    kicks: int = 0
-    interrupts: int = 0
-    errors: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def close_fds(self) -> None:
-        for name in ("kick", "call", "err"):
-            efd = getattr(self, name)
-            if efd is not None:
-                efd.close()
-                setattr(self, name, None)
-
-
-def build_rarp(mac: bytes) -> bytes:
-    """A RARP "request reverse" frame announcing ``mac`` (RFC 903), as QEMU's announce sends."""
-    eth = b"\xff" * 6 + mac + b"\x80\x35"
-    body = (b"\x00\x01" b"\x08\x00" b"\x06\x04" b"\x00\x03" + mac + b"\x00" * 4 + mac
-            + b"\x00" * 4)
-    return (eth + body).ljust(60, b"\x00")
-
-
-def packed_position_from_ring(mem: Any, desc: int, n: int) -> int | None:
-    """The device's position in a packed ring read back from the descriptor flags, as
-    ``idx | wrap << 15`` -- or None when the ring does not say it unambiguously.
-
-    QEMU keeps no used index for a packed ring in shared memory, so after a back-end crash it
-    re-sends a stale SET_VRING_BASE. The flags tell the position when every buffer took one slot
-    (Linux with INDIRECT_DESC: single-buffer chains, indirect tables for the rest; the caller
-    only asks then, and any NEXT flag in the ring answers None): for the device at slot ``p``
-    with wrap counter ``W`` (virtio 1.2 §2.8.1), slot ``i`` expects wrap ``e_i = W`` for
-    ``i >= p`` and ``!W`` before; each slot is either available for ``e_i`` (AVAIL == e_i != USED)
-    or used in the lap before (AVAIL == USED == !e_i), and the available ones run contiguously
-    from ``p``. Anything else (multi-slot chains, a ring being written) answers None.
-    """
-    if n <= 0:
-        return None
-    avail_bit, used_bit = 1 << 7, 1 << 15
-    e: list[int] = []
-    avail: list[bool] = []
-    for i in range(n):
-        f = mem.read_u16(desc + 16 * i + 14)
-        if f & spec.VIRTQ_DESC_F_NEXT:
-            return None  # multi-slot chains: a used chain's tail looks available
-        a, u = int(bool(f & avail_bit)), int(bool(f & used_bit))
-        avail.append(a != u)
-        e.append(a if a != u else 1 - a)
-    changes = [i for i in range(1, n) if e[i] != e[i - 1]]
-    if not changes:
-        p, w = 0, e[0]
-    elif len(changes) == 1 and e[0] != e[changes[0]]:
-        p, w = changes[0], e[changes[0]]
-    else:
-        return None
-    order = [avail[(p + k) % n] for k in range(n)]
-    first_used = order.index(False) if False in order else n
-    if any(order[first_used:]):
-        return None  # available slots after used ones: not a single contiguous run
-    return p | w << 15
 
 
 class VhostUserBackend:
@@ -259,11 +131,12 @@ class VhostUserBackend:
         self.reconnect = reconnect
         nq = device.num_queues
         self.queue_pairs = queue_pairs if queue_pairs is not None else max(1, nq // 2)
-        self.vrings = [Vring(i) for i in range(nq)]
+        self.rings = VringTable(device, loop, nq, name=self.name, max_queue_size=max_queue_size,
+                                on_kick=self._on_kick, service=device.queue_kicked,
+                                notify=self._notify)
+        self.vrings = self.rings.vrings
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
-        self.mem: MmapGuestMemory | None = None
-        self.features = 0  # acked virtio features (incl. PROTOCOL_FEATURES bit as sent)
         self.protocol_features = 0
         self.owner = False
         self.mtu: int | None = None
@@ -272,7 +145,20 @@ class VhostUserBackend:
         self.messages = 0
         self._retry: TimerHandle | None = None
         self._closed = False
-        self._region_refs: dict[tuple[int, int, int, int], int] = {}
+
+    @property
+    def mem(self) -> MmapGuestMemory | None:
+        """Guest RAM as the front end mapped it (``VringTable.mem``)."""
+        return self.rings.mem
+
+    @property
+    def features(self) -> int:
+        """Acked virtio features (incl. the PROTOCOL_FEATURES bit as sent)."""
+        return self.rings.features
+
+    @features.setter
+    def features(self, value: int) -> None:
+        self.rings.features = value
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -351,7 +237,7 @@ class VhostUserBackend:
 
     def _reset_state(self) -> None:
         for vr in self.vrings:
-            self._stop_ring(vr)
+            self.rings.stop(vr)
             vr.close_fds()
             vr.num = vr.base = 0
             vr.addr = None
@@ -360,10 +246,7 @@ class VhostUserBackend:
             self.device.reset()
         except Exception:
             log.exception("%s: device reset failed", self.name)
-        if self.mem is not None:
-            self.mem.close()
-            self.mem = None
-        self._region_refs = {}
+        self.rings.close_memory()
         self.features = self.protocol_features = 0
         self.owner = False
 
@@ -461,9 +344,7 @@ class VhostUserBackend:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ring(self, index: int) -> Vring:
-        if not 0 <= index < len(self.vrings):
-            raise Refused(f"ring index {index} out of range (device has {len(self.vrings)})")
-        return self.vrings[index]
+        return self.rings.ring(index)
 
     @property
     def offered_features(self) -> int:
@@ -474,108 +355,7 @@ class VhostUserBackend:
 
     @property
     def packed(self) -> bool:
-        return bool(self.features >> spec.VIRTIO_F_RING_PACKED & 1)
-
-    def _new_queue(self, vr: Vring) -> Any:
-        event_idx = bool(self.features >> spec.VIRTIO_F_EVENT_IDX & 1)
-        indirect = bool(self.features >> spec.VIRTIO_F_INDIRECT_DESC & 1)
-        if self.packed:
-            from virtwire.virtio.packed_ring import PackedQueue  # P's module
-
-            return PackedQueue(vr.num, event_idx=event_idx, indirect=indirect)
-        return SplitQueue(vr.num, max_size=self.max_queue_size, event_idx=event_idx,
-                          indirect=indirect)
-
-    def _translate(self, vr: Vring) -> tuple[int, int, int]:
-        """Front-end virtual ring addresses -> guest-physical (through userspace_addr)."""
-        assert vr.addr is not None and self.mem is not None
-        n = vr.num
-        if self.packed:
-            sizes = (16 * n, 4, 4)  # descriptor ring, driver event, device event (§2.8.10)
-        else:
-            sizes = (16 * n, 6 + 2 * n, 6 + 8 * n)
-        a = vr.addr
-        try:
-            return (
-                self.mem.uva_to_gpa(a.desc_user_addr, sizes[0]),
-                self.mem.uva_to_gpa(a.avail_user_addr, sizes[1]),
-                self.mem.uva_to_gpa(a.used_user_addr, sizes[2]),
-            )
-        except GuestMemoryError as e:
-            raise Refused(f"ring {vr.index}: {e}") from None
-
-    def _try_start(self, vr: Vring) -> None:
-        """Start ring ``vr`` if everything it needs is known (called at SET_VRING_KICK)."""
-        if vr.started:
-            self._stop_ring(vr)
-        if self.mem is None:
-            raise Refused(f"ring {vr.index}: started before SET_MEM_TABLE")
-        if vr.addr is None or vr.num == 0:
-            raise Refused(f"ring {vr.index}: started before SET_VRING_NUM/ADDR")
-        desc, drv, dev = self._translate(vr)
-        q = self._new_queue(vr)
-        q.set_addresses(desc, drv, dev)
-        try:
-            q.validate(self.mem)
-        except DriverError as e:
-            raise Refused(f"ring {vr.index}: {e}") from None
-        try:
-            if self.packed:
-                # QEMU's packed base: avail (idx | wrap << 15), used the same in bits 16-31.
-                q.set_base(vr.base & 0xFFFF)
-                if vr.base >> 16:
-                    q.set_used_base(vr.base >> 16)
-            else:
-                q.set_base(vr.base)
-        except DriverError as e:
-            raise Refused(f"ring {vr.index}: {e}") from None
-        if not self.packed:
-            # After a back-end crash QEMU restores next-avail from used.idx; keep both in step
-            # with what the guest can see (see module docstring, "Restart").
-            used_idx = self.mem.read_u16(dev + 2)
-            if used_idx != vr.base & 0xFFFF:
-                log.info("%s: ring %d: base %d but used.idx %d; resuming from used.idx",
-                         self.name, vr.index, vr.base & 0xFFFF, used_idx)
-                q.set_base(used_idx)
-        elif self.features >> spec.VIRTIO_F_INDIRECT_DESC & 1:
-            found = packed_position_from_ring(self.mem, desc, vr.num)
-            if found is not None and found != q.get_base():
-                log.info("%s: ring %d: base %#x but the ring says %#x; resuming from the ring",
-                         self.name, vr.index, q.get_base(), found)
-                q.set_base(found)
-        q.ready = True
-        q = _trace.wrap_queue(q, vr.index)  # itself unless tracing is on
-        vr.queue = q
-        vr.started = True
-        self.device.queue_started(vr.index, q, self.mem, lambda vr=vr: self._notify(vr))
-        self.device.queue_enabled(vr.index, vr.enabled)
-        if vr.kick is not None:
-            self.loop.add_reader(vr.kick, self._on_kick, vr)
-        else:
-            vr.poll_timer = self.loop.call_every(0.001, self._kicked, vr)
-        log.info("%s: ring %d started (%s, %d entries, base %d, %s)", self.name, vr.index,
-                 "packed" if self.packed else "split", vr.num, q.get_base(),
-                 "enabled" if vr.enabled else "disabled")
-        # Buffers may already be waiting (restart): process once without a kick.
-        self.loop.defer(("vring", id(self), vr.index), self._kicked, vr)
-
-    def _stop_ring(self, vr: Vring) -> None:
-        if not vr.started:
-            return
-        if vr.kick is not None:
-            self.loop.remove_reader(vr.kick)
-        if vr.poll_timer is not None:
-            vr.poll_timer.cancel()
-            vr.poll_timer = None
-        try:
-            self.device.queue_stopped(vr.index)
-        except Exception:
-            log.exception("%s: device failed to stop ring %d", self.name, vr.index)
-        if vr.queue is not None:
-            q = vr.queue
-            vr.base = q.get_vring_base32() if hasattr(q, "get_vring_base32") else q.get_base()
-            q.release_views()
-        vr.started = False
+        return self.rings.packed
 
     def _on_kick(self, vr: Vring) -> None:
         if vr.kick is None:
@@ -585,12 +365,8 @@ class VhostUserBackend:
             tr = _trace.TRACE
             if tr is not None:
                 tr.emit("kick", "kick", q=vr.index)
-            self.loop.defer(("vring", id(self), vr.index), self._kicked, vr)
-
-    def _kicked(self, vr: Vring) -> None:
-        if not vr.started:
-            return
-        self.device.queue_kicked(vr.index)
+            # Straight to the device (the kick path is short: epoll, this, the device).
+            self.loop.defer(("vring", id(self.rings), vr.index), self.device.queue_kicked, vr.index)
 
     def _notify(self, vr: Vring) -> None:
         self.loop.defer(("call", id(self), vr.index), self._signal_call, vr)
@@ -605,9 +381,8 @@ class VhostUserBackend:
 
     def kick_ring(self, index: int) -> None:
         """Process ring ``index`` as if kicked (a frame backend has data for an RX ring)."""
-        vr = self.vrings[index]
-        if vr.started:
-            self.loop.defer(("vring", id(self), index), self._kicked, vr)
+        if self.vrings[index].started:
+            self.loop.defer(("vring", id(self.rings), index), self.device.queue_kicked, index)
 
     def ring_error(self, index: int) -> None:
         """Signal the ring's error eventfd (SET_VRING_ERR) after a guest fault on it."""
@@ -647,14 +422,14 @@ class VhostUserBackend:
     def _reset_owner(self, msg: Message, _p: None) -> None:
         # Deprecated; treated as a device reset that keeps the connection (as QEMU expects).
         for vr in self.vrings:
-            self._stop_ring(vr)
+            self.rings.stop(vr)
         self.device.reset()
         self.features = 0
         self.owner = False
 
     def _reset_device(self, msg: Message, _p: None) -> None:
         for vr in self.vrings:
-            self._stop_ring(vr)
+            self.rings.stop(vr)
             vr.enabled = False
         self.device.reset()
         self.features = 0
@@ -674,96 +449,17 @@ class VhostUserBackend:
         # virtio-net: queue pairs, the number QEMU's and DPDK's front ends compare `queues=` with.
         return self.queue_pairs
 
-    def _release_views(self) -> None:
-        """Before any mapping changes: no ring view may point into memory about to go."""
-        for vr in self.vrings:
-            if vr.queue is not None:
-                vr.queue.release_views()
-
-    def _memory_updated(self) -> None:
-        """After the table changed: the device and every running ring follow it (same uvas)."""
-        assert self.mem is not None
-        self.device.memory_changed(self.mem)
-        for vr in self.vrings:
-            if vr.started:
-                try:
-                    vr.queue.set_addresses(*self._translate(vr))
-                    vr.queue.validate(self.mem)
-                except (Refused, DriverError) as e:
-                    log.warning("%s: ring %d stopped: %s after a memory table change",
-                                self.name, vr.index, e)
-                    self._stop_ring(vr)
-
-    def _map(self, mem: MmapGuestMemory, r: MemRegion) -> None:
-        try:
-            mem.map_fd(r.fd, r.guest_phys_addr, r.memory_size, r.mmap_offset, r.userspace_addr)
-        except GuestMemoryError as e:
-            raise Refused(str(e)) from None
-
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
-        new = MmapGuestMemory()
-        try:
-            for r in table.regions:
-                self._map(new, r)  # mmap keeps its own reference; our fds close afterwards
-        except Refused:
-            new.close()
-            raise
-        self._release_views()
-        self._region_refs = {self._region_key(r): 1 for r in table.regions}
-        old, self.mem = self.mem, new
-        if old is not None:
-            old.close()
-        self._memory_updated()
-        log.info("%s: memory table: %s", self.name, ", ".join(
-            f"{r.guest_phys_addr:#x}+{r.memory_size:#x}@uva {r.userspace_addr:#x}"
-            for r in table.regions))
+        self.rings.set_table(table)
 
     def _get_max_mem_slots(self, msg: Message, _p: None) -> int:
         return MAX_MEM_SLOTS
 
-    @staticmethod
-    def _region_key(r: MemRegion) -> tuple[int, int, int, int]:
-        return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-
     def _add_mem_reg(self, msg: Message, r: MemRegion) -> None:
-        # With MQ, QEMU runs one vhost device per queue pair over this one socket, and each
-        # adds every region it knows: the same region arrives once per pair. Regions are
-        # reference-counted; an identical one is a no-op, an overlapping different one refused.
-        key = self._region_key(r)
-        if key in self._region_refs:
-            self._region_refs[key] += 1
-            return
-        if self.mem is None:
-            self.mem = MmapGuestMemory()
-        if len(self.mem.regions) >= MAX_MEM_SLOTS:
-            raise Refused(f"all {MAX_MEM_SLOTS} memory slots in use")
-        self._release_views()
-        try:
-            self._map(self.mem, r)
-        finally:
-            self._memory_updated()
-        self._region_refs[key] = 1
-        log.info("%s: added memory region %#x+%#x", self.name, r.guest_phys_addr, r.memory_size)
+        self.rings.add_region(r)
 
     def _rem_mem_reg(self, msg: Message, r: MemRegion) -> None:
-        if self.mem is None:
-            raise Refused("no memory table")
-        match = [x for x in self.mem.regions
-                 if x.gpa == r.guest_phys_addr and x.size == r.memory_size
-                 and x.userspace_addr == r.userspace_addr]
-        if not match:
-            raise Refused(f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} to remove")
-        key = (match[0].gpa, match[0].size, match[0].userspace_addr, match[0].mmap_offset)
-        left = self._region_refs.get(key, 1) - 1
-        if left > 0:
-            self._region_refs[key] = left
-            return
-        self._region_refs.pop(key, None)
-        self._release_views()
-        self.mem.unmap(match[0].gpa)
-        self._memory_updated()
-        log.info("%s: removed memory region %#x+%#x", self.name, r.guest_phys_addr,
-                 r.memory_size)
+        self.rings.remove_region(r)
 
     def _set_vring_num(self, msg: Message, st: VringState) -> None:
         vr = self._ring(st.index)
@@ -784,12 +480,12 @@ class VhostUserBackend:
         vr.addr = a
         if self.mem is not None and vr.num:
             try:
-                self._translate(vr)  # refuse untranslatable addresses now, with a reason
+                self.rings.translate(vr)  # refuse untranslatable addresses now, with a reason
             except Refused:
                 vr.addr = old
                 raise
         if vr.started:  # a running ring moved (only legal with logging changes): restart it
-            self._try_start(vr)
+            self.rings.start(vr)
 
     def _set_vring_base(self, msg: Message, st: VringState) -> None:
         vr = self._ring(st.index)
@@ -801,7 +497,7 @@ class VhostUserBackend:
 
     def _get_vring_base(self, msg: Message, st: VringState) -> VringState:
         vr = self._ring(st.index)
-        self._stop_ring(vr)
+        self.rings.stop(vr)
         if vr.kick is not None:  # vhost-user.rst: the kick fd is closed with the ring stopped
             vr.kick.close()
             vr.kick = None
@@ -824,7 +520,7 @@ class VhostUserBackend:
     def _set_vring_kick(self, msg: Message, f: VringFile) -> None:
         self._ring(f.index)
         vr, _ = self._file(msg, f, "kick")
-        self._try_start(vr)
+        self.rings.start(vr)
 
     def _set_vring_call(self, msg: Message, f: VringFile) -> None:
         self._ring(f.index)
@@ -924,141 +620,3 @@ _HANDLERS: dict[int, Callable[[VhostUserBackend, Message, Any], Any]] = {
     R.GET_CONFIG: VhostUserBackend._get_config,
     R.SET_CONFIG: VhostUserBackend._set_config,
 }
-
-
-class _RingInterrupts:
-    """``InterruptSink`` for a hosted ``VirtioDevice``: queue interrupts go to the ring's call
-    eventfd; config interrupts have no vhost-user path without BACKEND_REQ (logged)."""
-
-    def __init__(self) -> None:
-        self.notify: dict[int, Callable[[], None]] = {}
-        self.config_count = 0
-
-    def queue(self, index: int) -> None:
-        fn = self.notify.get(index)
-        if fn is not None:
-            fn()
-
-    def config(self) -> None:
-        self.config_count += 1
-        log.debug("config interrupt dropped (no back-end channel)")
-
-
-_CTRL_VQ_DEPENDENTS = spec.bit(*(f for f, deps in spec.NET_FEATURE_REQUIRES.items()
-                                  if spec.VIRTIO_NET_F_CTRL_VQ in deps))
-
-
-class VirtioDeviceHost:
-    """Hosts a ``virtio.device.VirtioDevice`` (e.g. ``net.device.VirtioNet``) behind vhost-user.
-
-    vhost-user has no status register, so this walks the device through §3.1.1 itself:
-    SET_FEATURES -> ACKNOWLEDGE, DRIVER, features, FEATURES_OK; memory -> DRIVER_OK. Rings arrive
-    one at a time (SET_VRING_KICK), so each started ring object is placed straight into
-    ``device.queues[i]``. ``num_rings`` excludes rings QEMU keeps for itself (net's control queue).
-    Device-specific hooks are optional methods on the device: ``queue_enabled(i, on)``,
-    ``send_rarp(mac)``, ``set_mtu(mtu)``.
-    """
-
-    def __init__(self, device: Any, num_rings: int | None = None) -> None:
-        self.dev = device
-        self._num = num_rings if num_rings is not None else device.num_queues
-        self.irq = _RingInterrupts()
-        self.on_ring_error: Callable[[int], None] | None = None
-        self.on_kicked: Callable[[int], None] | None = None  # after each ring service
-
-    @property
-    def device_features(self) -> int:
-        return int(self.dev.offered_features)
-
-    @property
-    def num_queues(self) -> int:
-        return self._num
-
-    def config_bytes(self) -> bytes:
-        return bytes(self.dev.config)
-
-    def write_config(self, offset: int, data: bytes) -> None:
-        cfg = self.dev.config
-        if offset + len(data) > len(cfg) or not self.dev.config_write_hook(offset, data):
-            raise Refused(f"config write {len(data)}@{offset:#x} is read-only or out of range")
-
-    def set_features(self, features: int) -> int:
-        from virtwire.virtio import spec as s
-
-        d = self.dev
-        if not features >> s.VIRTIO_NET_F_CTRL_VQ & 1 and getattr(d, "device_id", 0) == 1:
-            # QEMU keeps the control queue (and everything built on it) for itself, yet it
-            # forwards GUEST_ANNOUNCE in SET_FEATURES: drop what depends on CTRL_VQ here.
-            features &= ~_CTRL_VQ_DEPENDENTS
-        if d.status & s.VIRTIO_CONFIG_S_FEATURES_OK and d.negotiated == features:
-            return features  # repeated SET_FEATURES (QEMU re-sends on start): nothing changes
-        d.reset()
-        d.write_status(s.VIRTIO_CONFIG_S_ACKNOWLEDGE)
-        d.write_status(s.VIRTIO_CONFIG_S_ACKNOWLEDGE | s.VIRTIO_CONFIG_S_DRIVER)
-        d.set_driver_features(features)
-        ok = d.write_status(s.VIRTIO_CONFIG_S_ACKNOWLEDGE | s.VIRTIO_CONFIG_S_DRIVER
-                            | s.VIRTIO_CONFIG_S_FEATURES_OK)
-        if not ok or not d.status & s.VIRTIO_CONFIG_S_FEATURES_OK:
-            raise Refused(f"device refused features: {d.last_error}")
-        return features
-
-    def _ensure_driver_ok(self, mem: Any) -> None:
-        from virtwire.virtio import spec as s
-
-        d = self.dev
-        d.attach(mem, self.irq)
-        if d.status & s.VIRTIO_CONFIG_S_FEATURES_OK and not d.status & s.VIRTIO_CONFIG_S_DRIVER_OK:
-            d.write_status(d.status | s.VIRTIO_CONFIG_S_DRIVER_OK)
-
-    def queue_started(self, index: int, queue: Any, mem: Any, notify: Callable[[], None]) -> None:
-        self._ensure_driver_ok(mem)
-        self.irq.notify[index] = notify
-        self.dev.queues[index] = queue
-        hook = getattr(self.dev, "queue_started", None)
-        if hook is not None:
-            hook(index)
-
-    def queue_stopped(self, index: int) -> None:
-        hook = getattr(self.dev, "queue_stopped", None)
-        if hook is not None:
-            hook(index)
-        if index < len(self.dev.queues):
-            self.dev.queues[index] = None
-        self.irq.notify.pop(index, None)
-
-    def queue_enabled(self, index: int, enabled: bool) -> None:
-        hook = getattr(self.dev, "queue_enabled", None)
-        if hook is not None:
-            hook(index, enabled)
-
-    def queue_kicked(self, index: int) -> None:
-        from virtwire.virtio import spec as s
-
-        d = self.dev
-        was = d.status & s.VIRTIO_CONFIG_S_NEEDS_RESET
-        d.notify(index)
-        if d.status & s.VIRTIO_CONFIG_S_NEEDS_RESET and not was and self.on_ring_error:
-            self.on_ring_error(index)
-        if self.on_kicked is not None:
-            self.on_kicked(index)
-
-    def memory_changed(self, mem: Any) -> None:
-        self.dev.attach(mem, self.irq)
-        for q in self.dev.queues:  # views are rebuilt against the new mapping on next use
-            if q is not None:
-                q.release_views()
-
-    def send_rarp(self, mac: bytes) -> None:
-        hook = getattr(self.dev, "send_rarp", None)
-        if hook is None:
-            raise Refused("device cannot send frames")
-        hook(mac)
-
-    def set_mtu(self, mtu: int) -> None:
-        hook = getattr(self.dev, "set_mtu", None)
-        if hook is not None:
-            hook(mtu)
-
-    def reset(self) -> None:
-        self.dev.reset()
-        self.irq.notify.clear()

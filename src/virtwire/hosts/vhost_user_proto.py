@@ -8,7 +8,7 @@ NEED_REPLY), ``u32 size`` -- followed by ``size`` bytes of payload. File descrip
 memfds, kick/call eventfds) travel as SCM_RIGHTS ancillary data with the header.
 
 This module knows the *shape* of every message and nothing about what a back end or a front end
-does with it, so both halves import it: ``hosts.vhost_user`` (our device's back end) and D's
+does with it, so both halves import it: ``hosts.vhost_user`` (our device's back end) and
 ``drive.vhost_user_frontend`` (our driver's front end). ``REQUESTS`` is the table
 
     request code -> RequestSpec(name, payload kind, allowed sizes, fd rule, reply kind)

@@ -43,6 +43,10 @@ check the device honours suppression.
 Everything the device writes is checked before use: used lengths (by the queue), ``num_buffers``
 (at least 1, at most what is posted), and config values. A device fault raises ``DeviceFault``
 (the device under test broke the spec; for the conformance suite that is a finding, not a crash).
+
+Layout: this module is bring-up, transmit, the control queue and housekeeping; the transport
+interface, feature selection and the config/result types are ``net.transport``; receive is
+``net.driver_rx``.
 """
 
 from __future__ import annotations
@@ -50,19 +54,33 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from virtwire.memory import GuestMemory
+from virtwire.net.driver_rx import DriverReceive
 from virtwire.net.header import VirtioNetHdr, hdr_size
+from virtwire.net.transport import (
+    DEFAULT_NET_FEATURES,
+    DMA_GRANULE,
+    DeviceFault,
+    DmaAllocator,
+    NetDriverConfig,
+    QueueState,
+    RxBuf,
+    RxFrame,
+    TransportAdapter,
+    VirtioTransport,
+    resolve_features,
+)
 from virtwire.virtio import spec
-from virtwire.virtio.driver import DeviceError, GuestAllocator, VirtioDriver
+from virtwire.virtio.driver import VirtioDriver
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.queue import QueueFull
-from virtwire.virtio.spec import bit
 
+# The driver's parts live beside it (``transport``, ``driver_rx``); these names stay importable
+# from here, where the driver's users have always found them.
 __all__ = [
     "VirtioTransport",
     "TransportAdapter",
@@ -76,193 +94,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class DeviceFault(Exception):
-    """The device broke the spec (bad used element, refused FEATURES_OK, bogus config)."""
-
-
-class VirtioTransport(Protocol):
-    """How a virtio driver reaches its device (virtio 1.2 §4: PCI, and vhost-user's equivalent)."""
-
-    legacy: bool
-
-    def reset(self) -> None: ...
-    def get_status(self) -> int: ...
-    def set_status(self, status: int) -> None: ...
-    def device_features(self) -> int: ...
-    def set_driver_features(self, features: int) -> None: ...
-    def num_queues(self) -> int: ...
-    def queue_max_size(self, index: int) -> int: ...
-    def queue_ring_align(self) -> int: ...
-    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None: ...
-    def notify(self, index: int) -> None: ...
-    def read_config(self, off: int, n: int) -> bytes: ...
-    def config_generation(self) -> int: ...
-    def read_isr(self) -> int: ...
-
-
-class TransportAdapter:
-    """``virtio.driver.DriverTransport`` over a ``VirtioTransport``, so ``VirtioDriver`` runs
-    the §3.1.1 sequence on every net transport (virtio-pci modern/legacy, vhost-user).
-
-    Writing status 0 is a reset (§2.4): it goes to the transport's ``reset``, which also waits
-    for status 0 and drops the transport's per-queue state (notify offsets, MSI-X vectors,
-    vhost-user rings). ``VirtioTransport.setup_queue`` programs size, addresses and enable in
-    one call, so size and addresses are held until ``enable_queue``; a legacy device's size is
-    its own (§4.1.4.8: read-only), read back from ``queue_max_size``.
-    """
-
-    def __init__(self, t: VirtioTransport) -> None:
-        self.t = t
-        self.legacy = bool(getattr(t, "legacy", False))
-        self._size: dict[int, int] = {}
-        self._addr: dict[int, tuple[int, int, int]] = {}
-
-    def read_status(self) -> int:
-        return self.t.get_status()
-
-    def write_status(self, value: int) -> None:
-        if value == 0:
-            self.t.reset()
-        else:
-            self.t.set_status(value)
-
-    def read_device_features(self) -> int:
-        return self.t.device_features()
-
-    def write_driver_features(self, features: int) -> None:
-        self.t.set_driver_features(features)
-
-    def num_queues(self) -> int:
-        return self.t.num_queues()
-
-    def queue_max_size(self, index: int) -> int:
-        return self.t.queue_max_size(index)
-
-    def set_queue_size(self, index: int, size: int) -> None:
-        self._size[index] = size
-
-    def set_queue_addresses(self, index: int, desc: int, driver: int, device: int) -> None:
-        self._addr[index] = (desc, driver, device)
-
-    def enable_queue(self, index: int) -> None:
-        size = self._size.pop(index, None)
-        if size is None:
-            size = self.t.queue_max_size(index)
-        self.t.setup_queue(index, size, *self._addr.pop(index))
-
-    def notify(self, index: int) -> None:
-        self.t.notify(index)
-
-
-@contextmanager
-def _device_faults() -> Iterator[None]:
-    """``VirtioDriver``'s ``DeviceError`` surfaces as this module's ``DeviceFault``."""
-    try:
-        yield
-    except DeviceError as e:
-        raise DeviceFault(str(e)) from None
-
-
-# ------------------------------------------------------------------------------------------------
-# DMA memory
-# ------------------------------------------------------------------------------------------------
-
-# The driver's memory comes from the one driver-side allocator (first fit, coalescing frees).
-DmaAllocator = GuestAllocator
-
-DMA_GRANULE = 64  # packet buffers are whole cache lines: no odd gaps fragment the free list
-
-
-# ------------------------------------------------------------------------------------------------
-# Feature selection (§5.1.3.1)
-# ------------------------------------------------------------------------------------------------
-
-DEFAULT_NET_FEATURES = bit(
-    spec.VIRTIO_NET_F_CSUM, spec.VIRTIO_NET_F_GUEST_CSUM, spec.VIRTIO_NET_F_MTU,
-    spec.VIRTIO_NET_F_MAC, spec.VIRTIO_NET_F_GUEST_TSO4, spec.VIRTIO_NET_F_GUEST_TSO6,
-    spec.VIRTIO_NET_F_GUEST_ECN, spec.VIRTIO_NET_F_HOST_TSO4, spec.VIRTIO_NET_F_HOST_TSO6,
-    spec.VIRTIO_NET_F_HOST_ECN, spec.VIRTIO_NET_F_MRG_RXBUF, spec.VIRTIO_NET_F_STATUS,
-    spec.VIRTIO_NET_F_CTRL_VQ, spec.VIRTIO_NET_F_CTRL_RX, spec.VIRTIO_NET_F_CTRL_VLAN,
-    spec.VIRTIO_NET_F_CTRL_RX_EXTRA, spec.VIRTIO_NET_F_GUEST_ANNOUNCE,
-    spec.VIRTIO_NET_F_CTRL_MAC_ADDR, spec.VIRTIO_NET_F_MQ,
-    spec.VIRTIO_F_ANY_LAYOUT, spec.VIRTIO_F_INDIRECT_DESC, spec.VIRTIO_F_EVENT_IDX,
-    spec.VIRTIO_F_VERSION_1, spec.VIRTIO_F_RING_PACKED, spec.VIRTIO_F_RING_RESET,
-)
-
-
-def resolve_features(offered: int, wanted: int, legacy: bool = False) -> int:
-    """The subset of ``offered & wanted`` that satisfies §5.1.3.1 (drop bits whose
-    dependencies are missing, repeatedly), without bits a legacy interface cannot carry."""
-    f = offered & wanted
-    if legacy:
-        f &= 0xFFFFFFFF
-        f &= ~bit(spec.VIRTIO_F_BAD_FEATURE)
-    changed = True
-    while changed:
-        changed = False
-        for feat, reqs in spec.NET_FEATURE_REQUIRES.items():
-            if f >> feat & 1 and any(not f >> r & 1 for r in reqs):
-                f &= ~bit(feat)
-                changed = True
-        for feat, anyof in spec.NET_FEATURE_REQUIRES_ANY.items():
-            if f >> feat & 1 and not any(f >> r & 1 for r in anyof):
-                f &= ~bit(feat)
-                changed = True
-    return f
-
-
-# ------------------------------------------------------------------------------------------------
-# virtio_net_hdr (§5.1.6)
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RxFrame:
-    """One received frame: the header fields the device wrote and the frame bytes."""
-
-    data: bytes
-    flags: int = 0
-    gso_type: int = 0
-    hdr_len: int = 0
-    gso_size: int = 0
-    csum_start: int = 0
-    csum_offset: int = 0
-    num_buffers: int = 1
-    queue: int = 0
-
-
-@dataclass
-class NetDriverConfig:
-    """What the driver asks for (features are intersected with the device's offer)."""
-
-    features: int = DEFAULT_NET_FEATURES
-    queue_size: int = 256  # capped by the device's maximum; legacy uses the device's size
-    packed: bool = False  # use VIRTIO_F_RING_PACKED when offered
-    mrg_buf_len: int = 2048
-    rx_fill: int | None = None  # buffers to post per receive queue (default: as many as fit)
-    interrupts: bool = False
-    pairs: int = 1  # queue pairs to bring up (MQ)
-    ctrl_timeout: float = 2.0
-    stall_kick_after: float = 0.05  # re-notify a queue whose buffers sit unconsumed this long
-    rx_layout: str | None = None  # force "mergeable" | "big" | "small" (default: as Linux picks)
-
-
-@dataclass
-class _RxBuf:
-    segs: tuple[tuple[int, int], ...]  # (gpa, len) writable segments; segs[0] starts with hdr
-    capacity: int
-
-
-@dataclass
-class _Queue:
-    index: int
-    q: Any  # SplitDriverQueue | PackedDriverQueue
-    size: int
-    kicks: int = 0
-    posted: int = 0
-    last_progress: float = 0.0
 
 
 @dataclass
@@ -285,7 +116,7 @@ class DriverStats:
         return dict(self.__dict__)
 
 
-class VirtioNetDriver:
+class VirtioNetDriver(DriverReceive):
     """A poll-mode virtio-net driver (see module docstring)."""
 
     def __init__(
@@ -309,12 +140,12 @@ class VirtioNetDriver:
         self.mtu = 0
         self.max_pairs = 1
         self.pairs = 1
-        self.rxqs: list[_Queue] = []
-        self.txqs: list[_Queue] = []
-        self.ctrlq: _Queue | None = None
+        self.rxqs: list[QueueState] = []
+        self.txqs: list[QueueState] = []
+        self.ctrlq: QueueState | None = None
         self.stats = DriverStats()
         self.rx_layout = "small"
-        self._rx_partial: dict[int, list[tuple[_RxBuf, int]]] = {}
+        self._rx_partial: dict[int, list[tuple[RxBuf, int]]] = {}
         self._rx_need: dict[int, int] = {}
         self._ctrl_buf = 0
 
@@ -337,11 +168,10 @@ class VirtioNetDriver:
         """
         wanted = self.cfg.features
         if not self.cfg.packed or self.legacy:
-            wanted &= ~bit(spec.VIRTIO_F_RING_PACKED)
+            wanted &= ~spec.bit(spec.VIRTIO_F_RING_PACKED)
         try:
-            with _device_faults():
-                self.features = self.core.negotiate(
-                    wanted, select=lambda offered: resolve_features(offered, wanted, self.legacy))
+            self.features = self.core.negotiate(
+                wanted, select=lambda offered: resolve_features(offered, wanted, self.legacy))
         finally:
             self.offered = self.core.device_features
         self.hdr_len = hdr_size(self.features)
@@ -367,8 +197,7 @@ class VirtioNetDriver:
             self._ctrl_buf = self.alloc.alloc(4096, 64)
         for rq in self.rxqs:
             self.refill(rq, kick=False)  # no notification before DRIVER_OK (§3.1.1)
-        with _device_faults():
-            self.core.driver_ok()
+        self.core.driver_ok()
         for rq in self.rxqs:
             self._kick(rq)
         if want_pairs > 1:
@@ -379,15 +208,14 @@ class VirtioNetDriver:
         """Give up on the device (§2.1: FAILED), best effort."""
         self.core.mark_failed()
 
-    def _make_queue(self, index: int, size_cap: int | None = None) -> _Queue:
+    def _make_queue(self, index: int, size_cap: int | None = None) -> QueueState:
         """§3.1.1 step 7 for queue ``index`` (``VirtioDriver.setup_queue``: size checks, the
         legacy device's fixed size and ring layout), then used-buffer interrupts off unless
         asked for."""
-        with _device_faults():
-            q = self.core.setup_queue(index, size_cap or self.cfg.queue_size)
+        q = self.core.setup_queue(index, size_cap or self.cfg.queue_size)
         if not self.cfg.interrupts:
             q.disable_callbacks(self.mem)
-        return _Queue(index=index, q=q, size=q.size)
+        return QueueState(index=index, q=q, size=q.size)
 
     def read_config(self) -> None:
         """§5.1.4: MAC, status, max pairs, MTU, read under the config generation (§2.5.1).
@@ -433,7 +261,7 @@ class VirtioNetDriver:
         return bool(self.status & spec.VIRTIO_NET_S_LINK_UP)
 
     # -- notifications -------------------------------------------------------------------------
-    def _kick(self, qq: _Queue) -> bool:
+    def _kick(self, qq: QueueState) -> bool:
         q = qq.q
         q.publish(self.mem)
         if q.kick_needed(self.mem):
@@ -443,136 +271,6 @@ class VirtioNetDriver:
             return True
         self.stats.kicks_suppressed += 1
         return False
-
-    # -- receive (§5.1.6.3 / §5.1.6.4) ---------------------------------------------------------
-    def _rx_geometry(self) -> list[int]:
-        """Writable segment lengths of one receive buffer for the negotiated layout."""
-        h = self.hdr_len
-        if self.rx_layout == "mergeable":
-            return [max(self.cfg.mrg_buf_len, h + 64)]
-        if self.rx_layout == "big":
-            return [h] + [4096] * 17  # header, then pages: 69632 bytes of frame room
-        frame_room = 14 + 4 + max(self.mtu, 1500)
-        any_layout = self.has(spec.VIRTIO_F_VERSION_1) or self.has(spec.VIRTIO_F_ANY_LAYOUT)
-        return [h + frame_room] if any_layout else [h, frame_room]
-
-    def refill(self, rq: _Queue, limit: int | None = None, kick: bool = True) -> int:
-        """Post receive buffers until the queue is full (or ``limit``); publish + kick."""
-        geom = self._rx_geometry()
-        want = self.cfg.rx_fill if self.cfg.rx_fill is not None else rq.size
-        n = 0
-        while rq.posted < want and (limit is None or n < limit):
-            segs = []
-            for ln in geom:
-                segs.append((self._dma(ln), ln))
-            buf = _RxBuf(tuple(segs), sum(ln for _, ln in segs))
-            try:
-                rq.q.add(self.mem, (), segs, buf)
-            except QueueFull:
-                for gpa, _ in segs:
-                    self.alloc.free(gpa)
-                break
-            rq.posted += 1
-            n += 1
-        if n and kick:
-            self._kick(rq)
-        return n
-
-    def _get_used(self, qq: _Queue) -> tuple[Any, int] | None:
-        """``get_used``, tolerant as Linux is of a packed-ring device that omits WRITE.
-
-        §2.8.4: a used descriptor's length is reserved unless VIRTQ_DESC_F_WRITE is set, so the
-        packed queue reports 0 for one without it. QEMU 7.2 never sets WRITE in used
-        descriptors, and Linux reads the length regardless; so do we, bounded by what the
-        buffer offered, and count each case (``stats.used_len_without_write``) for ``conform``.
-        """
-        q = qq.q
-        if not self.has(spec.VIRTIO_F_RING_PACKED):
-            return q.get_used(self.mem)
-        at = q.desc_addr + q.last_used * spec.VIRTQ_PACKED_DESC_SIZE
-        raw_len = self.mem.read_u32(at + 8)
-        flags = self.mem.read_u16(at + 14)
-        got = q.get_used(self.mem)
-        if got is not None and not flags & spec.VIRTQ_DESC_F_WRITE and raw_len:
-            buf = got[0]
-            if isinstance(buf, _RxBuf):
-                if raw_len > buf.capacity:
-                    raise QueueError(f"used len {raw_len} > {buf.capacity} writable")
-                self.stats.used_len_without_write += 1
-                return buf, raw_len
-        return got
-
-    def _read_buf(self, buf: _RxBuf, length: int) -> bytes:
-        out = bytearray()
-        left = length
-        for gpa, ln in buf.segs:
-            if left <= 0:
-                break
-            k = min(ln, left)
-            out += self.mem.view(gpa, k)
-            left -= k
-        return bytes(out)
-
-    def _free_buf(self, buf: _RxBuf) -> None:
-        for gpa, _ in buf.segs:
-            self.alloc.free(gpa)
-
-    def receive(self, max_frames: int = 1 << 30, queue: int = 0) -> list[RxFrame]:
-        """Reap used receive buffers into frames, then refill. Raises ``DeviceFault``."""
-        rq = self.rxqs[queue]
-        frames: list[RxFrame] = []
-        h = self.hdr_len
-        while len(frames) < max_frames:
-            try:
-                got = self._get_used(rq)
-            except QueueError as e:
-                raise DeviceFault(f"receiveq{queue}: {e}") from None
-            if got is None:
-                break
-            buf, length = got
-            rq.posted -= 1
-            partial = self._rx_partial.get(queue)
-            if partial is not None:
-                partial.append((buf, length))
-                if len(partial) < self._rx_need[queue]:
-                    continue
-                del self._rx_partial[queue]
-                frames.append(self._assemble(partial, queue))
-                continue
-            if length < h:
-                self._free_buf(buf)
-                self.stats.rx_errors += 1
-                raise DeviceFault(f"receiveq{queue}: used length {length} < header {h}")
-            nb = 1
-            if self.rx_layout == "mergeable":
-                nb = int.from_bytes(self.mem.read(buf.segs[0][0] + 10, 2), "little")
-                if nb < 1 or nb > rq.size:
-                    self._free_buf(buf)
-                    self.stats.rx_errors += 1
-                    raise DeviceFault(f"receiveq{queue}: num_buffers {nb} (§5.1.6.4)")
-            if nb == 1:
-                frames.append(self._assemble([(buf, length)], queue))
-            else:
-                self._rx_partial[queue] = [(buf, length)]
-                self._rx_need[queue] = nb
-        if frames or rq.posted < rq.size // 2:
-            self.refill(rq)
-        return frames
-
-    def _assemble(self, parts: list[tuple[_RxBuf, int]], queue: int) -> RxFrame:
-        h = self.hdr_len
-        first, flen = parts[0]
-        raw = self._read_buf(first, flen)
-        hd = VirtioNetHdr.unpack(raw, h)
-        data = bytearray(raw[h:])
-        for buf, ln in parts[1:]:
-            data += self._read_buf(buf, ln)
-        for buf, _ in parts:
-            self._free_buf(buf)
-        self.stats.rx_frames += 1
-        self.stats.rx_bytes += len(data)
-        return RxFrame(bytes(data), hd.flags, hd.gso_type, hd.hdr_len, hd.gso_size, hd.csum_start,
-                       hd.csum_offset, len(parts), queue)
 
     # -- transmit (§5.1.6.2) ---------------------------------------------------------------------
     def reap_tx(self, queue: int = 0) -> int:
@@ -724,7 +422,7 @@ class VirtioNetDriver:
         return self.ctrl(spec.VIRTIO_NET_CTRL_ANNOUNCE, spec.VIRTIO_NET_CTRL_ANNOUNCE_ACK)
 
     # -- single-queue reset (VIRTIO_F_RING_RESET, §2.6.1 / §4.1.4.3.2) ---------------------------
-    def reset_queue(self, qq: _Queue) -> bool:
+    def reset_queue(self, qq: QueueState) -> bool:
         """Reset one queue, then re-enable it on fresh rings (a receive queue is refilled).
 
         Returns False when the device did not acknowledge the reset. In-flight buffers of the old
@@ -769,37 +467,10 @@ class VirtioNetDriver:
             elif tq.posted and now - tq.last_progress > wait:
                 self._stall_kick(tq, now)
 
-    def _stall_kick(self, qq: _Queue, now: float) -> None:
+    def _stall_kick(self, qq: QueueState, now: float) -> None:
         self.t.notify(qq.index)
         qq.last_progress = now
         self.stats.stall_kicks += 1
-
-    def poll_receive(self, want: int, timeout: float, queue: int = 0) -> list[RxFrame]:
-        """Receive until ``want`` frames arrived or ``timeout`` seconds passed."""
-        out: list[RxFrame] = []
-        deadline = time.monotonic() + timeout
-        idle = 0
-        while len(out) < want:
-            got = self.receive(want - len(out), queue)
-            if got:
-                out += got
-                idle = 0
-                self.rxqs[queue].last_progress = time.monotonic()
-                continue
-            now = time.monotonic()
-            if now > deadline:
-                break
-            self.service()
-            rq = self.rxqs[queue]
-            if now - rq.last_progress > max(self.cfg.stall_kick_after, 0.2):
-                # nothing arrived for a while: a (harmless) notification in case the device
-                # is holding frames back waiting for a kick it never asked for
-                self._stall_kick(rq, now)
-                self.stats.stall_kicks -= 1  # idle receive is normal, not a finding
-                self.stats.rx_idle_kicks += 1
-            idle += 1
-            time.sleep(0 if idle < 50 else 0.0002)
-        return out
 
     def send_all(self, frames: Sequence[bytes], timeout: float = 5.0, queue: int = 0,
                  **hdr: Any) -> int:

@@ -155,12 +155,6 @@ class VirtioNetHdr:
         """The GSO type without the ECN bit."""
         return self.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
 
-    def to_dict(self) -> dict[str, int]:
-        return {"flags": self.flags, "gso_type": self.gso_type, "hdr_len": self.hdr_len,
-                "gso_size": self.gso_size, "csum_start": self.csum_start,
-                "csum_offset": self.csum_offset, "num_buffers": self.num_buffers}
-
-
 # --- scatter/gather over lists of views ---------------------------------------------------------
 def gather(views: Sequence[memoryview], n: int, offset: int = 0) -> bytes:
     """Up to ``n`` bytes starting at ``offset`` across the concatenation of ``views``."""

@@ -470,12 +470,3 @@ def queue_setup(index: int, ring: Any, packed: bool | None = None) -> None:
                 fields[k] = v
                 break
     tr.emit("queue", "setup", **fields)
-
-
-def wrap_queue(ring: Any, index: int) -> Any:
-    """Transitional alias of ``virtio.traced_queue.wrap_queue`` for the call sites in
-    ``virtio/device.py`` and ``hosts/vhost_user.py`` (being split on branch net); delete it
-    once they import ``virtwire.virtio.traced_queue`` themselves."""
-    from virtwire.virtio.traced_queue import wrap_queue as wrap
-
-    return wrap(ring, index)

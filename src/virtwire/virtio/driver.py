@@ -12,7 +12,7 @@ builds ring-format-agnostic driver queues with ``make_driver_queue``.
 
 The device is untrusted here as the guest is on the device side: a status that does not read
 back as written, a missing VERSION_1 on a modern device, FEATURES_OK refused, a queue of size 0,
-NEEDS_RESET: each raises ``DeviceError`` (the device's fault) with the reason, after writing
+NEEDS_RESET: each raises ``DeviceFault`` (the device's fault) with the reason, after writing
 FAILED when the spec asks the driver to (§3.1.1 step 6 / §2.1.1).
 
 ``GuestAllocator`` is a first-fit allocator over one guest-physical range, for the driver's
@@ -48,7 +48,7 @@ from virtwire.virtio.spec import (
 from virtwire.virtio.split_ring import SPLIT_MAX_SIZE, SplitDriverQueue
 
 __all__ = [
-    "DeviceError",
+    "DeviceFault",
     "AllocatorError",
     "GuestAllocator",
     "DriverTransport",
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 RING_FORMATS = ("split", "packed")
 
 
-class DeviceError(DriverError):
+class DeviceFault(DriverError):
     """The *device* broke the spec (seen from the driver side): refused features, bad status,
     impossible queue sizes, hostile used rings. Subclasses ``DriverError`` so the same "peer
     fault, never our bug" handling applies on both sides."""
@@ -174,7 +174,7 @@ def make_driver_queue(
         q.setup(mem, start or 0)
         return q
     if fmt == "packed":
-        from virtwire.virtio.packed_ring import PackedDriverQueue
+        from virtwire.virtio.packed_driver import PackedDriverQueue
 
         pq = PackedDriverQueue.allocate(allocator, size, event_idx=event_idx, indirect=indirect)
         if start is None:
@@ -238,16 +238,16 @@ class VirtioDriver:
             log.debug("could not write FAILED: %s", e)
 
     def fail(self, reason: str) -> NoReturn:
-        """Write FAILED (``mark_failed``) and raise ``DeviceError``."""
+        """Write FAILED (``mark_failed``) and raise ``DeviceFault``."""
         self.mark_failed()
-        raise DeviceError(reason)
+        raise DeviceFault(reason)
 
     def reset(self) -> None:
         """§3.1.1 step 1 (and §4.1.4.3.2: a modern driver reads status until it is 0)."""
         t = self.transport
         t.write_status(0)
         if t.read_status() != 0:
-            raise DeviceError(f"device status reads {t.read_status():#x} after reset, not 0")
+            raise DeviceFault(f"device status reads {t.read_status():#x} after reset, not 0")
         self.queues.clear()
         self.features = 0
 
@@ -300,7 +300,7 @@ class VirtioDriver:
         t = self.transport
         dmax = t.queue_max_size(index)
         if dmax <= 0:
-            raise DeviceError(f"queue {index} does not exist (max size {dmax})")
+            raise DeviceFault(f"queue {index} does not exist (max size {dmax})")
         if dmax > SPLIT_MAX_SIZE:
             self.fail(f"queue {index} max size {dmax} exceeds {SPLIT_MAX_SIZE}")
         n = min(size or dmax, dmax)

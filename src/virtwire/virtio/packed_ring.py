@@ -1,4 +1,4 @@
-"""Packed virtqueues (virtio 1.2 §2.8): the device half and the driver half.
+"""Packed virtqueues (virtio 1.2 §2.8): the device half (the driver half is ``packed_driver``).
 
 Theory of operation
 -------------------
@@ -65,13 +65,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.chain import ChainBuilder, DescriptorChain
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, packed_need_event
-from virtwire.virtio.queue import QueueFull
+from virtwire.virtio.queue import RingPositions
 from virtwire.virtio.spec import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -86,14 +86,13 @@ from virtwire.virtio.spec import (
 )
 
 if TYPE_CHECKING:
-    from virtwire.virtio.split_ring import TableAllocator
+    pass
 
 if sys.byteorder != "little":  # pragma: no cover - the typed views assume it
     raise ImportError("virtwire's ring views assume a little-endian host")
 
 __all__ = [
     "PackedQueue",
-    "PackedDriverQueue",
     "PVIRTQ_DESC_ALIGN",
     "PVIRTQ_EVENT_ALIGN",
     "PVIRTQ_EVENT_SIZE",
@@ -101,6 +100,13 @@ __all__ = [
     "packed_ring_layout",
     "pack_desc",
     "unpack_desc",
+    "event_pos",
+    "event_decision",
+    "ring_views",
+    "release_all",
+    "AVAIL_USED",
+    "BASE_MASK",
+    "NO_VIEWS",
 ]
 
 FORMAT = "packed"
@@ -123,13 +129,13 @@ PVIRTQ_EVENT_WRAP_SHIFT = 15
 # ring can still carry Linux's MAX_SKB_FRAGS+2 entries, while a hostile 4 GiB table is not walked).
 PACKED_MAX_INDIRECT = VIRTQ_MAX_SIZE
 
-_AU = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _F_AVAIL = VIRTQ_DESC_F_AVAIL
 _F_USED = VIRTQ_DESC_F_USED
 _F_NEXT = VIRTQ_DESC_F_NEXT
 _F_WRITE = VIRTQ_DESC_F_WRITE
 _F_INDIRECT = VIRTQ_DESC_F_INDIRECT
-_BASE_MASK = 0x7FFF
+BASE_MASK = 0x7FFF
 
 
 def pack_desc(addr: int, length: int, id_: int, flags: int) -> bytes:
@@ -165,7 +171,7 @@ def event_pos(slot: int, wrap: int, size: int) -> int:
     return slot if wrap else slot + size
 
 
-def _event_decision(
+def event_decision(
     event: int, event_idx: bool, new_idx: int, new_wrap: int, advanced: int, size: int
 ) -> bool:
     """§2.8.10: notify for ``advanced`` slots published up to (``new_idx``, ``new_wrap``)?
@@ -185,10 +191,10 @@ def _event_decision(
     return packed_need_event(event & 0xFFFF, new_idx, new_idx - advanced, new_wrap, size)
 
 
-_NO_VIEWS: tuple[memoryview, ...] = ()
+NO_VIEWS: tuple[memoryview, ...] = ()
 
 
-def _ring_views(
+def ring_views(
     mem: GuestMemory, desc: int, size: int, driver: int, device: int
 ) -> tuple[memoryview, ...]:
     """Typed views: descriptor ring as (u16, u32, u64), then each event structure as one u32.
@@ -206,7 +212,7 @@ def _ring_views(
     return d.cast("H"), d.cast("I"), d.cast("Q"), drv.cast("I"), dev.cast("I")
 
 
-def _release(views: tuple[memoryview, ...]) -> None:
+def release_all(views: tuple[memoryview, ...]) -> None:
     for v in views:
         v.release()
 
@@ -222,7 +228,7 @@ class PackedQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self._mem: GuestMemory | None = None
-        self._views = _NO_VIEWS
+        self._views = NO_VIEWS
         self.reset()
 
     # -- configuration ------------------------------------------------------------------------
@@ -249,8 +255,8 @@ class PackedQueue:
 
     def release_views(self) -> None:
         """Drop the cached ring views (before the memory they point into is unmapped)."""
-        _release(self._views)
-        self._views = _NO_VIEWS
+        release_all(self._views)
+        self._views = NO_VIEWS
         self._mem = None
 
     def _v(self, mem: GuestMemory) -> tuple[memoryview, ...]:
@@ -299,7 +305,7 @@ class PackedQueue:
                 f"packed ring base avail {self.next_avail} / used {self.next_used} beyond size {n}"
             )
         self.release_views()
-        self._views = _ring_views(mem, self.desc_addr, n, self.driver_addr, self.device_addr)
+        self._views = ring_views(mem, self.desc_addr, n, self.driver_addr, self.device_addr)
         self._mem = mem
 
     # -- vhost-user ring base (VHOST_USER_GET/SET_VRING_BASE) ----------------------------------
@@ -313,7 +319,7 @@ class PackedQueue:
         A restarted backend has nothing in flight (vhost-user stops a ring with GET_VRING_BASE),
         so the used position equals the avail one; ``set_used_base`` overrides it.
         """
-        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
+        idx, wrap = base & BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
         if idx >= self.size:
             raise QueueError(f"packed ring base {idx} is beyond queue size {self.size}")
         self.next_avail, self.avail_wrap = idx, wrap
@@ -329,7 +335,7 @@ class PackedQueue:
 
     def set_used_base(self, base: int) -> None:
         """Resume the used side at ``base``; slots between it and ``next_avail`` are in flight."""
-        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
+        idx, wrap = base & BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
         n = self.size
         if idx >= n:
             raise QueueError(f"packed used base {idx} is beyond queue size {n}")
@@ -343,6 +349,34 @@ class PackedQueue:
         self.inflight = gap
         self._mark_signalled()
 
+    # -- positions for a native burst and for restart (``queue.DeviceQueue``) -----------------
+    def positions(self) -> RingPositions:
+        return RingPositions(self.next_avail, self.next_used, self.inflight, self._staged,
+                             self.avail_wrap, self.used_wrap, self._staged_first)
+
+    def adopt(self, pos: RingPositions) -> None:
+        """Take over what a native burst did (slots popped, used elements staged; the first
+        staged element's flags are kept back for ``publish``)."""
+        self.next_avail, self.avail_wrap = pos.next_avail, pos.avail_wrap
+        self.next_used, self.used_wrap = pos.next_used, pos.used_wrap
+        self.inflight = pos.in_flight
+        self._staged = pos.staged
+        self._staged_first = pos.staged_first
+
+    def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None = None) -> None:
+        """Give ``chains`` (the last popped, none used) back: next-avail moves back over their
+        descriptors (packed rings count descriptors and may cross a wrap); the used side stays."""
+        if not chains:
+            return
+        used = self.get_used_base()
+        idx, wrap = self.next_avail, self.avail_wrap
+        idx -= sum(c.ring_descs for c in chains)
+        while idx < 0:
+            idx += self.size
+            wrap ^= 1
+        self.set_base(idx | wrap << PVIRTQ_EVENT_WRAP_SHIFT)
+        self.set_used_base(used)
+
     def get_vring_base32(self) -> int:
         """QEMU's 32-bit packed vring base: avail (idx|wrap<<15) | used (idx|wrap<<15) << 16."""
         return self.get_base() | self.get_used_base() << 16
@@ -351,7 +385,7 @@ class PackedQueue:
     def has_available(self, mem: GuestMemory) -> bool:
         """Is the descriptor at ``next_avail`` available for our wrap counter? (§2.8.1)."""
         flags = self._v(mem)[0][self.next_avail * 8 + 7]
-        return flags & _AU == (VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED)
+        return flags & AVAIL_USED == (VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED)
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain or None; ``QueueError`` for a malformed ring."""
@@ -359,13 +393,9 @@ class PackedQueue:
         return got[0] if got else None
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        """Up to ``limit`` available chains, in ring order (§2.8.12: the device MUST start
-        processing driver descriptors in the order in which they appear in the ring).
-
-        Ring-level checks here, descriptor values in ``ChainBuilder``. ``next_avail`` advances
-        only past accepted chains: a bad chain after good ones ends the batch early (the good
-        ones are returned) and the next call raises ``QueueError`` on it, as the split ring does.
-        """
+        """Up to ``limit`` available chains, in ring order (§2.8.12). Ring-level checks here,
+        descriptor values in ``ChainBuilder``. A bad chain after good ones ends the batch early
+        (the good ones are returned); the next call raises ``QueueError`` on it, as split."""
         out: list[DescriptorChain] = []
         if not self.ready or limit <= 0:
             return out
@@ -379,7 +409,7 @@ class PackedQueue:
         try:
             for _ in range(limit):
                 flags = u16[slot * 8 + 7]
-                if flags & _AU != (_F_AVAIL if wrap else _F_USED):
+                if flags & AVAIL_USED != (_F_AVAIL if wrap else _F_USED):
                     break  # §2.8.1: not available for our wrap counter
                 head_slot = s = slot
                 w = wrap
@@ -401,7 +431,7 @@ class PackedQueue:
                             s = 0
                             w ^= 1
                         flags = u16[s * 8 + 7]
-                        if flags & _AU != (_F_AVAIL if w else _F_USED):
+                        if flags & AVAIL_USED != (_F_AVAIL if w else _F_USED):
                             raise QueueError(
                                 f"packed slot {head_slot}: chain descriptor at slot {s} is not "
                                 f"available (flags {flags:#06x}, wrap counter {w})"
@@ -484,7 +514,7 @@ class PackedQueue:
         u16 = views[0]
         views[1][slot * 4 + 2] = written
         u16[slot * 8 + 6] = chain.head
-        flags = (_AU if self.used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
+        flags = (AVAIL_USED if self.used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
         if self._staged_first is None:
             self._staged_first = (slot, flags)
         else:
@@ -514,7 +544,7 @@ class PackedQueue:
                 return self.push(mem, chain, written)  # raises the precise ValueError
             u32[slot * 4 + 2] = written
             u16[slot * 8 + 6] = chain.head
-            flags = (_AU if uw else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
+            flags = (AVAIL_USED if uw else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
             if first is None:
                 first = (slot, flags)
             else:
@@ -560,7 +590,7 @@ class PackedQueue:
             return False
         drv_event = self._v(mem)[3]
         full_fence()  # the used flags store before the event structure load
-        return _event_decision(
+        return event_decision(
             drv_event[0],  # one load: off_wrap (low half) and flags (high half)
             self.event_idx,
             self._pub_idx,
@@ -586,328 +616,3 @@ class PackedQueue:
     def disable_notifications(self, mem: GuestMemory) -> None:
         """RING_EVENT_FLAGS_DISABLE in the Device Event Suppression structure."""
         self._v(mem)[4][0] = RING_EVENT_FLAGS_DISABLE << 16
-
-
-class PackedDriverQueue:
-    """The driver's half of a packed virtqueue (implements ``queue.DriverQueue``), as a guest's
-    virtio_ring.c does it for packed rings (§2.8.21 "Supplying Buffers to The Device", §2.8.22
-    "Receiving Used Buffers From The Device").
-
-    The rings live at ``base`` (16-aligned): descriptor ring, driver event structure, device event
-    structure (``packed_ring_layout``); with ``indirect`` and ``indirect_max`` > 0 one table of
-    ``indirect_max`` entries per buffer id follows, so adding a buffer never allocates.
-    ``ring_bytes`` gives the total to reserve. Free ids and per-buffer bookkeeping are shadow
-    state in Python, never read back from guest memory; everything read from a used descriptor is
-    checked (a hostile device gets ``QueueError``).
-    """
-
-    format = FORMAT
-
-    def __init__(
-        self,
-        size: int,
-        base: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        indirect_max: int = 0,
-    ) -> None:
-        if not isinstance(size, int) or not 1 <= size <= VIRTQ_MAX_SIZE:
-            raise ValueError(f"packed queue size {size} outside 1..{VIRTQ_MAX_SIZE}")
-        if base % PVIRTQ_DESC_ALIGN:
-            raise ValueError(f"packed ring base {base:#x} is not 16-byte aligned")
-        if indirect_max < 0 or indirect_max > PACKED_MAX_INDIRECT:
-            raise ValueError(f"indirect_max {indirect_max} outside 0..{PACKED_MAX_INDIRECT}")
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect and indirect_max > 0
-        self.indirect_max = indirect_max if self.indirect else 0
-        d, drv, dev, total = packed_ring_layout(size)
-        self.desc_addr, self.driver_addr, self.device_addr = base + d, base + drv, base + dev
-        self.indirect_addr = base + ((total + 15) & ~15)
-        self.end = base + self.ring_bytes(size, self.indirect_max)
-        self._mem: GuestMemory | None = None
-        self._views = _NO_VIEWS
-        self._reset_state(0, 1)
-
-    @staticmethod
-    def ring_bytes(size: int, indirect_max: int = 0) -> int:
-        """Bytes from ``base`` a queue of ``size`` uses (rings, then the indirect tables)."""
-        total = packed_ring_layout(size)[3]
-        return ((total + 15) & ~15) + size * indirect_max * VIRTQ_PACKED_DESC_SIZE
-
-    @classmethod
-    def allocate(
-        cls,
-        allocator: TableAllocator,
-        size: int,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        indirect_max: int = 64,
-    ) -> PackedDriverQueue:
-        """Place the ring (and its indirect tables) in memory from ``allocator``."""
-        imax = indirect_max if indirect else 0
-        base = allocator.alloc(cls.ring_bytes(size, imax), PVIRTQ_DESC_ALIGN)
-        return cls(size, base, event_idx=event_idx, indirect=indirect, indirect_max=imax)
-
-    def _reset_state(self, idx: int, wrap: int) -> None:
-        n = self.size
-        self.next_avail = idx
-        self.avail_wrap = wrap
-        self.last_used = idx
-        self.used_wrap = wrap
-        self._num_free = n
-        self._free_ids = list(range(n - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
-        self._token: list[Any] = [None] * n
-        self._slots = [0] * n  # ring slots each in-flight id occupies
-        self._inlen = [0] * n  # writable bytes each in-flight id offered
-        self._staged_head: tuple[int, int] | None = None  # (slot, flags) stored by publish
-        self._staged = 0
-        self._pub_idx, self._pub_wrap = idx, wrap
-        self._since_kick = 0
-
-    def clear(self, mem: GuestMemory) -> None:
-        """A fresh ring: zeroed (§2.8.13 "The descriptor ring is zero-initialized"), slot 0,
-        both wrap counters 1 (§2.8.1), nothing in flight."""
-        self.start_at(mem, 1 << PVIRTQ_EVENT_WRAP_SHIFT)
-
-    def setup(self, mem: GuestMemory, start: int = 1 << PVIRTQ_EVENT_WRAP_SHIFT) -> None:
-        """``start_at`` under the split ring's name (``start`` = ``idx | wrap << 15``)."""
-        self.start_at(mem, start)
-
-    def start_at(self, mem: GuestMemory, base: int) -> None:
-        """Start an empty ring at ``base`` = ``idx | wrap << 15`` (0x8000: a fresh ring).
-
-        Any other start behaves as if every earlier slot had been made available and used: slots
-        before ``idx`` carry this lap's used flags, the rest the previous lap's (§2.8.1). Tests
-        and tools reach any wrap state this way; the device then needs ``set_base(base)``.
-        """
-        idx, wrap = base & _BASE_MASK, base >> PVIRTQ_EVENT_WRAP_SHIFT & 1
-        if idx >= self.size:
-            raise ValueError(f"start slot {idx} beyond queue size {self.size}")
-        mem.write(self.desc_addr, bytes(self.size * VIRTQ_PACKED_DESC_SIZE))
-        mem.write(self.driver_addr, bytes(PVIRTQ_EVENT_SIZE))
-        mem.write(self.device_addr, bytes(PVIRTQ_EVENT_SIZE))
-        if (idx, wrap) != (0, 1):
-            u16 = self._v(mem)[0]
-            this_lap = _AU if wrap else 0
-            prev_lap = 0 if wrap else _AU
-            for s in range(self.size):
-                u16[s * 8 + 7] = this_lap if s < idx else prev_lap
-        self._reset_state(idx, wrap)
-
-    def layout(self) -> tuple[int, int, int]:
-        """(descriptor ring, driver event suppression, device event suppression)."""
-        return self.desc_addr, self.driver_addr, self.device_addr
-
-    def _v(self, mem: GuestMemory) -> tuple[memoryview, ...]:
-        if mem is not self._mem:
-            _release(self._views)
-            self._views = _ring_views(
-                mem, self.desc_addr, self.size, self.driver_addr, self.device_addr
-            )
-            self._mem = mem
-        return self._views
-
-    def release_views(self) -> None:
-        """Drop the cached ring views (before the memory they point into is unmapped)."""
-        _release(self._views)
-        self._views = _NO_VIEWS
-        self._mem = None
-
-    @property
-    def num_free(self) -> int:
-        """Free ring slots."""
-        return self._num_free
-
-    @property
-    def in_flight(self) -> int:
-        """Buffers made available (or staged) and not yet returned."""
-        return self.size - len(self._free_ids)
-
-    # -- making buffers available (§2.8.21) ---------------------------------------------------
-    def add(
-        self,
-        mem: GuestMemory,
-        out: Sequence[tuple[int, int]],
-        in_: Sequence[tuple[int, int]],
-        token: Any,
-    ) -> None:
-        """§2.8.21.1: place ``out`` (device-readable) then ``in_`` (device-writable) buffers.
-
-        One INDIRECT descriptor when INDIRECT_DESC is negotiated and there is more than one
-        element (as Linux does) and at most ``indirect_max``, else one ring slot per element.
-        Every field and flag except the batch's first head flags is written now; ``publish``
-        writes that one. ``QueueFull`` when the ring has too few free slots.
-        """
-        total = len(out) + len(in_)
-        if total == 0:
-            raise ValueError("a buffer needs at least one element")
-        if token is None:
-            raise ValueError("token must not be None")
-        size = self.size
-        use_indirect = self.indirect and 1 < total <= self.indirect_max
-        need = 1 if use_indirect else total
-        if need > size:
-            raise ValueError(f"{total} elements never fit a packed ring of {size} slots")
-        if need > self._num_free:
-            raise QueueFull(f"{need} descriptors needed, {self._num_free} free")
-        capacity = 0
-        for _, ln in in_:
-            capacity += ln
-        slot = self.next_avail
-        wrap = self.avail_wrap
-        u16, u32, u64 = self._v(mem)[:3]
-        buf_id = self._free_ids.pop()
-        head_slot = slot
-        if use_indirect:
-            nbytes = total * VIRTQ_PACKED_DESC_SIZE
-            table = self.indirect_addr + buf_id * self.indirect_max * VIRTQ_PACKED_DESC_SIZE
-            t = mem.view(table, nbytes)
-            t16, t32, t64 = t.cast("H"), t.cast("I"), t.cast("Q")
-            k = 0
-            for elems, wflag in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
-                for addr, ln in elems:
-                    t64[k * 2] = addr
-                    t32[k * 4 + 2] = ln
-                    t16[k * 8 + 6] = 0  # reserved in a table (§2.8.7)
-                    t16[k * 8 + 7] = wflag  # WRITE is the only valid flag there
-                    k += 1
-            u64[slot * 2] = table
-            u32[slot * 4 + 2] = nbytes
-            u16[slot * 8 + 6] = buf_id
-            head_flags = VIRTQ_DESC_F_INDIRECT | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
-            slot += 1
-            if slot == size:
-                slot = 0
-                wrap ^= 1
-        else:
-            head_flags = 0
-            k = 0
-            for elems, wflag in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
-                for addr, ln in elems:
-                    k += 1
-                    f = wflag | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
-                    if k < total:
-                        f |= VIRTQ_DESC_F_NEXT
-                    u64[slot * 2] = addr
-                    u32[slot * 4 + 2] = ln
-                    u16[slot * 8 + 6] = buf_id  # §2.8.6 needs it in the last; Linux writes all
-                    if k == 1:
-                        head_flags = f
-                    else:
-                        u16[slot * 8 + 7] = f  # behind the head: unseen until the head is
-                    slot += 1
-                    if slot == size:
-                        slot = 0
-                        wrap ^= 1
-        if self._staged_head is None:
-            self._staged_head = (head_slot, head_flags)
-        else:
-            u16[head_slot * 8 + 7] = head_flags  # behind the batch's first head
-        self._staged += 1
-        self._token[buf_id] = token
-        self._slots[buf_id] = need
-        self._inlen[buf_id] = capacity
-        self._num_free -= need
-        self.next_avail = slot
-        self.avail_wrap = wrap
-
-    def publish(self, mem: GuestMemory) -> int:
-        """Store the batch's first head flags last: the device now sees every staged buffer."""
-        staged = self._staged_head
-        if staged is None:
-            return 0
-        slot, flags = staged
-        # x86 TSO: every descriptor store in add is visible before this single u16 store.
-        self._v(mem)[0][slot * 8 + 7] = flags
-        n = self._staged
-        self._staged_head = None
-        self._staged = 0
-        size = self.size
-        old = event_pos(self._pub_idx, self._pub_wrap, size)
-        new = event_pos(self.next_avail, self.avail_wrap, size)
-        self._since_kick += (new - old) % (2 * size)
-        self._pub_idx, self._pub_wrap = self.next_avail, self.avail_wrap
-        return n
-
-    def kick_needed(self, mem: GuestMemory) -> bool:
-        """§2.8.10 / §2.8.21.2: must the driver notify the device about what it published?
-
-        Device Event Suppression: DISABLE -> no; DESC with EVENT_IDX -> iff the position
-        ``off_wrap`` was made available since the last decision; otherwise (ENABLE, reserved 3,
-        or DESC without EVENT_IDX) -> yes. Nothing published since the last decision -> no.
-        """
-        advanced = self._since_kick
-        self._since_kick = 0
-        if advanced == 0:
-            return False
-        dev_event = self._v(mem)[4]
-        full_fence()  # the flags store before the event structure load
-        return _event_decision(
-            dev_event[0],
-            self.event_idx,
-            self._pub_idx,
-            self._pub_wrap,
-            advanced,
-            self.size,
-        )
-
-    # -- collecting used buffers (§2.8.22) -----------------------------------------------------
-    def has_used(self, mem: GuestMemory) -> bool:
-        """Is the descriptor at ``last_used`` used for our wrap counter? (§2.8.1)."""
-        flags = self._v(mem)[0][self.last_used * 8 + 7]
-        return flags & _AU == (_AU if self.used_wrap else 0)
-
-    def get_used(self, mem: GuestMemory) -> tuple[Any, int] | None:
-        """The next used buffer's (token, written length), or None. The device is untrusted."""
-        size = self.size
-        slot = self.last_used
-        views = self._v(mem)
-        u16 = views[0]
-        flags = u16[slot * 8 + 7]
-        if flags & _AU != (_AU if self.used_wrap else 0):
-            return None
-        buf_id = u16[slot * 8 + 6]
-        # §2.8.4: len is reserved (ignored by drivers) in a used descriptor without WRITE.
-        length = views[1][slot * 4 + 2] if flags & VIRTQ_DESC_F_WRITE else 0
-        if buf_id >= size:
-            raise QueueError(f"used descriptor at slot {slot}: id {buf_id} >= queue size {size}")
-        token = self._token[buf_id]
-        if token is None:
-            raise QueueError(f"used descriptor at slot {slot}: id {buf_id} is not in flight")
-        if length > self._inlen[buf_id]:
-            raise QueueError(
-                f"used descriptor at slot {slot}: len {length} > {self._inlen[buf_id]} writable "
-                f"for id {buf_id}"
-            )
-        nslots = self._slots[buf_id]
-        self._token[buf_id] = None
-        self._free_ids.append(buf_id)
-        self._num_free += nslots
-        slot += nslots  # §2.8.6: skip the slots this buffer's list occupied
-        if slot >= size:
-            slot -= size
-            self.used_wrap ^= 1
-        self.last_used = slot
-        return token, length
-
-    def enable_callbacks(self, mem: GuestMemory) -> bool:
-        """Ask for used buffer notifications; True if used buffers are already pending.
-
-        With EVENT_IDX: DESC at the next used position, otherwise ENABLE (off_wrap and flags in
-        one 32-bit store).
-        """
-        drv_event = self._v(mem)[3]
-        if self.event_idx:
-            off_wrap = self.last_used | self.used_wrap << PVIRTQ_EVENT_WRAP_SHIFT
-            drv_event[0] = off_wrap | RING_EVENT_FLAGS_DESC << 16  # one 32-bit store
-        else:
-            drv_event[0] = RING_EVENT_FLAGS_ENABLE << 16
-        full_fence()  # the event store before re-reading the used flags
-        return self.has_used(mem)
-
-    def disable_callbacks(self, mem: GuestMemory) -> None:
-        """RING_EVENT_FLAGS_DISABLE in the Driver Event Suppression structure."""
-        self._v(mem)[3][0] = RING_EVENT_FLAGS_DISABLE << 16

@@ -20,16 +20,36 @@ counter and bits 0-14 the next avail slot).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtwire.memory import GuestMemory
 from virtwire.virtio.chain import DescriptorChain
 
-__all__ = ["DeviceQueue", "DriverQueue", "QueueFull"]
+__all__ = ["DeviceQueue", "DriverQueue", "QueueFull", "RingPositions"]
 
 
 class QueueFull(Exception):
     """Driver side: not enough free descriptors for the buffer (back-pressure, not an error)."""
+
+
+@dataclass(slots=True)
+class RingPositions:
+    """A device queue's positions, as a native burst reads and then hands back (``adopt``).
+
+    ``in_flight``: popped and not yet used (split: chains; packed: ring slots). ``staged``:
+    used elements written but not yet published. ``staged_first`` (packed only): the
+    ``(slot, flags)`` of the first staged element, whose flags ``publish`` stores last. A split
+    ring's wrap counters are always 1.
+    """
+
+    next_avail: int
+    next_used: int
+    in_flight: int
+    staged: int
+    avail_wrap: int = 1
+    used_wrap: int = 1
+    staged_first: tuple[int, int] | None = None
 
 
 class DeviceQueue(Protocol):
@@ -74,6 +94,16 @@ class DeviceQueue(Protocol):
     def set_base(self, base: int) -> None: ...
 
     def reset(self) -> None: ...
+
+    def positions(self) -> RingPositions:
+        """The device-side positions (for a native burst that works on the ring itself)."""
+
+    def adopt(self, pos: RingPositions) -> None:
+        """Take over positions a native burst advanced (chains it popped, used elements it
+        staged or published); the next ``publish`` exposes what it staged."""
+
+    def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None) -> None:
+        """Give popped, unused ``chains`` back (a stopped ring offers them again)."""
 
 
 class DriverQueue(Protocol):

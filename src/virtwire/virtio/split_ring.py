@@ -51,7 +51,7 @@ from virtwire.memory import GuestMemory, GuestMemoryError
 from virtwire.virtio.chain import ChainBuilder, DescriptorChain
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, vring_need_event
-from virtwire.virtio.queue import QueueFull
+from virtwire.virtio.queue import QueueFull, RingPositions
 from virtwire.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -454,6 +454,42 @@ class SplitQueue:
         """Chains popped and not yet pushed."""
         return self._in_flight
 
+    # -- positions for a native burst and for restart (``queue.DeviceQueue``) -----------------
+    def positions(self) -> RingPositions:
+        return RingPositions(self.next_avail, self.next_used, self._in_flight, self._staged)
+
+    def adopt(self, pos: RingPositions) -> None:
+        """Take over what a native burst did (chains popped; used elements staged or published)."""
+        self.next_avail = pos.next_avail & 0xFFFF
+        self.next_used = pos.next_used & 0xFFFF
+        self._in_flight = pos.in_flight
+        self._staged = pos.staged
+
+    def rewind(self, chains: Sequence[DescriptorChain], mem: GuestMemory | None) -> None:
+        """Give ``chains`` (popped, none used) back: next-avail moves back over them when they
+        are the last ones popped, in order (checked against the avail entries); otherwise they
+        are returned used with length 0 (§2.7.8: a device may return a buffer unwritten)."""
+        if not chains:
+            return
+        n = len(chains)
+        start = (self.next_avail - n) & 0xFFFF
+        contiguous = (start - self.next_used) & 0xFFFF == 0
+        if contiguous and mem is not None:
+            try:
+                for k, c in enumerate(chains):
+                    slot = (start + k) & (self.size - 1)
+                    if mem.read_u16(self.avail_addr + 4 + 2 * slot) != c.head:
+                        contiguous = False
+                        break
+            except Exception:  # noqa: BLE001 - memory already gone: give back by count
+                pass
+        if contiguous:
+            self.set_base(start)
+            return
+        for c in chains:
+            self.push(mem, c, 0)  # type: ignore[arg-type]
+        self.publish(mem)  # type: ignore[arg-type]
+
 
 # ---------------------------------------------------------------------------------------------
 # Driver half
@@ -466,6 +502,25 @@ class TableAllocator(Protocol):
     def alloc(self, n: int, align: int = 16) -> int: ...
 
     def free(self, gpa: int) -> None: ...
+
+
+def _write_table(tv: memoryview, out: Sequence[tuple[int, int]],
+                 in_: Sequence[tuple[int, int]]) -> int:
+    """Fill an indirect table (chained in order); the device-writable bytes in it."""
+    total = len(out) + len(in_)
+    pack = _DESC.pack_into
+    inlen = 0
+    k = 0
+    for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
+        for a, n in segs:
+            k += 1
+            if k < total:
+                pack(tv, 16 * k - 16, a, n, f | VIRTQ_DESC_F_NEXT, k)
+            else:
+                pack(tv, 16 * k - 16, a, n, f, 0)
+            if f:
+                inlen += n
+    return inlen
 
 
 class SplitDriverQueue:
@@ -594,18 +649,7 @@ class SplitDriverQueue:
             if not free:
                 raise QueueFull("no free descriptor")
             table = self.allocator.alloc(16 * total, 16)
-            tv = mem.view(table, 16 * total)
-            pack = _DESC.pack_into
-            k = 0
-            for segs, f in ((out, 0), (in_, VIRTQ_DESC_F_WRITE)):
-                for a, n in segs:
-                    k += 1
-                    if k < total:
-                        pack(tv, 16 * k - 16, a, n, f | VIRTQ_DESC_F_NEXT, k)
-                    else:
-                        pack(tv, 16 * k - 16, a, n, f, 0)
-                    if f:
-                        inlen += n
+            inlen = _write_table(mem.view(table, 16 * total), out, in_)
             head = free.pop()
             dq[2 * head] = table
             di[4 * head + 2] = 16 * total
