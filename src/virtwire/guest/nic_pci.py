@@ -32,7 +32,8 @@ from typing import Any, TypeVar
 from virtwire.errors import CliError, UserFacingError
 from virtwire.guest.nics import NicContext, NicPlan, NicSpec, check_ifname
 
-__all__ = ["build_pci_nic", "build_proxy_nic", "check_pci_nic", "parse_pci_options", "PCI_NIC_KEYS", "run_in_netns"]
+__all__ = ["build_pci_nic", "build_proxy_nic", "check_pci_nic", "parse_pci_options",
+           "PCI_NIC_KEYS", "run_in_netns"]
 
 log = logging.getLogger(__name__)
 

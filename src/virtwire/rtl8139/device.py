@@ -71,15 +71,10 @@ _U16 = struct.Struct("<HH")
 
 
 def ether_crc_be(data: bytes) -> int:
-    """Big-endian (MSB-first) CRC-32 as Linux's ``ether_crc`` (no final inversion)."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        for bit in range(8):
-            top = (crc >> 31) & 1
-            crc = (crc << 1) & 0xFFFFFFFF
-            if top ^ ((byte >> bit) & 1):
-                crc ^= 0x04C11DB7
-    return crc
+    """Linux's ``ether_crc``: the CRC-32 register, MSB first, without the final inversion
+    (``bitrev32(crc32_le(~0, data))``), computed from zlib's reflected CRC."""
+    v = zlib.crc32(data) ^ 0xFFFFFFFF
+    return int(f"{v:032b}"[::-1], 2)
 
 
 def mar_bit(addr: bytes) -> int:

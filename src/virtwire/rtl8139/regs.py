@@ -110,6 +110,7 @@ TPPOLL_NPQ = 0x40
 
 _BASE: list[tuple[int, int, str]] = [
     *((IDR0 + i, 1, f"IDR{i}") for i in range(6)),
+    (0x06, 2, "IDR_RSVD"),  # 8139too writes IDR4-5 as a dword
     *((MAR0 + i, 1, f"MAR{i}") for i in range(8)),
     *((TSD0 + 4 * i, 4, f"TSD{i}") for i in range(4)),
     *((TSAD0 + 4 * i, 4, f"TSAD{i}") for i in range(4)),
