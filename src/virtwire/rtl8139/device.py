@@ -96,6 +96,8 @@ class Rtl8139:
     ``on_tx(i)`` (optional) learns of a TX request instead of it being sent at once.
     """
 
+    REGISTER_MAP: tuple[tuple[int, int, str], ...] = r.REGISTERS
+
     def __init__(self, mac: bytes, *, revision: int = 0x10,
                  send_frame: Callable[[bytes], bool] | None = None,
                  on_irq: Callable[[bool], None] | None = None, name: str = "rtl8139") -> None:
@@ -114,7 +116,7 @@ class Rtl8139:
         self.eeprom = Eeprom93C46(self.mac)
         self.link_up = True
         self.regs = bytearray(256)
-        self.table = r.register_table(r.REGISTERS)
+        self.table = r.register_table(self.REGISTER_MAP)
         self.accesses: dict[str, int] = {}
         self.counters: dict[str, int] = {
             "reads": 0, "writes": 0, "interrupts": 0, "tx_frames": 0, "tx_bytes": 0,

@@ -29,6 +29,7 @@ from virtwire import trace as _trace
 from virtwire.pci.config_space import PCI_COMMAND, BarKind, PciConfigSpace
 from virtwire.pci.function import IntxLine
 from virtwire.rtl8139.device import MAX_RX_FRAME, Rtl8139
+from virtwire.virtio.spec import VIRTIO_NET_F_HOST_TSO4
 
 __all__ = ["Rtl8139Pci", "Rtl8139Nic", "REVISIONS", "RTL8139_VENDOR", "RTL8139_DEVICE"]
 
@@ -62,8 +63,11 @@ class Rtl8139Nic:
         if revision >= 0x20:
             from virtwire.rtl8139.cplus import Rtl8139CPlus
 
-            self.model: Rtl8139 = Rtl8139CPlus(mac, revision=revision, name=name,
-                                               send_frame=self._send)
+            cp = Rtl8139CPlus(mac, revision=revision, name=name, send_frame=self._send)
+            if getattr(backend, "vnet_hdr", False) and int(
+                    getattr(backend, "host_offloads", 0)) >> VIRTIO_NET_F_HOST_TSO4 & 1:
+                cp.offload_tx = self._send_offload
+            self.model: Rtl8139 = cp
         else:
             self.model = Rtl8139(mac, revision=revision, name=name, send_frame=self._send)
         self.model.on_rx_space = self._on_rx_space
@@ -79,6 +83,11 @@ class Rtl8139Nic:
         self.counters: dict[str, int] = {"backend_reads": 0, "rx_parked": 0}
 
     # -- TX ----------------------------------------------------------------------------------
+    def _send_offload(self, frame: bytes, hdr: Any) -> bool:
+        """A GSO / partial-checksum frame (C+ TSO) to a backend that takes a virtio_net_hdr."""
+        h = hdr.pack(len(self._hdr))
+        return self.backend.send([[memoryview(h), memoryview(frame)]]) == 1
+
     def _send(self, frame: bytes) -> bool:
         if self._hdr:
             return self.backend.send([[memoryview(self._hdr), memoryview(frame)]]) == 1

@@ -127,9 +127,10 @@ _BASE: list[tuple[int, int, str]] = [
 ]
 REGISTERS: tuple[tuple[int, int, str], ...] = tuple(_BASE)
 REGISTERS_CPLUS: tuple[tuple[int, int, str], ...] = tuple(
-    [r for r in _BASE if not TSAD0 <= r[0] < TSAD0 + 16]
-    + [(TNPDS, 4, "TNPDS_LO"), (TNPDS + 4, 4, "TNPDS_HI"), (THPDS, 4, "THPDS_LO"),
-       (THPDS + 4, 4, "THPDS_HI"), (TPPOLL, 1, "TPPoll"), (RMS, 2, "RMS"), (CPCR, 2, "CPCR"),
+    [r for r in _BASE if not TSAD0 <= r[0] < TSAD0 + 16 and not TSD0 <= r[0] < TSD0 + 8]
+    + [(TSD0, 4, "DTCCR_LO"), (TSD0 + 4, 4, "DTCCR_HI"), (TNPDS, 4, "TNPDS_LO"),
+       (TNPDS + 4, 4, "TNPDS_HI"), (THPDS, 4, "THPDS_LO"), (THPDS + 4, 4, "THPDS_HI"),
+       (TPPOLL, 1, "TPPoll"), (RMS, 2, "RMS"), (CPCR, 2, "CPCR"),
        (INTR_MITIGATE, 2, "IntrMitigate"), (RDSAR, 4, "RDSAR_LO"), (RDSAR + 4, 4, "RDSAR_HI"),
        (ETTHR, 1, "ETThR")])
 
