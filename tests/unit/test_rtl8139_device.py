@@ -360,3 +360,28 @@ def test_full_ring_parks_the_backend_until_capr_frees_space():
     nic.model.write(r.CAPR, 2, (nic.model.cbr - 16) & 0xFFFF)
     assert watch == [(0, False), (0, True)]
     assert nic.backend_ready(0) == 5 and nic.model.counters["rx_overflow"] == 0
+
+
+def test_a_full_ring_or_an_unmask_with_unread_frames_re_raises_rok():
+    # 8139too acks ROK per frame; frames left when its budget ran out must not be stranded.
+    be = MemoryBackend()
+    nic = Rtl8139Nic(be, mac=MAC)
+    m = nic.model
+    m.attach(BytearrayGuestMemory(RAM))
+    start(m)
+    for _ in range(8):
+        be.inject(frame(MAC, 1500))
+    nic.backend_ready(0)
+    m.write(r.ISR, 2, 0xFFFF)  # the driver acked while draining (and then stopped)
+    m.write(r.IMR, 2, 0)  # NAPI: RX masked
+    assert not m.isr & r.INT_ROK and not m.read(r.CR, 1) & r.CR_BUFE
+    m.write(r.IMR, 2, 0xC07F)  # napi_complete re-enables: the unread frames re-raise ROK
+    assert m.isr & r.INT_ROK and m.level and m.isr_causes["ROK-unmask"] == 1
+    m.write(r.ISR, 2, 0xFFFF)
+    nic.backend_ready(0)  # ring still full: parks and nudges
+    assert m.isr & r.INT_ROK and m.isr_causes["ROK-full"] >= 1
+    m.write(r.CAPR, 2, (m.cbr - 16) & 0xFFFF)  # drained: the empty ring does not nudge
+    m.write(r.ISR, 2, 0xFFFF)
+    m.write(r.IMR, 2, 0)
+    m.write(r.IMR, 2, 0xC07F)
+    assert not m.isr & r.INT_ROK

@@ -307,6 +307,10 @@ class Rtl8139CPlus(Rtl8139):
     def _ring_empty(self) -> bool:
         return True if self.cplus_rx else super()._ring_empty()
 
+    def nudge_rx(self, why: str) -> None:
+        if not self.cplus_rx:  # C+: written descriptors already raised ROK; refills re-check
+            super().nudge_rx(why)
+
     def receive(self, frame: bytes | bytearray | memoryview) -> bool:
         if not self.cplus_rx:
             return super().receive(frame)

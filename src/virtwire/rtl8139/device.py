@@ -26,6 +26,12 @@ width), guest RAM (``attach``), frames from the wire (``receive``) and takes fra
   by the top 6 bits of the big-endian CRC-32 of the address), our address (APM, IDR0-5), all
   (AAP). Frames shorter than 60 bytes are padded as the wire would.
 - **Interrupts**: the line is ``ISR & IMR != 0``; ISR bits are cleared by writing 1s.
+- **Stranded frames**: 8139too acks ROK per frame and polls only while ROK/RXOVW is set, so
+  frames left in the ring when its NAPI budget runs out wait for the next arrival. A real chip
+  keeps receiving from the wire (and overflows, raising RXOVW); here the host stops reading its
+  backend while the ring is full (nothing is lost), so the chip re-raises ROK when it stops
+  (``nudge_rx("full")``) and when the driver unmasks ROK with frames still unread
+  (``nudge_rx("unmask")``): the driver always learns of frames in the ring.
 - **Configuration**: 9346CR selects normal, programming (the EEPROM pins, ``eeprom``) or
   config-write mode (CONFIG0-5 and BMCR are writable only then). The internal PHY's BMCR, BMSR
   (link up, autonegotiation complete), ANAR, ANLPAR, ANER live at 0x62-0x6A, where 8139too's
@@ -357,8 +363,16 @@ class Rtl8139:
         self._update_irq()
 
     def _set_imr(self, value: int, mask: int) -> None:
+        was = self.imr
         self.imr = (self.imr & ~mask) | (value & mask)
+        if self.imr & r.INT_ROK and not was & r.INT_ROK:
+            self.nudge_rx("unmask")
         self._update_irq()
+
+    def nudge_rx(self, why: str) -> None:
+        """Re-raise ROK while the ring holds unread frames (see "Stranded frames" above)."""
+        if self.rx_enabled and not self._ring_empty() and not self.isr & r.INT_ROK:
+            self.raise_isr(r.INT_ROK, f"ROK-{why}")
 
     def raise_isr(self, bits: int, cause: str) -> None:
         self.isr |= bits

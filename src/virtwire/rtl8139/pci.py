@@ -116,6 +116,7 @@ class Rtl8139Nic:
             if not m.rx_room(MAX_RX_FRAME):
                 m.rx_starved = True
                 self._park()
+                m.nudge_rx("full")
                 break
             n = self.backend.recv(self._rxviews)
             if n <= 0:
