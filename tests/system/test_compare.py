@@ -26,6 +26,7 @@ def test_compare_only_two_rows_json_and_html(tmp_path):
                            "--html", str(page)], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[1/2] virtwire-rtl8139: booting" in proc.stderr  # progress on stderr
+    assert "[2/2] qemu-e1000: done" in proc.stderr
     rows = {r["row"]: r for r in json.loads(proc.stdout)["rows"]}
     assert set(rows) == {"virtwire-rtl8139", "qemu-e1000"}
     for r in rows.values():

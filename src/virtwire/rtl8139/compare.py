@@ -61,7 +61,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class RowSpec:
     """One row: a label, the ``--net`` spec (``{tap}`` is replaced), where traps come from
-    (``rtl``, ``proxy`` or ``qemu``) and, for ``qemu``, the memory regions that are the NIC's."""
+    (``rtl``, ``proxy``, ``qemu``, or ``vhost``: QEMU trace plus the back end's kicks) and, for the
+    traced ones, the memory regions that are the NIC's."""
 
     label: str
     net: str
@@ -74,7 +75,8 @@ ROWS: dict[str, RowSpec] = {
                             "qemu", r"^rtl8139$"),
     "qemu-e1000": RowSpec("QEMU e1000", "qemu-model,model=e1000,ifname={tap}", "qemu",
                           r"^e1000-(mmio|io)$"),
-    "qemu-virtio": RowSpec("QEMU virtio-net", "qemu-tap,ifname={tap}", "qemu",
+    "qemu-virtio": RowSpec("QEMU virtio-net (ioeventfd=off)",
+                           "qemu-model,model=virtio-net-pci,ifname={tap}", "qemu",
                            r"^virtio-pci-"),
     "virtwire-rtl8139": RowSpec("virtwire rtl8139 (8139too, proxy)",
                                 "rtl8139,backend=tap,ifname={tap},revision=0x10", "rtl"),
@@ -83,7 +85,7 @@ ROWS: dict[str, RowSpec] = {
     "virtwire-virtio-pci": RowSpec("virtwire virtio-net (PCI proxy)",
                                    "pci,backend=tap,ifname={tap}", "proxy"),
     "virtwire-vhost-user": RowSpec("virtwire virtio-net (vhost-user)",
-                                   "vhost-user,serve=tap:{tap}", "qemu", r"^virtio-pci-"),
+                                   "vhost-user,serve=tap:{tap}", "vhost", r"^virtio-pci-"),
 }
 
 _QEMU_MODELS = ("rtl8139", "e1000", "e1000e", "virtio-net-pci")
@@ -92,9 +94,12 @@ _QEMU_MODELS = ("rtl8139", "e1000", "e1000e", "virtio-net-pci")
 def _build_qemu_model(spec: NicSpec, ctx: NicContext) -> NicPlan:
     model = spec.options.get("model", "rtl8139")
     ifname = check_ifname(spec.options.get("ifname", f"vwtap{ctx.index}"))
+    # virtio kicks handled by an ioeventfd never reach the memory region's ops (nor its trace
+    # events): with ioeventfd=off every notify is a counted register write.
+    extra = ",ioeventfd=off" if model == "virtio-net-pci" else ""
     return NicPlan(qemu_args=[
         "-netdev", f"tap,id={ctx.id},ifname={ifname},script=no,downscript=no",
-        "-device", f"{model},netdev={ctx.id},mac={ctx.mac}"])
+        "-device", f"{model},netdev={ctx.id},mac={ctx.mac}{extra}"])
 
 
 def _check_qemu_model(spec: NicSpec) -> None:
@@ -245,12 +250,30 @@ class _Ctx:
     vm: Any
     trace: Path
     trace_off: int = 0
+    kicks: int = 0
+
+
+def _kicks(stats: Any) -> int:
+    """Sum of ``kicks`` over every ring in a ``virtwire serve`` stats document."""
+    if isinstance(stats, dict):
+        return sum(int(r.get("kicks", 0)) for r in stats.get("rings", []) if isinstance(r, dict)) \
+            + sum(_kicks(v) for k, v in stats.items() if k != "rings")
+    if isinstance(stats, list):
+        return sum(_kicks(v) for v in stats)
+    return 0
 
 
 def _traps(c: _Ctx) -> tuple[int, dict[str, int]]:
-    """Register accesses so far (QEMU rows: since the last call)."""
-    if c.spec.traps == "qemu":
+    """Register accesses so far (QEMU-traced rows: since the last call). The vhost-user row adds
+    the kicks its back end counted (they reach it through an ioeventfd, not QEMU's ops)."""
+    if c.spec.traps in ("qemu", "vhost"):
         n, c.trace_off, names = count_trace(c.trace, c.trace_off, c.spec.regions)
+        if c.spec.traps == "vhost":
+            from virtwire.serve import query_stats
+
+            kicks = _kicks(query_stats(str(c.vm.tmpdir / "net0.vhost.sock.ctl")))
+            names = {**names, "vhost-user kicks (cumulative)": kicks}
+            c.kicks, n = kicks, n + kicks - c.kicks
         return n, names
     st = c.vm.pci_proxy.stats()
     if c.spec.traps == "rtl":
@@ -264,14 +287,15 @@ def _guest_irqs(vm: Any) -> int:
     return parse_interrupts(vm.run("cat /proc/interrupts", timeout=30).output)
 
 
-def _iperf(vm: Any, seconds: int, extra: str = "") -> dict[str, float] | None:
-    out = vm.run(f"iperf3 -c {HOST_IP} -p {IPERF_PORT} -f m {extra} -t {seconds} 2>&1 "
-                 "| tail -4", timeout=seconds + 120).output
+def _iperf(vm: Any, seconds: int, extra: str = "", limit: str = "") -> dict[str, float] | None:
+    """One iperf3 client run; ``limit`` replaces ``-t seconds`` (iperf3 takes one of -t/-n/-k)."""
+    out = vm.run(f"iperf3 -c {HOST_IP} -p {IPERF_PORT} -f m {extra} {limit or f'-t {seconds}'} "
+                 "2>&1 | tail -4", timeout=seconds + 120).output
     return parse_iperf(out)
 
 
 def _set_trace(c: _Ctx, on: bool) -> None:
-    if c.spec.traps == "qemu":
+    if c.spec.traps in ("qemu", "vhost"):
         for ev in ("memory_region_ops_read", "memory_region_ops_write"):
             c.vm.qmp("trace-event-set-state", {"name": ev, "enable": on})
 
@@ -292,7 +316,7 @@ def _count_run(c: _Ctx, direction: str) -> dict[str, Any]:
     nbytes = after_tap[f"{d}_bytes"] - before_tap[f"{d}_bytes"]
     # A GSO super-frame crosses the TAP as one packet: count wire frames of at most 1514 bytes.
     pkts = max(frames, -(-nbytes // WIRE_FRAME))
-    traps = after_traps if c.spec.traps == "qemu" else after_traps - before_traps
+    traps = after_traps if c.spec.traps in ("qemu", "vhost") else after_traps - before_traps
     return {"packets": pkts, "tap_packets": frames, "bytes": nbytes, "traps": traps,
             "irqs": after_irq - before_irq, "regions": names}
 
@@ -302,7 +326,10 @@ def _measure(c: _Ctx, seconds: int, progress: Callable[[str], None]) -> dict[str
     res: dict[str, Any] = {}
     res["driver"] = vm.run("basename $(readlink /sys/class/net/eth0/device/driver)",
                            timeout=30).output.strip()
-    progress("ping")
+    progress("waiting for the link, then ping")
+    # e1000's link comes up seconds after the guest is ready: wait for carrier, warm ARP up
+    vm.run("for i in $(seq 1 300); do [ \"$(cat /sys/class/net/eth0/carrier 2>/dev/null)\" = 1 ]"
+           f" && break; sleep 0.1; done; ping -c 3 -W 2 {HOST_IP} >/dev/null", timeout=120)
     received, rtt = parse_ping(vm.run(f"ping -c 100 -i 0.05 -W 2 {HOST_IP}", timeout=300).output)
     res.update(ping_received=received, rtt_ms=rtt)
     cpu0, tap0 = host_cpu_seconds(), _tap_stats(c.ns, c.tap)
@@ -316,7 +343,7 @@ def _measure(c: _Ctx, seconds: int, progress: Callable[[str], None]) -> dict[str
     moved = sum(tap1[k] - tap0[k] for k in ("rx_bytes", "tx_bytes"))
     res["cpu_s_per_gb"] = (cpu1 - cpu0) / (moved / 1e9) if moved > 0 else None
     progress(f"UDP burst of {UDP_DATAGRAMS} datagrams")
-    udp = _iperf(vm, 30, f"-u -b 0 -l 1000 -k {UDP_DATAGRAMS}")
+    udp = _iperf(vm, 60, "-u -b 0 -l 1000", f"-k {UDP_DATAGRAMS}")
     if udp and udp.get("total"):
         got = udp["total"] - udp["lost"]
         res["udp_pps"] = got / udp["seconds"] if udp["seconds"] > 0 else None
@@ -328,7 +355,7 @@ def _measure(c: _Ctx, seconds: int, progress: Callable[[str], None]) -> dict[str
         p = cnt["packets"]
         res[f"traps_per_pkt_{d}"] = cnt["traps"] / p if p else None
         res[f"irqs_per_pkt_{d}"] = cnt["irqs"] / p if p else None
-    if c.spec.traps != "qemu":
+    if c.spec.traps in ("rtl", "proxy"):
         st = vm.pci_proxy.stats()
         res["device_accesses"] = st["device"].get("accesses", {})
     return res
@@ -352,7 +379,7 @@ def _run_row(name: str, spec: RowSpec, image: Any, seconds: int, accel: str,
                                   stderr=subprocess.DEVNULL)
         trace = Path(f"/tmp/vwcmp-{os.getpid()}-{tag}.trace")
         extra = ["-D", str(trace)]
-        if spec.traps == "qemu":
+        if spec.traps in ("qemu", "vhost"):
             extra += ["-trace", "memory_region_ops_read", "-trace", "memory_region_ops_write"]
         vm = GuestVM([spec.net.format(tap=tap)], ip=f"{GUEST_IP}/{PREFIX}", netns=ns,
                      image=image, memory="256M", accel=accel, name=f"vwcmp{tag}",
