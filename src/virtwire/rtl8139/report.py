@@ -99,7 +99,10 @@ def bar_chart_svg(title: str, unit: str, labels: Sequence[str],
     log = bool(vals) and max(vals) / min(vals) > 100
     top = max(vals) if vals else 1.0
     low = min(vals) if vals else 1.0
-    label_w, right_pad, bar_h, gap = 190, 90, 14, 10
+    # room for the longest label (about 7 px per character at 12 px sans-serif)
+    label_w = min(360, max(120, 16 + 7 * max((len(x) for x in labels), default=0)))
+    right_pad, bar_h, gap = 90, 14, 10
+    width = max(width, label_w + right_pad + 240)
     plot_w = width - label_w - right_pad
     group_h = bar_h * len(series) + gap
     legend_h = 22
