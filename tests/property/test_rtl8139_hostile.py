@@ -105,3 +105,36 @@ def test_rbstart_at_the_very_end_of_ram_drops_every_frame():
         assert m.receive(MAC + bytes(100))
     assert m.counters["rx_frames"] == 0 and m.counters["dma_errors"] == 5
     assert m.cbr == 0  # nothing was consumed from the ring
+
+
+_desc = st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+                  st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tx=st.lists(_desc, min_size=1, max_size=8), rx=st.lists(_desc, min_size=1, max_size=8),
+       tnpds=st.sampled_from([0x1000, RAM - 16, RAM - 8, 0xFFFFFFF0]),
+       sizes=st.lists(st.integers(0, 2000), max_size=10))
+def test_cplus_any_descriptor_contents_are_survived(tx, rx, tnpds, sizes):
+    import struct
+
+    from virtwire.rtl8139.cplus import Rtl8139CPlus
+
+    sent: list[bytes] = []
+    m = Rtl8139CPlus(MAC, revision=0x20, send_frame=lambda f: sent.append(bytes(f)) or True)
+    mem = BytearrayGuestMemory(RAM)
+    m.attach(mem)
+    for i, d in enumerate(tx):
+        mem.write(0x1000 + 16 * i, struct.pack("<IIQ", *d))
+    for i, d in enumerate(rx):
+        mem.write(0x2000 + 16 * i, struct.pack("<IIQ", *d))
+    m.write(r.CPCR, 2, r.CPCR_CPRX | r.CPCR_CPTX)
+    m.write(r.TNPDS, 4, tnpds)
+    m.write(r.RDSAR, 4, 0x2000)
+    m.write(r.CR, 1, r.CR_RE | r.CR_TE)
+    m.write(r.RCR, 4, r.RCR_AAP)
+    m.write(r.TPPOLL, 1, r.TPPOLL_NPQ)
+    for n in sizes:
+        m.receive((MAC + bytes(n))[:n])
+    assert m.tx_idx < 1024 and m.rx_idx < 1024
+    assert all(len(f) <= 65535 + 18 + 4 for f in sent)
