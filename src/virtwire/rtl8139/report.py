@@ -179,7 +179,9 @@ def to_html(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) 
         series = [(name, _values(rows, k)) for k, name in keys]
         out.append("<figure>" + bar_chart_svg(title, unit, labels, series) + "</figure>")
     out.append("<p class=\"note\">Traps are register (BAR) accesses: counted by virtwire's own "
-               "devices, and from QEMU's memory_region_ops trace events for QEMU's devices. "
-               "Interrupts are the guest's /proc/interrupts for the NIC.</p>")
+               "devices, from QEMU's memory_region_ops trace events for QEMU's devices (virtio "
+               "with ioeventfd=off so kicks are seen), plus the back end's kick count for "
+               "vhost-user. Packets are wire frames (a TSO/GSO super-frame counts as bytes / "
+               "1514). Interrupts are the guest's /proc/interrupts for the NIC.</p>")
     out.append("</body></html>")
     return "\n".join(out)
