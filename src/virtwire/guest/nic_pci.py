@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from virtwire.errors import CliError, UserFacingError
@@ -31,7 +32,8 @@ from virtwire.keyvals import parse_on_off
 from virtwire.net.options import SWITCHES
 from virtwire.netns import run_in_netns
 
-__all__ = ["build_pci_nic", "check_pci_nic", "parse_pci_options", "PCI_NIC_KEYS"]
+__all__ = ["build_pci_nic", "build_proxy_nic", "check_pci_nic", "parse_pci_options",
+           "PCI_NIC_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +65,30 @@ def check_pci_nic(spec: NicSpec) -> None:
 def build_pci_nic(spec: NicSpec, ctx: NicContext) -> NicPlan:
     """The ``NicPlan`` for ``--net pci,...`` (module docstring)."""
     o = parse_pci_options(spec, ctx.index)
-    backend, ifname, transitional = o["backend"], o["ifname"], o["transitional"]
-    queue_size, switches = o["queue_size"], o["switches"]
+    transitional, queue_size, switches = o["transitional"], o["queue_size"], o["switches"]
+
+    def make(be: Any) -> Any:
+        from virtwire.net.device import VirtioNet
+        from virtwire.pci.device import VirtioPciDevice
+
+        net = VirtioNet(be, mac=ctx.mac, queue_size=queue_size,
+                        options=switches or None, name=f"pci-{ctx.id}")
+        return VirtioPciDevice(net, transitional=transitional)
+
+    return build_proxy_nic(ctx, backend=o["backend"], ifname=o["ifname"], make_transport=make)
+
+
+def build_proxy_nic(ctx: NicContext, *, backend: str, ifname: str,
+                    make_transport: Callable[[Any], Any]) -> NicPlan:
+    """A ``NicPlan`` serving any ``PciFunction`` through QEMU's PCI proxy: ``make_transport(be)``
+    builds the function (with a ``device`` attribute the proxy server wires) over backend ``be``
+    (a TAP opened in the VM's netns, or null). Shared by the ``pci`` and ``rtl8139`` kinds."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     os.set_inheritable(theirs.fileno(), True)
     state: dict[str, Any] = {}
 
     def start() -> None:
         from virtwire.hosts.pci_proxy import PciProxyServer
-        from virtwire.net.device import VirtioNet
-        from virtwire.pci.device import VirtioPciDevice
 
         if backend == "tap":
             from virtwire.backends.tap import TapBackend
@@ -83,15 +99,13 @@ def build_pci_nic(spec: NicSpec, ctx: NicContext) -> NicPlan:
 
             be = NullBackend(f"null:{ctx.id}")
         try:
-            net = VirtioNet(be, mac=ctx.mac, queue_size=queue_size,
-                            options=switches or None, name=f"pci-{ctx.id}")
-            pci = VirtioPciDevice(net, transitional=transitional)
+            pci = make_transport(be)
             server = PciProxyServer(ours, pci, [be])
         except BaseException:
             be.close()
             raise
         server.start_thread(f"virtwire-pci-{ctx.id}")
-        state.update(server=server, pci=pci, device=net)
+        state.update(server=server, pci=pci, device=pci.device)
 
     def after_launch(vm: Any) -> None:
         theirs.close()  # QEMU holds its copy: our proxy end sees EOF when QEMU exits
