@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "virtwire.commands.bench",
     "virtwire.commands.explain",
     "virtwire.commands.libvirt",
+    "virtwire.commands.kvm",
 )
 
 
