@@ -116,28 +116,29 @@ class PciHost:
             if value is None:
                 return fn.config_read(reg + off, size)
             fn.config_write(reg + off, size, value)
-        if 0x10 <= reg < 0x28 and value is not None:
-            self._check_bar(fn, reg)
+        if value is not None and (0x10 <= reg < 0x28 or reg == 0x04):
+            self._check_bars(fn)
         for cb in self.after_write:
             cb()
         return 0
 
-    def _check_bar(self, fn: Any, reg: int) -> None:
-        bars = getattr(getattr(fn, "pci", None), "bars", {})
-        bar = bars.get((reg - 0x10) // 4)
-        base = getattr(bar, "base", 0)
-        if bar is None or not base or len(self.warnings) >= BAR_WARNINGS_MAX:
-            return
-        io = getattr(getattr(bar, "kind", None), "value", "") == "io"
-        end = base + bar.size
-        what = None
-        if not io and base < self.ram_end:
-            what = f"BAR{bar.index} placed at {base:#x} over guest RAM (the device cannot see it)"
-        elif io and any(self.fixed_ports(p) for p in range(base, min(end, base + 256))):
-            what = f"BAR{bar.index} placed at port {base:#x} over another device's ports"
-        if what and what not in self.warnings:
-            self.warnings.append(what)
-            log.warning("kvm: guest %s", what)
+    def _check_bars(self, fn: Any) -> None:
+        """Note BARs a guest placed where the device cannot see them (module docstring)."""
+        pci = getattr(fn, "pci", None)
+        command = getattr(pci, "command", 0)
+        for bar in getattr(pci, "bars", {}).values():
+            io = getattr(getattr(bar, "kind", None), "value", "") == "io"
+            if len(self.warnings) >= BAR_WARNINGS_MAX or not command & (1 if io else 2):
+                continue
+            base, what = bar.base, None
+            if not io and base < self.ram_end:
+                what = (f"BAR{bar.index} placed at {base:#x} over guest RAM "
+                        "(the device cannot see accesses there)")
+            elif io and any(self.fixed_ports(p) for p in range(base, base + bar.size)):
+                what = f"BAR{bar.index} placed at port {base:#x} over another device's ports"
+            if what and what not in self.warnings:
+                self.warnings.append(what)
+                log.warning("kvm: guest %s", what)
 
     # -- BARs (any function) --------------------------------------------------------------------
     def mmio(self, addr: int, size: int, value: int | None) -> int | None:
