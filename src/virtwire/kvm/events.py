@@ -109,12 +109,17 @@ def traced(handler: Handler, kind: str, pci_host: Any) -> Handler:
     key = "port" if kind == "io" else "addr"
 
     def wrapper(addr: int, size: int, value: int | None) -> int | None:
+        # a write is traced before it takes effect (its exit comes first), a read after (the
+        # value handed back is known then)
         reg = register_name(kind, addr, size, pci_host)
-        r = handler(addr, size, value)
         tr = _trace.TRACE
-        if tr is not None:
-            tr.emit("kvm", "exit", exit=exit_name, dir="in" if value is None else "out",
-                    **{key: addr}, size=size, data=r if value is None else value, reg=reg)
+        if tr is not None and value is not None:
+            tr.emit("kvm", "exit", exit=exit_name, dir="out", **{key: addr}, size=size,
+                    data=value, reg=reg)
+        r = handler(addr, size, value)
+        if tr is not None and value is None:
+            tr.emit("kvm", "exit", exit=exit_name, dir="in", **{key: addr}, size=size,
+                    data=r, reg=reg)
         return r
 
     return wrapper

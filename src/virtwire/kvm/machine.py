@@ -271,6 +271,10 @@ class Machine:
         return StopReason(kind, why, status)
 
     def run(self) -> Result:
+        from virtwire import trace as _trace
+
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("host", "start", kind="kvm", guest=self.cfg.guest)
         events.start_event(guest=self.cfg.guest, transitional=self.cfg.transitional,
                            slot=DEVICE_SLOT, gsi=INTX_GSI, ram=self.vm.ram_size)
         if self.pump is not None:
