@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from virtwire.kvm import program
     from virtwire.kvm.vm import install_kick_signal, open_kvm
 
-    os.close(open_kvm())  # no /dev/kvm or no permission: one line before anything else
+    kvm_path = os.environ.get("VIRTWIRE_KVM_DEVICE", "/dev/kvm")
+    os.close(open_kvm(kvm_path))  # no /dev/kvm or no permission: one line before anything
     if args.guest not in program.MODES and not os.path.isfile(args.guest):
         raise CliError(f"--guest {args.guest}: not a guest program "
                        f"({', '.join(program.MODES)}) nor a file")
@@ -122,11 +123,16 @@ def run(args: argparse.Namespace) -> int:
     install_kick_signal()
     trace.configure_from_args(args, export=False)
     out = sys.stderr if args.json else sys.stdout
-    console = (lambda b: (out.buffer.write(b), b == b"\n" and out.buffer.flush()))
+
+    def console(b: bytes) -> None:
+        out.buffer.write(b)
+        if b == b"\n":
+            out.buffer.flush()
+
     cfg = m.MachineConfig(guest=args.guest, ram_mb=args.memory, ip=ip, prefix=prefix,
                           burst_count=args.count, burst_size=args.size,
                           transitional=args.transitional, timeout=args.timeout,
-                          count_exits=args.exits, console=console)
+                          count_exits=args.exits, console=console, kvm_path=kvm_path)
     backends = _backends(args.net, args.netns)
     try:
         machine = m.Machine(cfg, backends, mac=mac)

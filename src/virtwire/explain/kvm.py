@@ -1,4 +1,4 @@
-"""``virtwire explain`` for ``virtwire kvm`` traces: each phase tied to the vCPU exits that carried it.
+"""``virtwire explain`` for ``virtwire kvm`` traces: each phase tied to the exits that carried it.
 
 A ``virtwire kvm --trace`` file holds, beside the device's own events (``pci``, ``status``,
 ``queue``, ``kick``, ``irq``, ``frame``...), one ``kvm.exit`` event per ``KVM_EXIT_IO`` /

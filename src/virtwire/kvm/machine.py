@@ -62,6 +62,7 @@ class MachineConfig:
     queue_size: int = 64
     device: bool = True                 # put the virtio-net function on the bus
     console: Callable[[bytes], None] | None = None
+    kvm_path: str = "/dev/kvm"
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Machine:
                  mac: str | None = None) -> None:
         self.cfg = cfg
         self.flat = cfg.guest not in program.MODES
-        self.vm = Vm(cfg.ram_mb << 20, rom=self.flat)
+        self.vm = Vm(cfg.ram_mb << 20, rom=self.flat, kvm_path=cfg.kvm_path)
         self._console = bytearray()
         self.guest_status: int | None = None
         self.unclaimed = 0

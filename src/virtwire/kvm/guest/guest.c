@@ -240,7 +240,7 @@ static int negotiate(void) {
     wr32(common + 8, 1); wr32(common + 12, w1);
     st_write(1 | 2 | 8);
     if (!(st_read() & 8)) { line("FEATURES_OK not accepted\n"); return 0; }
-    line("negotiated=0x"); hex(w1, 8); hex(w0, 8); puts_(" features_ok=1\n");
+    line("negotiated features=0x"); hex(w1, 8); hex(w0, 8); puts_(" features_ok=1\n");
     return 1;
 }
 
