@@ -12,14 +12,14 @@ Both loops run the same guest binary (``virtwire.kvm.program``) in the same proc
    device to the null backend (Python only: the C loop has no device); frames/s, exits per frame,
    microseconds per exit.
 
-    flock /tmp/vw-heavy.lock python3 tools/bench_kvm.py [--exits 20000] [--frames 20000] [--rounds 3]
+    flock /tmp/vw-heavy.lock python3 tools/bench_kvm.py [--exits N] [--frames N] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -92,7 +92,10 @@ int main(int argc, char **argv) {
             if (run->io.direction == KVM_EXIT_IO_IN) memset(d, 0, run->io.size);
             continue;
         }
-        if (run->exit_reason == KVM_EXIT_MMIO) { if (!run->mmio.is_write) memset(run->mmio.data, 0xff, 8); continue; }
+        if (run->exit_reason == KVM_EXIT_MMIO) {
+            if (!run->mmio.is_write) memset(run->mmio.data, 0xff, 8);
+            continue;
+        }
         fprintf(stderr, "exit reason %u\n", run->exit_reason); return 3;
     }
     uint64_t t1 = now_ns();
@@ -105,8 +108,6 @@ int main(int argc, char **argv) {
 
 def build_c_loop() -> Path:
     from virtwire.kvm.program import cache_dir
-
-    import hashlib
 
     out = cache_dir() / f"bench-loop-{hashlib.sha256(C_LOOP.encode()).hexdigest()[:12]}"
     if not out.exists():
