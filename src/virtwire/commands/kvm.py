@@ -36,8 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transitional device 0x1000 with the legacy I/O BAR")
     parser.add_argument("--count", type=int, default=1000, help="burst: frames (default 1000)")
     parser.add_argument("--size", type=int, default=60, help="burst: frame size (60..1514)")
-    parser.add_argument("--memory", type=int, default=32, metavar="MIB",
-                        help="guest RAM in MiB (default 32)")
+    parser.add_argument("--memory", type=int, default=None, metavar="MIB",
+                        help="guest RAM in MiB (default 32; 512 with --kernel)")
+    parser.add_argument("--kernel", metavar="FILE",
+                        help="boot a Linux kernel (ELF vmlinux, or a bzImage whose payload is "
+                             "unpacked) by its PVH entry instead of a guest program")
+    parser.add_argument("--initrd", metavar="FILE", help="with --kernel: the initrd")
+    parser.add_argument("--append", default="console=ttyS0 earlyprintk=serial,ttyS0,115200",
+                        metavar="S", help="with --kernel: the command line (the VMM adds what "
+                                          "this host needs and prints it)")
+    parser.add_argument("--system-map", metavar="FILE",
+                        help="with --kernel: System.map, to name the function of a failing RIP")
     parser.add_argument("--timeout", type=float, default=0.0, metavar="S",
                         help="stop the VM after S seconds (exit status 124)")
     parser.add_argument("--exits", action="store_true",
@@ -95,6 +104,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError("--count must be 1..100000000")
     if not 60 <= args.size <= 1514:
         raise CliError("--size must be 60..1514")
+    if args.memory is None:
+        args.memory = 512 if args.kernel else 32
     if not 4 <= args.memory <= 3072:
         raise CliError("--memory must be 4..3072 MiB")
 
@@ -109,7 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
     kvm_path = os.environ.get("VIRTWIRE_KVM_DEVICE", "/dev/kvm")
     os.close(open_kvm(kvm_path))  # no /dev/kvm or no permission: one line before anything
-    if args.guest not in program.MODES and not os.path.isfile(args.guest):
+    if args.kernel and not os.path.isfile(args.kernel):
+        raise CliError(f"--kernel {args.kernel}: no such file")
+    if (args.initrd or args.system_map) and not args.kernel:
+        raise CliError("--initrd and --system-map go with --kernel")
+    if not args.kernel and args.guest not in program.MODES and not os.path.isfile(args.guest):
         raise CliError(f"--guest {args.guest}: not a guest program "
                        f"({', '.join(program.MODES)}) nor a file")
     mac = None
@@ -132,7 +147,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = m.MachineConfig(guest=args.guest, ram_mb=args.memory, ip=ip, prefix=prefix,
                           burst_count=args.count, burst_size=args.size,
                           transitional=args.transitional, timeout=args.timeout,
-                          count_exits=args.exits, console=console, kvm_path=kvm_path)
+                          count_exits=args.exits, console=console, kvm_path=kvm_path,
+                          kernel=args.kernel, initrd=args.initrd, append=args.append,
+                          system_map=args.system_map)
+    if args.kernel:
+        from virtwire.kvm.linux import LinuxBoot
+
+        sys.stderr.write(f"virtwire kvm: kernel command line += {LinuxBoot.extra_args()}\n")
     backends = _backends(args.net, args.netns)
     try:
         machine = m.Machine(cfg, backends, mac=mac)

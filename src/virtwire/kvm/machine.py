@@ -63,6 +63,10 @@ class MachineConfig:
     device: bool = True                 # put the virtio-net function on the bus
     console: Callable[[bytes], None] | None = None
     kvm_path: str = "/dev/kvm"
+    kernel: str | None = None           # a Linux kernel (ELF vmlinux or bzImage): PVH entry
+    initrd: str | None = None
+    append: str = "console=ttyS0 earlyprintk=serial,ttyS0,115200"
+    system_map: str | None = None
 
 
 @dataclass
@@ -109,7 +113,8 @@ class Machine:
     def __init__(self, cfg: MachineConfig, backends: list[Any] | None = None,
                  mac: str | None = None) -> None:
         self.cfg = cfg
-        self.flat = cfg.guest not in program.MODES
+        self.flat = cfg.kernel is None and cfg.guest not in program.MODES
+        self.linux: Any = None
         self.vm = Vm(cfg.ram_mb << 20, rom=self.flat, kvm_path=cfg.kvm_path)
         self._console = bytearray()
         self.guest_status: int | None = None
@@ -146,7 +151,12 @@ class Machine:
 
         if _trace.TRACE is not None:
             self._trace_handlers()
-        if self.flat:
+        if self.cfg.kernel:
+            from virtwire.kvm.linux import LinuxBoot
+
+            self.linux = LinuxBoot(vm, self.cfg.kernel, self.cfg.initrd, self.cfg.append,
+                                   self.cfg.system_map)
+        elif self.flat:
             self._load_flat()
         else:
             self._load_program()
@@ -247,18 +257,19 @@ class Machine:
         if self._requested is not None:
             return
         self._requested = (why, kind, status)
-        if not self.flat:
+        ours = not self.flat and self.linux is None
+        if ours:
             self.vm.mem.write_u32(program.PARAMS_ADDR + program.STOP_OFFSET, 1)
 
         def hard() -> None:
-            if not self._done.wait(GRACE if not self.flat else 0):
+            if not self._done.wait(GRACE if ours else 0):
                 self.vm.request_stop(self._stuck(why, kind, status))
 
         threading.Thread(target=hard, daemon=True, name="virtwire-kvm-grace").start()
 
     def _stuck(self, why: str, kind: str, status: int) -> StopReason:
         state = self.vm.mp_state()
-        if not self.flat:
+        if not self.flat and self.linux is None:
             why += " (the guest did not answer the stop request"
             why += ", halted)" if state == "HALTED" else f", vCPU {state})"
         regs = None
@@ -288,13 +299,17 @@ class Machine:
             timer.daemon = True
             timer.start()
         try:
-            reason = self.vm.run()
+            reason = self.vm.run(self.linux.on_exit if self.linux is not None else None)
         finally:
             self._done.set()
             if timer is not None:
                 timer.cancel()
             if self.pump is not None:
                 self.pump.stop()
+        if self.linux is not None and reason.rip is not None:
+            reason.message += self.linux.symbol(reason.rip)
+            if self.linux.int3:
+                reason.message += f"; {self.linux.int3} int3 completed as #BP by the VMM"
         req = self._requested
         if req is not None and reason.kind == "guest_exit" and reason.status == 0:
             reason = StopReason(req[1], f"{req[0]} (the guest printed its report)", req[2])
@@ -312,6 +327,8 @@ class Machine:
             res.exit_table = events.exit_table(self.vm.exit_counts, self.pci)
         if self.pump is not None:
             res.stats = self.pump.stats()
+        if self.linux is not None:
+            res.stats["linux"] = self.linux.describe()
         return res
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ from virtwire.errors import UserFacingError
 from virtwire.kvm import abi
 from virtwire.memory import MemoryRegion, RegionMemory
 
-__all__ = ["Vm", "KvmError", "StopReason", "install_kick_signal", "ROM_BASE", "ROM_SIZE",
+__all__ = ["Vm", "KvmError", "StopReason", "HANDLED", "install_kick_signal", "ROM_BASE", "ROM_SIZE",
            "HIGH_ROM_BASE"]
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class StopReason:
     status: int
     rip: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+# What an ``on_exit`` hook returns when it dealt with the exit and the vCPU should go on.
+HANDLED = StopReason("handled", "", 0)
 
 
 def install_kick_signal() -> None:
@@ -378,6 +382,8 @@ class Vm:
                         counts[k] = counts.get(k, 0) + 1
                 else:
                     stop = on_exit(reason) if on_exit is not None else None
+                    if stop is HANDLED:
+                        continue
                     if stop is None:
                         stop = self._other_exit(reason)
                     if stop is not None:
