@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append", default="console=ttyS0 earlyprintk=serial,ttyS0,115200",
                         metavar="S", help="with --kernel: the command line (the VMM adds what "
                                           "this host needs and prints it)")
+    parser.add_argument("--stall", type=float, default=None, metavar="S",
+                        help="stop when the console is silent for S seconds (exit status 6; "
+                             "default 120 with --kernel, off otherwise)")
     parser.add_argument("--system-map", metavar="FILE",
                         help="with --kernel: System.map, to name the function of a failing RIP")
     parser.add_argument("--timeout", type=float, default=0.0, metavar="S",
@@ -104,6 +107,10 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError("--count must be 1..100000000")
     if not 60 <= args.size <= 1514:
         raise CliError("--size must be 60..1514")
+    if args.stall is None:
+        args.stall = 120.0 if args.kernel else 0.0
+    if args.stall < 0:
+        raise CliError("--stall must be >= 0")
     if args.memory is None:
         args.memory = 512 if args.kernel else 32
     if not 4 <= args.memory <= 3072:
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                           transitional=args.transitional, timeout=args.timeout,
                           count_exits=args.exits, console=console, kvm_path=kvm_path,
                           kernel=args.kernel, initrd=args.initrd, append=args.append,
-                          system_map=args.system_map)
+                          system_map=args.system_map, stall=args.stall)
     if args.kernel:
         from virtwire.kvm.linux import LinuxBoot
 

@@ -19,8 +19,8 @@ Theory of operation
 - **int3**: the kernel executes ``int3`` in self-tests and while patching alternatives; this
   host's emulator fails it (KVM_EXIT_INTERNAL_ERROR). The VMM completes it as the CPU would:
   RIP past the ``0xCC``, #BP injected (a trap: the pushed RIP is the next instruction).
-  ``LinuxBoot.on_internal_error`` does that and counts it; any other failed instruction ends the
-  run with its bytes, RIP and (with a System.map) its symbol.
+  ``Vm.complete_int3`` does that (for every guest; ``machine.Machine`` counts it); any other
+  failed instruction ends the run with its bytes, RIP and (with a System.map) its symbol.
 
 Nobody waits here for a full boot (hours at this speed); on a host with hardware virtualization
 the same code runs the kernel at full speed.
@@ -36,9 +36,10 @@ import zlib
 from typing import Any
 
 from virtwire.kvm import abi
-from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm
+from virtwire.kvm.vm import KvmError, Vm
 
-__all__ = ["LinuxBoot", "unpack_bzimage", "pvh_entry", "EXTRA_ARGS", "CLEARED_CPUID"]
+__all__ = ["LinuxBoot", "unpack_bzimage", "pvh_entry", "elf_segments", "EXTRA_ARGS",
+           "CLEARED_CPUID"]
 
 HVM_START_MAGIC = 0x336EC578
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -97,7 +98,7 @@ def unpack_bzimage(data: bytes) -> bytes:
         raise KvmError(f"cannot unpack the bzImage payload: {e}") from None
 
 
-def _segments(elf: bytes) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+def elf_segments(elf: bytes) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
     """(PT_LOAD (paddr, offset, filesz, memsz) list, PT_NOTE (offset, size) list)."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         raise KvmError("not a 64-bit little-endian ELF kernel")
@@ -138,14 +139,13 @@ class LinuxBoot:
     def __init__(self, vm: Vm, kernel: str, initrd: str | None, append: str,
                  system_map: str | None = None) -> None:
         self.vm = vm
-        self.int3 = 0
         self.symbols: list[tuple[int, str]] = []
         try:
             data = open(kernel, "rb").read()
         except OSError as e:
             raise KvmError(f"cannot read kernel {kernel}: {e.strerror}") from None
         elf = data if data[:4] == b"\x7fELF" else unpack_bzimage(data)
-        loads, notes = _segments(elf)
+        loads, notes = elf_segments(elf)
         entry = pvh_entry(elf, notes)
         if entry is None:
             raise KvmError(f"{kernel}: no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); this "
@@ -247,25 +247,8 @@ class LinuxBoot:
         addr, name = self.symbols[i]
         return f" ({name}+{rip - addr:#x})"
 
-    def on_exit(self, reason: int) -> StopReason | None:
-        """Complete an ``int3`` the emulator refused (module docstring); None: not handled."""
-        if reason != abi.KVM_EXIT_INTERNAL_ERROR:
-            return None
-        sub = struct.unpack_from("<I", self.vm.run_map, abi.RUN_INTERNAL)[0]
-        if sub != abi.KVM_INTERNAL_ERROR_EMULATION:
-            return None
-        rip, code = self.vm.code_bytes(1)
-        if code[:1] != b"\xcc":
-            return None
-        regs = self.vm.get_regs()
-        regs.rip += 1
-        self.vm.set_regs(regs)
-        self.vm.inject_exception(3)
-        self.int3 += 1
-        return HANDLED
-
     def describe(self) -> dict[str, Any]:
         return {"cmdline": self.cmdline, "memmap": [
             {"addr": a, "size": s, "type": "ram" if t == E820_RAM else "reserved"}
-            for a, s, t in self.memmap], "int3_completed": self.int3}
+            for a, s, t in self.memmap]}
 

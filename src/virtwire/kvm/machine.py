@@ -27,6 +27,7 @@ import re
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 from virtwire.kvm import abi, events, program
 from virtwire.kvm.devices import ExitPort, PciHost, Uart16550
 from virtwire.kvm.host import DevicePump, KvmIntx
-from virtwire.kvm.vm import KvmError, StopReason, Vm
+from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm
 
 __all__ = ["Machine", "MachineConfig", "GRACE", "GDT_ADDR", "DEVICE_SLOT", "INTX_GSI"]
 
@@ -67,6 +68,7 @@ class MachineConfig:
     initrd: str | None = None
     append: str = "console=ttyS0 earlyprintk=serial,ttyS0,115200"
     system_map: str | None = None
+    stall: float = 0.0                  # stop when the console is silent this long (0: never)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Machine:
         self.pump: DevicePump | None = None
         self.transport: Any = None
         self._requested: tuple[str, str, int] | None = None
+        self.int3 = 0
         self._done = threading.Event()
         try:
             self._build(backends or [], mac)
@@ -243,6 +246,14 @@ class Machine:
         self.vm.request_stop(StopReason("guest_exit", msg, status, None,
                                         {"guest_status": status}))
 
+    def _on_exit(self, reason: int) -> StopReason | None:
+        """Exits the run loop does not dispatch: an ``int3`` the emulator refused is completed
+        (``Vm.complete_int3``); everything else ends the run (``Vm``'s diagnosis)."""
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR and self.vm.complete_int3():
+            self.int3 += 1
+            return HANDLED
+        return None
+
     def _on_unclaimed(self, kind: str, addr: int, size: int, value: int | None) -> None:
         self.unclaimed += 1
         if self._unclaimed_logged < UNCLAIMED_LOG_MAX:
@@ -298,8 +309,11 @@ class Machine:
                                      "timeout", 124))
             timer.daemon = True
             timer.start()
+        if self.cfg.stall > 0:
+            threading.Thread(target=self._stall_watch, daemon=True,
+                             name="virtwire-kvm-stall").start()
         try:
-            reason = self.vm.run(self.linux.on_exit if self.linux is not None else None)
+            reason = self.vm.run(self._on_exit)
         finally:
             self._done.set()
             if timer is not None:
@@ -308,12 +322,25 @@ class Machine:
                 self.pump.stop()
         if self.linux is not None and reason.rip is not None:
             reason.message += self.linux.symbol(reason.rip)
-            if self.linux.int3:
-                reason.message += f"; {self.linux.int3} int3 completed as #BP by the VMM"
+        if self.int3:
+            reason.message += f"; {self.int3} int3 completed as #BP by the VMM"
         req = self._requested
         if req is not None and reason.kind == "guest_exit" and reason.status == 0:
             reason = StopReason(req[1], f"{req[0]} (the guest printed its report)", req[2])
         return self._result(reason)
+
+    def _stall_watch(self) -> None:
+        """Stop a guest whose console stays silent for ``cfg.stall`` seconds (a spinning or
+        waiting kernel): the run never hangs without ``--timeout``."""
+        seen, since = len(self._console), time.monotonic()
+        while not self._done.wait(1.0):
+            n = len(self._console)
+            if n != seen:
+                seen, since = n, time.monotonic()
+            elif time.monotonic() - since >= self.cfg.stall:
+                self.request_stop(f"stall: no console output for {self.cfg.stall:g} s",
+                                  "stall", 6)
+                return
 
     def _result(self, reason: StopReason) -> Result:
         events.stop_event(reason.kind, reason.message, reason.status, self.vm.exits)

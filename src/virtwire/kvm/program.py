@@ -44,7 +44,7 @@ CFLAGS = ("-m32", "-ffreestanding", "-mgeneral-regs-only", "-mno-popcnt", "-mno-
           "-mno-mmx", "-mno-80387", "-fno-pic", "-fno-pie", "-nostdlib", "-O2",
           "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-builtin")
 MODES = {"ping": 1, "burst": 2, "garbage": 10, "badbar": 11, "badring": 12, "badinsn": 13,
-         "exits": 20}
+         "int3": 14, "exits": 20}
 GUEST_STATUS = {0x00: "ok", 0x20: "no virtio device on bus 0",
                 0x21: "device initialisation failed", 0x22: "device said NEEDS_RESET",
                 0x23: "hostile test finished", 0x24: "no parameter block",

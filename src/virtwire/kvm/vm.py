@@ -305,6 +305,21 @@ class Vm:
         ev.flags = 0
         _kvm_ioctl(self.vcpu_fd, abi.KVM_SET_VCPU_EVENTS, ev, "SET_VCPU_EVENTS")
 
+    def complete_int3(self) -> bool:
+        """After an INTERNAL_ERROR: if the emulator refused an ``int3`` (0xCC at RIP), do what
+        the CPU does instead -- RIP past it and #BP delivered as a trap -- and return True."""
+        sub = struct.unpack_from("<I", self.run_map, abi.RUN_INTERNAL)[0]
+        if sub != abi.KVM_INTERNAL_ERROR_EMULATION:
+            return False
+        _rip, code = self.code_bytes(1)
+        if code[:1] != b"\xcc":
+            return False
+        regs = self.get_regs()
+        regs.rip += 1
+        self.set_regs(regs)
+        self.inject_exception(3)
+        return True
+
     # -- running -----------------------------------------------------------------------------
     def request_stop(self, reason: StopReason) -> None:
         """End ``run`` from any thread (module docstring)."""

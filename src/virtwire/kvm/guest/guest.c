@@ -94,10 +94,14 @@ void vw_irq(u32 irq) {
     outb(0x20, 0x20);
 }
 
+volatile u32 int3_next;
+
 void vw_exception(u32 vector, u32 *frame) {
-    line("exception vector="); dec(vector); puts_(" eip=");
+    line("exception vector="); dec(vector); puts_(" eip=0x");
     int errcode = vector == 8 || (vector >= 10 && vector <= 14) || vector == 17;
-    hex(frame[errcode ? 2 : 1], 8); putc_('\n');
+    hex(frame[errcode ? 2 : 1], 8);
+    if (vector == 3) { puts_(" int3_next=0x"); hex(int3_next, 8); }
+    putc_('\n');
     outl(PORT_EXIT, 0x56570000u | ST_EXCEPTION);
     for (;;) __asm__ volatile("cli; hlt");
 }
@@ -428,6 +432,11 @@ int vw_main(void) {
         line("executing popcnt\n");
         __asm__ volatile(".byte 0xf3, 0x0f, 0xb8, 0xc0" ::: "eax"); /* popcnt %eax,%eax */
         return ST_HOSTILE_DONE;
+    }
+    if (P->mode == MODE_INT3) {
+        /* #BP is a trap: the handler must see the address after the int3 */
+        __asm__ volatile("movl $1f, int3_next\n\tint3\n1:" ::: "memory");
+        return ST_HOSTILE_DONE; /* not reached: vw_exception reports vector 3 */
     }
     if (P->mode == MODE_EXITS) {
         for (u32 i = 0; i < P->exits_count; i++) outl(PORT_BENCH, i);

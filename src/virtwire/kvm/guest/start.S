@@ -31,7 +31,7 @@ exc\n:  pushl   $\n
 exc_common:
         movl    %esp, %eax
         pushl   %eax
-        pushl   4(%eax)
+        pushl   (%eax)
         call    vw_exception
 2:      cli
         hlt

@@ -9,7 +9,7 @@ typedef unsigned long long u64;
 #define VW_PARAMS 0x7000u
 #define VW_MAGIC 0x564b5756u /* "VWKV" */
 enum { MODE_PING = 1, MODE_BURST = 2, MODE_GARBAGE = 10, MODE_BADBAR = 11, MODE_BADRING = 12,
-       MODE_BADINSN = 13, MODE_EXITS = 20 };
+       MODE_BADINSN = 13, MODE_INT3 = 14, MODE_EXITS = 20 };
 struct vw_params {
     u32 magic, mode;
     u8 ip[4];
