@@ -46,7 +46,8 @@ def exit_facts(a: Any) -> dict[str, list[str]]:
         return {}
     out: dict[str, list[str]] = {}
     for p in a.phases:
-        exits = [e for e in evs[p.first:p.last] if e.get("cat") == "kvm" and e.get("ev") == "exit"]
+        lo, hi = _back_over_writes(evs, p.first), _back_over_writes(evs, p.last)
+        exits = [e for e in evs[lo:hi] if e.get("cat") == "kvm" and e.get("ev") == "exit"]
         if not exits:
             continue
         kinds = Counter(e.get("exit", "?") for e in exits)
@@ -59,6 +60,14 @@ def exit_facts(a: Any) -> dict[str, list[str]]:
     _tx_path(evs, out)
     _rx_path(evs, out)
     return out
+
+
+def _back_over_writes(evs: list[dict[str, Any]], i: int) -> int:
+    """A write's exit is traced before the device events it causes: the run of write exits
+    just before index ``i`` belongs with what follows ``i``."""
+    while i > 0 and evs[i - 1].get("cat") == "kvm" and evs[i - 1].get("dir") == "out":
+        i -= 1
+    return i
 
 
 def _is_exit(e: dict[str, Any], reg_prefix: str) -> bool:
