@@ -380,7 +380,8 @@ class Vm:
                     h = ports.get(port)
                     if h is not None and n == 1:
                         if direction:
-                            h(port, size, from_bytes(run_map[off:off + size], "little"))
+                            h(port, size, run_map[off] if size == 1 else words[off >> 2]
+                              if size == 4 else from_bytes(run_map[off:off + size], "little"))
                         else:
                             run_map[off:off + size] = (h(port, size, None) & (
                                 (1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -403,8 +404,8 @@ class Vm:
                         stop = self._other_exit(reason)
                     if stop is not None:
                         return stop
-                if self._stop is not None:  # a handler on this thread ended the run
-                    return self._stop
+                # a handler that ends the run (exit port) set immediate_exit: the next
+                # KVM_RUN returns EINTR at once and the stop is seen there
         finally:
             words.release()
             self.exits += exits
