@@ -284,3 +284,16 @@ def test_bzimage_payload_unpacks_to_a_pvh_kernel() -> None:
     assert loads and all(paddr >= 0x100000 for paddr, *_ in loads)
     entry = pvh_entry(elf, notes)
     assert entry is not None and 0x100000 <= entry < 0x40000000
+
+
+def test_spinning_guest_is_stopped_by_the_watchdog(tmp_path) -> None:
+    # cli; jmp $ at the reset vector: emulated code that never exits to the VMM
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xfa\xeb\xfe" + b"\x90" * 13)
+    t0 = time.monotonic()
+    r = subprocess.run(_kvm("--guest", str(spin), "--timeout", "2"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 124
+    assert time.monotonic() - t0 < 20
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == "virtwire kvm: timeout: stopped after 2 s at RIP=0xfff1, interrupts off"

@@ -16,13 +16,17 @@ GSI 10 and written into its Interrupt Line as firmware would); the device's loop
 
 Ending a run (always one line in ``StopReason.message``): the guest's exit port; a fatal exit
 (``Vm``); the watchdog (``timeout``) or SIGTERM/SIGINT, which first set the guest's ``stop`` word
-and give it ``GRACE`` seconds to print its report and exit, then stop the vCPU; a guest that waits
-with interrupts off (``cli; hlt``) is then named as such.
+and give it ``GRACE`` seconds to print its report and exit, then stop the vCPU (the final line
+says where it was: RIP, interrupts on or off, halted). The vCPU runs in its own thread, so the
+main thread is free for signal handlers; no vCPU ioctl is made from another thread while KVM_RUN
+may be blocked (it holds the vCPU's mutex). Should KVM_RUN still not return ``FORCE`` seconds
+after the stop signal, the process ends with one line rather than hang.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 import sys
@@ -42,6 +46,7 @@ __all__ = ["Machine", "MachineConfig", "GRACE", "GDT_ADDR", "DEVICE_SLOT", "INTX
 log = logging.getLogger(__name__)
 
 GRACE = 2.0
+FORCE = 5.0
 GDT_ADDR = 0x500
 DEVICE_SLOT = 3
 INTX_GSI = 10
@@ -264,7 +269,8 @@ class Machine:
 
     # -- running -------------------------------------------------------------------------------
     def request_stop(self, why: str, kind: str = "stopped", status: int = 0) -> None:
-        """Ask the guest for its report (stop word), then stop the vCPU after ``GRACE`` s."""
+        """Ask the guest for its report (stop word), stop the vCPU after ``GRACE`` s, and end
+        the process after ``FORCE`` more if KVM_RUN does not come back (module docstring)."""
         if self._requested is not None:
             return
         self._requested = (why, kind, status)
@@ -273,25 +279,37 @@ class Machine:
             self.vm.mem.write_u32(program.PARAMS_ADDR + program.STOP_OFFSET, 1)
 
         def hard() -> None:
-            if not self._done.wait(GRACE if ours else 0):
-                self.vm.request_stop(self._stuck(why, kind, status))
+            if self._done.wait(GRACE if ours else 0):
+                return
+            self.vm.request_stop(StopReason(kind, why, status, None, {"stuck": True}))
+            if not self._done.wait(FORCE):
+                self._force_exit(why, status)
 
         threading.Thread(target=hard, daemon=True, name="virtwire-kvm-grace").start()
 
-    def _stuck(self, why: str, kind: str, status: int) -> StopReason:
-        state = self.vm.mp_state()
+    def _force_exit(self, why: str, status: int) -> None:
+        """KVM_RUN ignores the stop signal while this host emulates a guest that makes no exits
+        (a CPL0 spin loop): only a fatal signal ends it, so end the process."""
+        sys.stdout.flush()
+        sys.stderr.write(f"virtwire kvm: {why}; the vCPU did not return from KVM_RUN within "
+                         f"{FORCE:g} s (the guest runs emulated code without exits, which "
+                         "this host's KVM does not interrupt for a signal): process ended\n")
+        sys.stderr.flush()
+        os._exit(status or 1)
+
+    def _where(self, reason: StopReason) -> StopReason:
+        """A stop the VMM asked for: add where the vCPU was (safe now: KVM_RUN has returned)."""
+        why = reason.message
         if not self.flat and self.linux is None:
             why += " (the guest did not answer the stop request"
-            why += ", halted)" if state == "HALTED" else f", vCPU {state})"
-        regs = None
+            why += ", halted)" if self.vm.mp_state() == "HALTED" else ")"
         try:
             regs = self.vm.get_regs()
         except KvmError:
-            pass
-        if regs is not None:
-            iflag = "on" if regs.rflags & 0x200 else "off"
-            why += f" at RIP={regs.rip:#x}, interrupts {iflag}"
-        return StopReason(kind, why, status)
+            return StopReason(reason.kind, why, reason.status)
+        iflag = "on" if regs.rflags & 0x200 else "off"
+        why += f" at RIP={regs.rip:#x}, interrupts {iflag}"
+        return StopReason(reason.kind, why, reason.status, regs.rip)
 
     def run(self) -> Result:
         from virtwire import trace as _trace
@@ -313,13 +331,14 @@ class Machine:
             threading.Thread(target=self._stall_watch, daemon=True,
                              name="virtwire-kvm-stall").start()
         try:
-            reason = self.vm.run(self._on_exit)
+            reason = self._run_vcpu()
         finally:
-            self._done.set()
             if timer is not None:
                 timer.cancel()
             if self.pump is not None:
                 self.pump.stop()
+        if reason.detail.get("stuck"):
+            reason = self._where(reason)
         if self.linux is not None and reason.rip is not None:
             reason.message += self.linux.symbol(reason.rip)
         if self.int3:
@@ -328,6 +347,28 @@ class Machine:
         if req is not None and reason.kind == "guest_exit" and reason.status == 0:
             reason = StopReason(req[1], f"{req[0]} (the guest printed its report)", req[2])
         return self._result(reason)
+
+    def _run_vcpu(self) -> StopReason:
+        """The vCPU runs in its own thread so that this (main) thread stays free for signal
+        handlers (SIGTERM/SIGINT -> ``request_stop``) while KVM_RUN blocks."""
+        box: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                box["reason"] = self.vm.run(self._on_exit)
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+            finally:
+                self._done.set()
+
+        t = threading.Thread(target=body, name="virtwire-kvm-vcpu", daemon=True)
+        t.start()
+        while not self._done.wait(0.25):
+            pass
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["reason"]
 
     def _stall_watch(self) -> None:
         """Stop a guest whose console stays silent for ``cfg.stall`` seconds (a spinning or
