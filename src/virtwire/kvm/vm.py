@@ -11,9 +11,10 @@ ROM (``load_rom``) that is also mapped at the top of 4 GiB (0xFFFF0000), so a fl
 there starts at the real-mode reset vector F000:FFF0. Everything else (BARs the guest programs, a
 hostile guest's wild pointers) is unbacked: accesses exit to user space as ``KVM_EXIT_MMIO``.
 
-The run loop (``run``) is the hot path. ``KVM_RUN`` is called through ctypes, which drops the GIL,
-so the event-loop thread serving the device runs while the vCPU executes; a guest ``hlt`` waits in
-the kernel (in-kernel irqchip) until an interrupt arrives. Each exit is decoded from fixed offsets
+The run loop (``run``) is the hot path. ``KVM_RUN`` is called through ``fcntl.ioctl`` with an
+integer argument, which drops the GIL, so the event-loop thread serving the device runs while the
+vCPU executes; a guest ``hlt`` waits in the kernel (in-kernel irqchip) until an interrupt arrives.
+Measured (tools/bench_kvm.py): 9.7-10 us per port exit against 8.1-8.4 us for a C loop. Each exit is decoded from fixed offsets
 of the ``kvm_run`` mmap and dispatched by one dict lookup: ``KVM_EXIT_IO`` to the port handlers
 (``PortBus``), ``KVM_EXIT_MMIO`` to the MMIO handler. Everything else ends the run with a
 ``StopReason`` naming the exit in one line (SHUTDOWN: a triple fault; FAIL_ENTRY: the hardware
@@ -22,6 +23,8 @@ reason; INTERNAL_ERROR: the suberror, RIP and the instruction bytes, read from g
 Stopping from another thread (watchdog, SIGTERM): ``request_stop`` sets ``immediate_exit`` in
 ``kvm_run`` and sends SIGUSR1 to the vCPU thread; ``KVM_RUN`` returns EINTR and the loop returns.
 The vCPU thread must have a SIGUSR1 handler (``install_kick_signal``, from the main thread).
+Never call a vCPU ioctl (registers, MP state) from another thread while ``run`` may be inside
+KVM_RUN: the kernel holds the vCPU's mutex there, and the caller would wait for the next exit.
 
 # SAFETY: guest RAM is one shared mmap of the memfd; KVM gets its address (taken from a ctypes
 # ``from_buffer`` export kept for the VM's lifetime), device code gets memoryviews of it. The
