@@ -15,8 +15,9 @@ The run loop (``run``) is the hot path. ``KVM_RUN`` is called through ``fcntl.io
 integer argument, which drops the GIL, so the event-loop thread serving the device runs while the
 vCPU executes; a guest ``hlt`` waits in the kernel (in-kernel irqchip) until an interrupt arrives.
 Measured (tools/bench_kvm.py): 9.7-10 us per port exit against 8.1-8.4 us for a C loop.
-Each exit is decoded from fixed offsets of the ``kvm_run`` mmap and dispatched by one dict lookup: ``KVM_EXIT_IO`` to the port handlers
-(``PortBus``), ``KVM_EXIT_MMIO`` to the MMIO handler. Everything else ends the run with a
+Each exit is decoded from fixed offsets of the ``kvm_run`` mmap and dispatched by one dict
+lookup: ``KVM_EXIT_IO`` to the port handlers (``ports``, then ``port_fallback`` for BARs),
+``KVM_EXIT_MMIO`` to the MMIO handler. Everything else ends the run with a
 ``StopReason`` naming the exit in one line (SHUTDOWN: a triple fault; FAIL_ENTRY: the hardware
 reason; INTERNAL_ERROR: the suberror, RIP and the instruction bytes, read from guest RAM).
 
