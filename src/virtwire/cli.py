@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "virtwire.commands.explain",
     "virtwire.commands.libvirt",
     "virtwire.commands.compare",
+    "virtwire.commands.kvm",
 )
 
 

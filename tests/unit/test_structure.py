@@ -169,10 +169,14 @@ def _own_names(tree: ast.AST) -> set[str]:
     return own
 
 
+# Documented public APIs of the standard library whose names start with an underscore.
+STDLIB_UNDERSCORE_API = frozenset({"_exit", "_getframe", "_replace", "_asdict", "_fields", "_make"})
+
+
 def _private_uses(mod: str) -> list[tuple[str, str, int]]:
     """(file, name, line) of every reach into another module's underscore name."""
     tree, rel = TREES[mod], _rel(mod)
-    own = _own_names(tree)
+    own = _own_names(tree) | STDLIB_UNDERSCORE_API
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr) and not _is_self(node.value):

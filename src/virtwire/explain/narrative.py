@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
+from virtwire.explain.kvm import exit_facts
 from virtwire.explain.model import PHASE_TITLES, Analysis
 
 __all__ = ["narrate"]
@@ -39,6 +40,7 @@ def narrate(a: Analysis, width: int = 100) -> str:
     out.append("")
     wrap = textwrap.TextWrapper(width=width, initial_indent="     - ",
                                 subsequent_indent="       ")
+    kvm_facts = exit_facts(a)
     for n, p in enumerate(a.phases, 1):
         count = p.last - p.first
         head = f"{n}. {p.title}"
@@ -52,6 +54,8 @@ def narrate(a: Analysis, width: int = 100) -> str:
             out.extend(wrap.wrap(f))
         if len(p.facts) > 24:
             out.append(f"       ... {len(p.facts) - 24} more")
+        for f in kvm_facts.get(p.id, []):
+            out.extend(wrap.wrap(f))
     missing = a.missing()
     if missing:
         out.append("")

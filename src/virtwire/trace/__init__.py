@@ -124,7 +124,7 @@ SCHEMA_VERSION = 1
 
 CATEGORIES: tuple[str, ...] = (
     "pci", "vhost", "feature", "status", "queue", "kick", "chain", "used", "irq", "config",
-    "ctrl", "frame", "host",
+    "ctrl", "frame", "host", "kvm",
 )
 # Categories of the per-packet path: subject to ``--trace-sample``.
 DATA_PATH: frozenset[str] = frozenset({"kick", "chain", "used", "irq", "frame"})

@@ -34,6 +34,7 @@ _FLOW: dict[tuple[str, str] | str, tuple[str, str]] = {
     "config": ("device", "guest"),
     "ctrl": ("guest", "device"),
     "host": ("device", "device"),
+    "kvm": ("guest", "vmm"),
     "trace": ("device", "device"),
 }
 
