@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from virtwire.errors import CliError
+from virtwire.netlab import keys as netlab_keys
 
 __all__ = ["PortConfig", "parse_port", "FEATURE_SWITCHES", "BACKENDS", "parse_bool"]
 
@@ -69,6 +70,7 @@ class PortConfig:
     queue_size: int = 1024  # the largest ring the front end may configure
     name: str = ""
     features: dict[str, bool] = field(default_factory=dict)
+    netlab: dict[str, str] = field(default_factory=dict)  # tx.loss=, vlan=... (netlab.keys)
 
     @property
     def packed(self) -> bool:
@@ -92,7 +94,7 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
         if "=" not in p:
             raise CliError(f"--port: expected key=value, got {p!r}")
         k, v = p.split("=", 1)
-        if k not in _KEYS:
+        if k not in _KEYS and not netlab_keys.is_key(k):  # netlab: tx.loss=, vlan=, ...
             raise CliError(f"--port: unknown key {k!r} (known: {', '.join(sorted(_KEYS))})")
         if k in opts:
             raise CliError(f"--port: key {k!r} given twice")
@@ -139,4 +141,8 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
             cfg.features[k] = parse_bool(k, opts[k])
     if cfg.queues > 1 and cfg.features.get("mq") is False:
         raise CliError(f"--port queues={cfg.queues} needs mq=on")
+    try:  # netlab: impairments, rate limits, VLANs, VXLAN uplink (netlab/keys.py)
+        netlab_keys.apply_to_port(cfg, opts)
+    except netlab_keys.NetlabError as e:
+        raise CliError(f"--port {e}") from None
     return cfg

@@ -42,6 +42,8 @@ from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.hosts.vhost_user import VhostUserBackend, VirtioDeviceHost
 from virtwire.loop import EventLoop
+from virtwire.netlab import control as netlab_control
+from virtwire.netlab import wire as netlab_wire
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ class Server:
     def add_port(self, cfg: PortConfig) -> Port:
         backends = _make_backends(cfg, self.switches)
         try:
+            backends = netlab_wire.wire_port(cfg, backends, self.switches)  # netlab: shaping..
             device = _make_device(cfg, backends)
         except Exception:
             for b in backends:
@@ -296,12 +299,7 @@ class Server:
             conn, _ = self.control.accept()
         except BlockingIOError:
             return
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                conn.sendall(json.dumps(self.stats()).encode() + b"\n")
-            except OSError as e:
-                log.debug("control client went away: %s", e)
+        netlab_control.serve_client(self, conn)  # netlab: counters, or a JSON request (ctl)
 
 
 def build(configs: list[PortConfig], loop: EventLoop | None = None) -> Server:
