@@ -149,3 +149,16 @@ def test_all_counter_keys_present_from_the_start() -> None:
         for k in ("passed", "lost", "duplicated", "corrupted", "reordered", "delayed", "queued",
                   "limit_waits", "bw_tokens", "ops_tokens", "throttled"):
             assert st[f"{d}.{k}"] == 0, (d, k)
+
+
+def test_timer_is_rearmed_for_the_next_held_frame_after_a_release() -> None:
+    inner = MemoryBackend()
+    clk = Clock()
+    b = ShapedBackend(inner, tx=DirSpec(delay=0.05), clock=clk)
+    b.send([fr(0)])
+    clk.t += 0.02
+    b.send([fr(1)])
+    assert b.timer.deadline == clk.t + 0.03
+    clk.t += 0.03
+    b.drain_wakeup()  # frame 0 leaves; the timer must now point at frame 1
+    assert len(inner.sent) == 1 and b.timer.deadline == clk.t + 0.02

@@ -208,6 +208,7 @@ class ShapedBackend:
         if drain is not None:
             drain()
         self._service()
+        self._arm()
 
     def send(self, frames: Sequence[Frame]) -> int:
         self._service()
