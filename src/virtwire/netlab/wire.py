@@ -61,6 +61,8 @@ def _wire_switch(cfg: Any, sw: Any, backends: list[Any], opts: Mapping[str, str]
     for b in backends:
         if hasattr(b, "set_vlans"):
             b.set_vlans(vlan, trunk)
+    if ("uplink_vlan" in opts or "uplink_trunk" in opts) and sw.uplink is None:
+        raise NetlabError("uplink_vlan=/uplink_trunk= need an uplink (uplink=TAP)")
     if "uplink_vlan" in opts or "uplink_trunk" in opts:
         uv = keys.parse_vlan("uplink_vlan", opts["uplink_vlan"]) if "uplink_vlan" in opts else None
         ut = (keys.parse_vlan_list("uplink_trunk", opts["uplink_trunk"])
