@@ -67,6 +67,7 @@ def test_tx_loss_10_percent_of_1000_pings_and_counted(tmp_path, guest_image):
         lost_pings = n - got
         # a tolerance from the binomial distribution: 4.5 standard deviations (p ~ 7e-6)
         tol = 4.5 * math.sqrt(n * p * (1 - p))
+        print(f"loss=10%: {lost_pings} of {n} pings lost (tolerance +-{tol:.0f})")
         assert abs(lost_pings - n * p) <= tol, (lost_pings, tol)
         dropped = b1["tx.lost"] - b0["tx.lost"]
         passed = b1["tx.passed"] - b0["tx.passed"]
@@ -87,6 +88,7 @@ def test_tx_delay_50ms_raises_rtt_and_rate_10mbit_caps_iperf3(tmp_path, guest_im
         _ctl(sock, "tx.delay=50ms")
         got, delayed = _ping(vm, "10.82.0.1", 40, 0.02)
         assert got == 40
+        print(f"delay=50ms: average RTT {base:.2f} ms -> {delayed:.2f} ms")
         assert 50 - 5 <= delayed - base <= 50 + 15, (base, delayed)
         assert _backend(srv, sock)["tx.delayed"] >= 40
         # run time again: no delay, 10 Mbit/s on the guest's TX
@@ -104,6 +106,7 @@ def test_tx_delay_50ms_raises_rtt_and_rate_10mbit_caps_iperf3(tmp_path, guest_im
         m = re.search(r"([\d.]+) Mbits/sec\s+receiver", out)
         assert m, out
         mbit = float(m.group(1))
+        print(f"rate=10mbit: iperf3 receiver {mbit} Mbit/s")
         assert 9.0 <= mbit <= 11.0, out
         st = srv.stats(sock)
         be = st["ports"][0]["backends"][0]

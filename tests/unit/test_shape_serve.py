@@ -122,3 +122,10 @@ def test_control_requests_refused_cleanly(served) -> None:
     assert not request(ctl, {"cmd": "port/set", "port": "p0", "set": {"mtu": "9000"}})["ok"]
     assert "ports" in request(ctl, {"cmd": "stats"})
     assert "ports" in query_stats(ctl)  # a silent client still gets the counters
+
+
+def test_serve_refuses_bad_netlab_values_in_one_line(capsys, tmp_path) -> None:
+    for opt in ("tx.loss=150%", "backend=switch,vlan=5000", "tx.jam=1"):
+        assert main(["serve", "-q", "--port", f"vhost-user,path={tmp_path}/s.sock,{opt}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
