@@ -73,7 +73,9 @@ def test_tx_loss_10_percent_of_1000_pings_and_counted(tmp_path, guest_image):
         passed = b1["tx.passed"] - b0["tx.passed"]
         # the counters account for every frame the guest sent in that time, and for the pings
         assert dropped + passed == f1 - f0
-        assert ns.link_stats("vwst0")["rx_packets"] - tap0 == passed
+        # what passed reached the host's TAP (read apart from the snapshot: an ARP or two may
+        # fall between the readings)
+        assert abs(ns.link_stats("vwst0")["rx_packets"] - tap0 - passed) <= 2
         assert lost_pings <= dropped <= lost_pings + 3  # (+ an ARP refresh, if one was lost)
         assert b1["rx.lost"] == 0
 
