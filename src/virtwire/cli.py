@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "virtwire.commands.vm",
     "virtwire.commands.serve",
     "virtwire.commands.stats",
+    "virtwire.commands.ctl",
     "virtwire.commands.conform",
     "virtwire.commands.fuzz",
     "virtwire.commands.bench",

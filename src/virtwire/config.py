@@ -14,11 +14,13 @@ device model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from virtwire.errors import CliError
 from virtwire.keyvals import parse_key_values, parse_on_off, split_options
 from virtwire.net.options import SWITCHES, is_unicast_mac
+from virtwire.netlab import keys as netlab_keys
 
 __all__ = ["PortConfig", "parse_port", "BACKENDS"]
 
@@ -44,6 +46,7 @@ class PortConfig:
     queue_size: int = 1024  # the largest ring the front end may configure
     name: str = ""
     features: dict[str, bool] = field(default_factory=dict)
+    netlab: dict[str, str] = field(default_factory=dict)  # tx.loss=, vlan=... (netlab.keys)
 
     @property
     def packed(self) -> bool:
@@ -57,12 +60,25 @@ class PortConfig:
                 f"{self.queues} queue pair(s){extra}")
 
 
+class _PortKeys:
+    """The keys ``--port`` takes: the table's, and netlab's (``tx.loss=``, ``vlan=``, ...)."""
+
+    def __contains__(self, key: object) -> bool:
+        return key in _KEYS or (isinstance(key, str) and netlab_keys.is_key(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(_KEYS))
+
+    def __len__(self) -> int:
+        return len(_KEYS)
+
+
 def parse_port(text: str, index: int = 0) -> PortConfig:
     """Parse ``vhost-user,key=val,...`` (see module docstring)."""
     parts = [p for p in split_options(text) if p]
     if not parts or parts[0] != "vhost-user":
         raise CliError(f"--port {text!r}: expected 'vhost-user,path=...,backend=...'")
-    opts = parse_key_values("--port", parts[1:], _KEYS)
+    opts = parse_key_values("--port", parts[1:], _PortKeys())
     if "path" not in opts or not opts["path"]:
         raise CliError("--port vhost-user: missing path=SOCKET")
     cfg = PortConfig(path=opts["path"], name=opts.get("name") or f"port{index}")
@@ -105,4 +121,8 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
             cfg.features[k] = parse_on_off("--port ", k, opts[k])
     if cfg.queues > 1 and cfg.features.get("mq") is False:
         raise CliError(f"--port queues={cfg.queues} needs mq=on")
+    try:  # netlab: impairments, rate limits, VLANs, VXLAN uplink (netlab/keys.py)
+        netlab_keys.apply_to_port(cfg, opts)
+    except netlab_keys.NetlabError as e:
+        raise CliError(f"--port {e}") from None
     return cfg

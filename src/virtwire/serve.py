@@ -44,6 +44,8 @@ from virtwire.hosts.pump import BackendPump
 from virtwire.hosts.vhost_device import VirtioDeviceHost
 from virtwire.hosts.vhost_user import VhostUserBackend
 from virtwire.loop import EventLoop
+from virtwire.netlab import control as netlab_control
+from virtwire.netlab import wire as netlab_wire
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class Server:
     def add_port(self, cfg: PortConfig) -> Port:
         backends = _make_backends(cfg, self.switches)
         try:
+            backends = netlab_wire.wire_port(cfg, backends, self.switches)  # netlab: shaping..
             device = _make_device(cfg, backends)
         except Exception:
             for b in backends:
@@ -252,12 +255,7 @@ class Server:
             conn, _ = self.control.accept()
         except BlockingIOError:
             return
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                conn.sendall(json.dumps(self.stats()).encode() + b"\n")
-            except OSError as e:
-                log.debug("control client went away: %s", e)
+        netlab_control.serve_client(self, conn)  # netlab: counters, or a JSON request (ctl)
 
 
 def build(configs: list[PortConfig], loop: EventLoop | None = None) -> Server:

@@ -15,6 +15,13 @@ as 802.1D's default). A frame is copied once out of the sender's guest memory (i
 returned to the guest right after); the copy is queued on each egress port (bounded by
 ``queue_limit``; overflow is a counted drop) and each egress port is woken once per batch.
 
+VLANs (``netlab/vlan.py``): a port may be an access port (``set_vlans(N)``) or an 802.1Q trunk
+(``set_vlans(native, {A, B})``), and so may the uplink (``set_uplink_vlans``). As soon as one is,
+the switch forwards per VLAN (``vlan_forward``): a frame is classified on ingress (its tag is
+removed), learnt and looked up in its VLAN's part of the FDB, and delivered only to ports of that
+VLAN, tagged where the egress port is a trunk of it. Ports without VLAN settings form the
+untagged domain 0 among themselves, as before.
+
 Readiness: each port's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
 an uplink, the uplink TAP's fd, so a host's event loop that watches every port fd (as
 ``virtwire serve`` does) also learns when the uplink has frames: serving any port first drains
@@ -46,6 +53,7 @@ from virtwire.net.header import (
     gso_segment,
     scatter,
 )
+from virtwire.netlab import vlan as vl
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -85,7 +93,8 @@ class SwitchPort(BackendBase):
         self.switch = switch
         self.rx: deque[_Item] = deque()
         self.counters.update({"rx_queue_drops": 0, "tx_bad": 0, "gso_segmented": 0,
-                              "gso_errors": 0})
+                              "gso_errors": 0, "vlan_drops": 0})
+        self.vlans = vl.Membership()
         self.guest_csum = False
         self._ep: select.epoll | None = None
 
@@ -137,7 +146,13 @@ class SwitchPort(BackendBase):
             return False
         return not gso_type & VIRTIO_NET_HDR_GSO_ECN or bool(f >> VIRTIO_NET_F_GUEST_ECN & 1)
 
-    def enqueue(self, item: _Item) -> bool:
+    def set_vlans(self, vlan: int | None, trunk: frozenset[int] | None = None) -> None:
+        """Access port of ``vlan``, or a trunk of ``trunk`` (``vlan``: its native VLAN)."""
+        self.vlans = vl.Membership(vlan, frozenset(trunk or ()))
+        self.switch.vlans_changed()
+
+    def enqueue(self, item: _Item, tag: int = -1) -> bool:
+        """Queue a frame for this port's guest; ``tag`` > 0: add that 802.1Q tag."""
         if item[1] and not self._takes_gso(item[1]):
             # This guest cannot receive the super-frame: cut it as a NIC would (TSO).
             h = VirtioNetHdr(flags=item[0], gso_type=item[1], gso_size=item[2],
@@ -151,9 +166,10 @@ class SwitchPort(BackendBase):
             self.counters["gso_segmented"] += 1
             ok = False
             for sg in segs:
-                ok = self._put((0, 0, 0, 0, 0, 0, sg)) or ok
+                seg: _Item = (0, 0, 0, 0, 0, 0, sg)
+                ok = self._put(vl.insert(seg, tag) if tag > 0 else seg) or ok
             return ok
-        return self._put(item)
+        return self._put(vl.insert(item, tag) if tag > 0 else item)
 
     def _put(self, item: _Item) -> bool:
         if len(self.rx) >= self.switch.queue_limit:
@@ -201,11 +217,14 @@ class _Uplink:
     def __init__(self, tap: Any) -> None:
         self.tap = tap
         self.port_name = "uplink"
-        self.counters = {"tx_frames": 0, "rx_frames": 0, "drops": 0}
+        self.counters = {"tx_frames": 0, "rx_frames": 0, "drops": 0, "vlan_drops": 0}
+        self.vlans = vl.Membership()
         tap.configure(0, 12)  # the kernel finishes checksums and segments before handing over
         self.scratch = bytearray(12 + MAX_FRAME)  # one uplink read
 
-    def enqueue(self, item: _Item) -> bool:
+    def enqueue(self, item: _Item, tag: int = -1) -> bool:
+        if tag > 0:
+            item = vl.insert(item, tag)
         flags, gso_type, gso_size, hdr_len, cs, co, frame = item
         hdr = VirtioNetHdr(flags=flags, gso_type=gso_type, hdr_len=hdr_len, gso_size=gso_size,
                            csum_start=cs if flags else 0, csum_offset=co if flags else 0
@@ -234,6 +253,8 @@ class L2Switch:
         self.fdb: dict[bytes, tuple[Any, float]] = {}
         self.counters = {"forwarded": 0, "flooded": 0, "filtered": 0, "learned": 0,
                          "moved": 0, "aged": 0}
+        self.vlan_aware = False  # any port with vlan=/trunk=: forward per VLAN (vlan_forward)
+        self.overlay: Any = None  # a netlab.overlay.Overlay joined to the uplink, if any
 
     def port(self, name: str) -> SwitchPort:
         """A new port (the backend for one device)."""
@@ -306,8 +327,25 @@ class L2Switch:
             return None
         return e[0]
 
+    def vlans_changed(self) -> None:
+        """A port's VLAN mode changed: forward per VLAN from now on, with a fresh FDB."""
+        members = [p.vlans for p in self.ports.values()]
+        if self.uplink is not None:
+            members.append(self.uplink.vlans)
+        self.vlan_aware = any(m.aware for m in members)
+        self.fdb.clear()
+
+    def set_uplink_vlans(self, vlan: int | None, trunk: frozenset[int] | None = None) -> None:
+        if self.uplink is None:
+            raise ValueError(f"switch {self.name} has no uplink")
+        self.uplink.vlans = vl.Membership(vlan, frozenset(trunk or ()))
+        self.vlans_changed()
+
     def forward(self, ingress: Any, items: Sequence[_Item], skip_wake: Any = None) -> None:
         """Learn, look up and queue a batch of frames from ``ingress``; wake egress ports once."""
+        if self.vlan_aware:
+            self.vlan_forward(ingress, items, skip_wake)
+            return
         now = self.clock()
         fdb = self.fdb
         woken: dict[int, Any] = {}
@@ -340,8 +378,51 @@ class L2Switch:
             if p is not skip_wake:
                 p.wake()
 
+    def vlan_forward(self, ingress: Any, items: Sequence[_Item], skip_wake: Any = None) -> None:
+        """``forward`` per VLAN: classify (and untag) on ingress, learn and look up in that
+        VLAN's part of the FDB (keys: 2-byte VLAN id + MAC), deliver to member ports only,
+        tagged where the egress port is a trunk of that VLAN (netlab/vlan.py)."""
+        now = self.clock()
+        fdb = self.fdb
+        woken: dict[int, Any] = {}
+        member = ingress.vlans
+        for item in items:
+            tagged = vl.tag_of(item[6])
+            vid = member.ingress(tagged)
+            if vid is None:
+                ingress.counters["vlan_drops"] += 1
+                continue
+            if tagged is not None:
+                item = vl.strip(item)
+            frame = item[6]
+            pre = vid.to_bytes(2, "big") if vid else b""
+            src, dst = pre + frame[6:12], pre + frame[0:6]
+            if not frame[6] & 1:
+                old = fdb.get(src)
+                if old is None:
+                    self.counters["learned"] += 1
+                elif old[0] is not ingress:
+                    self.counters["moved"] += 1
+                fdb[src] = (ingress, now)
+            out = None if frame[0] & 1 else self.lookup(dst)
+            if out is ingress:
+                self.counters["filtered"] += 1
+                continue
+            targets = self._egress(ingress) if out is None else [out]
+            self.counters["flooded" if out is None else "forwarded"] += 1
+            for p in targets:
+                tag = p.vlans.egress(vid)
+                if tag is not None and p.enqueue(item, tag):
+                    woken[id(p)] = p
+        for p in woken.values():
+            if p is not skip_wake:
+                p.wake()
+
     def close(self) -> None:
-        """Close the uplink TAP (ports are closed by their owners)."""
+        """Close the uplink TAP and any overlay (ports are closed by their owners)."""
+        if self.overlay is not None:
+            self.overlay.close()
+            self.overlay = None
         if self.uplink is not None:
             self.uplink.tap.close()
             self.uplink = None
@@ -351,8 +432,10 @@ class L2Switch:
         return {
             "switch": self.name,
             **self.counters,
-            "fdb": [{"mac": ":".join(f"{b:02x}" for b in m), "port": e[0].port_name,
+            "fdb": [{"mac": ":".join(f"{b:02x}" for b in m[-6:]), "port": e[0].port_name,
+                     "vlan": int.from_bytes(m[:2], "big") if len(m) == 8 else 0,
                      "age": round(now - e[1], 3)} for m, e in self.fdb.items()],
+            "vlans": {n: p.vlans.describe() for n, p in self.ports.items()},
             "ports": {n: p.stats() for n, p in self.ports.items()},
             "uplink": dict(self.uplink.counters) if self.uplink is not None else None,
         }
