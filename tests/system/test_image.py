@@ -75,6 +75,13 @@ def test_initramfs_contents(guest_image):
             and n.endswith(".ko")]
     assert set(mods) == {"virtio", "virtio_ring", "virtio_pci_modern_dev",
                          "virtio_pci_legacy_dev", "virtio_pci", "failover", "net_failover",
-                         "virtio_net"}
-    assert guest_image.manifest["modules"][-1] == "virtio_net"
+                         "virtio_net",
+                         # the emulated NICs `virtwire compare` boots the same guest on
+                         "mii", "8139too", "8139cp", "e1000"}
+    order = guest_image.manifest["modules"]
+    # every module after what it depends on (modprobe order of the initramfs's /init)
+    for dep, mod in [("virtio_ring", "virtio_net"), ("virtio_pci", "virtio_net"),
+                     ("net_failover", "virtio_net"), ("failover", "net_failover"),
+                     ("mii", "8139too"), ("mii", "8139cp")]:
+        assert order.index(dep) < order.index(mod), (dep, mod, order)
     assert guest_image.manifest["packages"]["iperf3"]
