@@ -25,6 +25,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -124,16 +125,41 @@ class VwRxResult(ctypes.Structure):
                 ("pending", ctypes.c_int64), ("stop", ctypes.c_int32), ("err", ctypes.c_int32)]
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = Path(base) / "virtwire"
+def _private_dir(d: Path) -> Path | None:
+    """``d`` if it is (or could be made) a real directory of ours with mode 0700, else None.
+
+    The helper is loaded into a process that may run as root: a directory another user owns or
+    can write, or a symlink, could hold a planted library (issue 14, defect 8)."""
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700, follow_symlinks=False)
         return d
+    except (OSError, NotImplementedError):
+        return None
+
+
+def _cache_dir() -> Path | None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = _private_dir(Path(base) / "virtwire" / "native")
+    if d is None:
+        d = _private_dir(Path(tempfile.gettempdir()) / f"virtwire-native-{os.getuid()}")
+    if d is None:
+        log.warning("no private cache directory for the native helper: using the Python path")
+    return d
+
+
+def _trusted_file(p: Path) -> bool:
+    """A regular file (not a symlink) we own, writable by nobody else."""
+    try:
+        st = os.lstat(p)
     except OSError:
-        d = Path(tempfile.gettempdir()) / f"virtwire-native-{os.getuid()}"
-        d.mkdir(mode=0o700, exist_ok=True)
-        return d
+        return False
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & 0o022)
 
 
 def load() -> Any:
@@ -147,7 +173,13 @@ def load() -> Any:
     try:
         src = _SRC.read_bytes()
         tag = hashlib.sha256(src).hexdigest()[:16]
-        so = _cache_dir() / f"vwnet-{tag}.so"
+        cache = _cache_dir()
+        if cache is None:
+            return None
+        so = cache / f"vwnet-{tag}.so"
+        if os.path.lexists(so) and not _trusted_file(so):
+            log.warning("%s is not a file only we can write: using the Python path", so)
+            return None
         if not so.exists():
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")

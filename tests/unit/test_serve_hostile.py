@@ -1,0 +1,149 @@
+"""Issue 14: hostile front ends against a real ``virtwire serve`` process (backend=null).
+
+Each test reproduces one numbered defect of the issue over the real socket and checks that the
+process stays up, keeps serving its other port and answers ``stats``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from virtwire.hosts import vhost_user_proto as vp
+from virtwire.hosts.vhost_user_proto import VhostUserRequest as R
+from virtwire.serve import query_stats
+from virtwire.testing.hostile import HostileFrontend, fd_count, wait_until
+from virtwire.testing.serve_process import ServeProcess
+
+
+@pytest.fixture
+def serve(tmp_path: Path):  # noqa: ANN201
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    srv = ServeProcess(None, [f"vhost-user,path={a},backend=null",
+                              f"vhost-user,path={b},backend=null"], tmp_path / "serve.log")
+    srv.start()
+    srv.a, srv.b, srv.ctl = a, b, a + ".ctl"  # type: ignore[attr-defined]
+    try:
+        yield srv
+    finally:
+        alive = srv.proc is not None and srv.proc.poll() is None
+        srv.stop()
+        text = srv.log.read_text(errors="replace")
+        assert alive, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+
+
+def _port(srv: ServeProcess, name: str) -> dict:
+    for p in query_stats(srv.ctl, timeout=2)["ports"]:  # type: ignore[attr-defined]
+        if p["attach"]["path"].endswith(name):
+            return p
+    raise AssertionError(name)
+
+
+def _healthy(srv: ServeProcess) -> None:
+    """The process runs, the other port answers a handshake, stats within 100 ms."""
+    assert srv.proc is not None and srv.proc.poll() is None
+    t0 = time.monotonic()
+    query_stats(srv.ctl, timeout=2)  # type: ignore[attr-defined]
+    assert time.monotonic() - t0 < 0.1
+    fe = HostileFrontend(srv.b, timeout=2)  # type: ignore[attr-defined]
+    try:
+        assert fe.alive()
+    finally:
+        fe.close()
+
+
+def test_socket_mode_is_0600_by_default(serve: ServeProcess) -> None:
+    """Defect 9: the socket's mode followed the umask."""
+    assert stat.S_IMODE(os.stat(serve.a).st_mode) == 0o600  # type: ignore[attr-defined]
+
+
+def test_trickled_message_does_not_freeze_the_loop(serve: ServeProcess) -> None:
+    """Defect 2: one byte at a time, under 5 s apart, froze every port."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    data = vp.encode(R.SET_FEATURES, struct.pack("<Q", 0))
+    try:
+        for byte in data[:10]:
+            fe.sock.send(bytes([byte]))
+            t0 = time.monotonic()
+            _healthy(serve)
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.1)
+        # The whole message did not arrive within its deadline: the connection is dropped.
+        assert wait_until(lambda: _port(serve, "a.sock")["vhost_user"]["connected"] is False,
+                          timeout=4)
+    finally:
+        fe.close()
+    _healthy(serve)
+
+
+def test_peer_that_never_reads_replies_does_not_block(serve: ServeProcess) -> None:
+    """Defect 2: ``_send`` blocked 5 s per reply when the peer stopped reading."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    fe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        msg = vp.encode(R.GET_CONFIG, struct.pack("<III", 0, 256, 0) + bytes(256))
+        fe.sock.settimeout(0.5)
+        for _ in range(2000):
+            try:
+                fe.sock.send(msg)
+            except (TimeoutError, BlockingIOError, OSError):
+                break
+        t0 = time.monotonic()
+        _healthy(serve)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        fe.close()
+    _healthy(serve)
+
+
+def test_silent_client_gives_the_slot_back(serve: ServeProcess) -> None:
+    """Defect 9: a client that connects and says nothing held the port's only slot forever."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(serve.a)  # type: ignore[attr-defined]
+    try:
+        assert wait_until(lambda: _port(serve, "a.sock")["vhost_user"]["connected"] is False
+                          and _port(serve, "a.sock")["vhost_user"]["connections"] == 1,
+                          timeout=8)
+        fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+        assert fe.alive()
+        fe.close()
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file", "opath"])
+@pytest.mark.parametrize("what", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_ring_fds_must_be_eventfds(serve: ServeProcess, tmp_path: Path, kind: str,
+                                   what: int) -> None:
+    """Defects 5 and 6: a pipe/regular file/O_PATH fd as kick/call/err fd spun the loop, raised
+    out of ``handle()`` or leaked the fd."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    pid = serve.proc.pid  # type: ignore[union-attr]
+    try:
+        fe.handshake()
+        assert fe.set_mem() == 0
+        if kind == "pipe":
+            r, w = os.pipe()
+            os.close(w)  # writer closed: the read end is readable forever
+        elif kind == "file":
+            r = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+        else:
+            r = os.open(tmp_path, os.O_PATH)
+        before = fd_count(pid)
+        payload = vp.encode_payload(vp.P.FILE, vp.VringFile(1, r))
+        for _ in range(50):
+            assert fe.ack(what, payload, (r,)) != 0  # refused, answered
+        assert fd_count(pid) <= before  # nothing kept
+        os.close(r)
+        if what == R.SET_VRING_KICK:
+            assert not _port(serve, "a.sock")["vhost_user"]["rings"][1]["started"]
+        assert fe.alive()
+    finally:
+        fe.close()
+    _healthy(serve)
