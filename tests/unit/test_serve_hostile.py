@@ -147,3 +147,79 @@ def test_ring_fds_must_be_eventfds(serve: ServeProcess, tmp_path: Path, kind: st
     finally:
         fe.close()
     _healthy(serve)
+
+
+def _tx_frames(srv: ServeProcess, name: str = "a.sock") -> int:
+    return int(_port(srv, name)["vhost_user"]["rings"][1].get("frames", 0))
+
+
+def _post_frame(fe: HostileFrontend, slot: int, num: int = 256) -> None:
+    """One TX chain: a 12-byte virtio-net header and a 60-byte frame at 0x40000."""
+    assert fe.mem is not None
+    fe.mem[0x40000:0x40000 + 72] = bytes(12) + b"\xff" * 6 + b"\x02" + bytes(53)
+    fe.post_tx(1, num, [[(slot, 0x40000, 72, 0, 0)]])
+
+
+@pytest.mark.parametrize("seal", ["sealable", "unsealable"])
+def test_shrunk_memfd_does_not_kill_serve(serve: ServeProcess, seal: str) -> None:
+    """Defect 1: ftruncate(memfd, 0) under a started ring, then a kick: SIGBUS killed every
+    port. A sealable memfd is sealed by serve (the shrink fails); an unsealable one (DPDK's)
+    is guarded: the fault is absorbed and that front end dropped."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    try:
+        fe.handshake()
+        assert fe.set_mem(seal=seal) == 0
+        assert fe.start_ring(1) == 0
+        _post_frame(fe, 0)
+        assert wait_until(lambda: _tx_frames(serve) == 1)
+        if seal == "sealable":
+            with pytest.raises(PermissionError):
+                os.ftruncate(fe.mem_fd, 0)
+            _post_frame(fe, 1)
+            assert wait_until(lambda: _tx_frames(serve) == 2)
+        else:
+            os.ftruncate(fe.mem_fd, 0)
+            os.eventfd_write(fe.kick, 1)
+            assert wait_until(lambda: not _port(serve, "a.sock")["vhost_user"]["connected"])
+    finally:
+        fe.close()
+    _healthy(serve)
+
+
+def test_memory_fd_must_be_a_file(serve: ServeProcess) -> None:
+    """Defect 1: memory fds are regular files (memfds) only."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    r, w = os.pipe()
+    try:
+        fe.handshake()
+        table = vp.MemTable((vp.MemRegion(0, 1 << 20, 0x7F0000000000, 0),))
+        assert fe.ack(R.SET_MEM_TABLE, vp.encode_payload(vp.P.MEMTABLE, table), (r,)) != 0
+        assert fe.alive()
+    finally:
+        os.close(r)
+        os.close(w)
+        fe.close()
+
+
+def test_memory_table_change_is_all_or_nothing(serve: ServeProcess) -> None:
+    """Defect 7: a table that no longer holds a running ring was half applied (the ring
+    stopped, the old mapping gone); it is refused and the ring keeps running."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    try:
+        fe.handshake()
+        assert fe.set_mem() == 0
+        assert fe.start_ring(1) == 0
+        _post_frame(fe, 0)
+        assert wait_until(lambda: _tx_frames(serve) == 1)
+        other = os.memfd_create("other", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(other, 1 << 20)
+        # The same addresses, a different region size: the ring's tables fall outside it.
+        table = vp.MemTable((vp.MemRegion(0, 0x8000, 0x7F0000000000, 0),))
+        assert fe.ack(R.SET_MEM_TABLE, vp.encode_payload(vp.P.MEMTABLE, table), (other,)) != 0
+        os.close(other)
+        assert _port(serve, "a.sock")["vhost_user"]["rings"][1]["started"]
+        _post_frame(fe, 1)
+        assert wait_until(lambda: _tx_frames(serve) == 2)
+    finally:
+        fe.close()
+    _healthy(serve)

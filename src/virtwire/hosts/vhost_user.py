@@ -174,6 +174,7 @@ class VhostUserBackend:
         self._replies: ReplyQueue | None = None
         self._hs_timer: TimerHandle | None = None
         self._msg_timer: TimerHandle | None = None
+        self._mem_timer: TimerHandle | None = None
         self._handshake_at = 0
         self._ratelimit = RateLimit()
         self.dropped = 0  # connections dropped for misbehaving (deadlines, errors)
@@ -288,8 +289,16 @@ class VhostUserBackend:
         self._replies = ReplyQueue(self.loop, conn, self._drop)
         self._handshake_at = self.messages
         self._hs_timer = self.loop.call_later(self.access.handshake, self._check_handshake)
+        self._mem_timer = self.loop.call_every(0.2, self._check_memory)
         self.loop.add_reader(conn, self._on_readable)
         log.info("%s: front end connected (%d)", self.name, self.connections)
+
+    def _check_memory(self) -> None:
+        """The peer shrank a guarded memory file under our mapping (a SIGBUS was absorbed)."""
+        mem = self.rings.mem
+        if mem is not None and mem.faulted():
+            self.refused += 1
+            self._drop("guest memory shrank under its mapping")
 
     def _check_handshake(self) -> None:
         """A connection that sent no complete message in time gives the port's slot back."""
@@ -327,10 +336,10 @@ class VhostUserBackend:
         if self._replies is not None:
             self._replies.close()
             self._replies = None
-        for t in (self._hs_timer, self._msg_timer):
+        for t in (self._hs_timer, self._msg_timer, self._mem_timer):
             if t is not None:
                 t.cancel()
-        self._hs_timer = self._msg_timer = None
+        self._hs_timer = self._msg_timer = self._mem_timer = None
         self._reset_state()
         if not self.server and not self._closed:
             self._retry = self.loop.call_later(self.reconnect, self._try_connect)
@@ -501,6 +510,7 @@ class VhostUserBackend:
             return
         try:
             self.device.queue_kicked(index)
+            self._check_memory()
         except Exception as e:
             log.debug("%s: ring %d failed", self.name, index, exc_info=True)
             self.refused += 1

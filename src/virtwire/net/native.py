@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load", "TxStop", "RxStop", "TX_STOPS", "RX_STOPS", "GuestView", "guest_view",
            "tx_burst", "tx_stop", "NativeRx", "RxStash", "rx_filter_struct", "RX_MAXC", "RX_MAXS",
-           "RX_MAC_MAX"]
+           "RX_MAC_MAX", "SigbusGuard", "sigbus_guard"]
 
 _SRC = Path(__file__).resolve().parent.parent / "_native" / "vwnet.c"
 _lib: Any = None
@@ -217,11 +217,40 @@ def load() -> Any:
                                            ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
                                            ctypes.POINTER(VwRxFilter),
                                            ctypes.POINTER(VwRxResult)]
+        lib.vw_guard_add.restype = ctypes.c_int
+        lib.vw_guard_add.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+        lib.vw_guard_faults.restype = ctypes.c_uint64
+        lib.vw_guard_faults.argtypes = [ctypes.c_int]
+        lib.vw_guard_remove.restype = None
+        lib.vw_guard_remove.argtypes = [ctypes.c_int]
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native helper unavailable (%s): using the pure-Python path", e)
         _lib = None
     return _lib
+
+
+class SigbusGuard:
+    """``memory.MemoryGuard`` over the helper's SIGBUS guard (vwnet.c, end of file)."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+
+    def add(self, addr: int, length: int, align: int) -> int | None:
+        slot = self._lib.vw_guard_add(addr, length, align)
+        return None if slot < 0 else int(slot)
+
+    def faults(self, slot: int) -> int:
+        return int(self._lib.vw_guard_faults(slot))
+
+    def remove(self, slot: int) -> None:
+        self._lib.vw_guard_remove(slot)
+
+
+def sigbus_guard() -> SigbusGuard | None:
+    """The process's SIGBUS guard for peers' memory, or None without the helper."""
+    lib = load()
+    return None if lib is None else SigbusGuard(lib)
 
 
 class GuestView:

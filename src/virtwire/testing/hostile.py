@@ -24,12 +24,14 @@ __all__ = ["HostileFrontend", "UVA", "fd_count", "rss_kib", "memfd"]
 UVA = 0x7F0000000000
 
 
-def memfd(size: int, *, seal: bool = True) -> int:
-    """A memfd of ``size`` bytes; ``seal`` allows sealing (and seals against shrinking)."""
-    flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0)
+def memfd(size: int, *, seal: str = "sealed") -> int:
+    """A memfd of ``size`` bytes: ``sealed`` against resizing (QEMU's way), ``sealable`` (not
+    sealed, sealing allowed) or ``unsealable`` (created without MFD_ALLOW_SEALING, as DPDK's
+    --no-huge memory)."""
+    flags = os.MFD_CLOEXEC | (0 if seal == "unsealable" else os.MFD_ALLOW_SEALING)
     fd = os.memfd_create("vw-hostile", flags)
     os.ftruncate(fd, size)
-    if seal:
+    if seal == "sealed":
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
@@ -97,7 +99,7 @@ class HostileFrontend:
         assert isinstance(v, int)
         return v
 
-    def set_mem(self, size: int = 1 << 20, *, seal: bool = True) -> int:
+    def set_mem(self, size: int = 1 << 20, *, seal: str = "sealed") -> int:
         self.mem_fd = memfd(size, seal=seal)
         self.mem = mmap.mmap(self.mem_fd, size)
         table = vp.MemTable((vp.MemRegion(0, size, UVA, 0),))
