@@ -68,7 +68,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from virtwire.memory import GuestMemory, GuestMemoryError
-from virtwire.virtio.chain import ChainBuilder, DescriptorChain
+from virtwire.virtio.chain import (
+    POP_BYTE_BUDGET,
+    POP_DESC_BUDGET,
+    ChainBuilder,
+    DescriptorChain,
+)
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, packed_need_event
 from virtwire.virtio.queue import RingPositions
@@ -406,8 +411,11 @@ class PackedQueue:
         wrap = self.avail_wrap
         inflight = self.inflight
         append = out.append
+        descs = nbytes = 0
         try:
             for _ in range(limit):
+                if descs >= POP_DESC_BUDGET or nbytes >= POP_BYTE_BUDGET:
+                    break  # this call's work budget (chain.py); the caller calls again
                 flags = u16[slot * 8 + 7]
                 if flags & AVAIL_USED != (_F_AVAIL if wrap else _F_USED):
                     break  # §2.8.1: not available for our wrap counter
@@ -454,6 +462,8 @@ class PackedQueue:
                 chain = b.finish(n)
                 chain.head = buf_id
                 append(chain)
+                descs += len(chain.segments)
+                nbytes += chain.readable_len + chain.writable_len
                 # commit: the chain is accepted
                 slot = s + 1
                 if slot == size:

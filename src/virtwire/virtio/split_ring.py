@@ -48,7 +48,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtwire.memory import GuestMemory, GuestMemoryError
-from virtwire.virtio.chain import ChainBuilder, DescriptorChain
+from virtwire.virtio.chain import (
+    POP_BYTE_BUDGET,
+    POP_DESC_BUDGET,
+    ChainBuilder,
+    DescriptorChain,
+)
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, vring_need_event
 from virtwire.virtio.queue import QueueFull, RingPositions
@@ -297,6 +302,7 @@ class SplitQueue:
         indirect_ok = self.indirect
         append = out.append
         start = self.next_avail
+        descs = nbytes = 0
         try:
             for k in range(n):
                 head = avail_h[2 + ((start + k) & mask)]
@@ -319,7 +325,12 @@ class SplitQueue:
                     i = dh[(i << 3) + 7]
                     if i >= size:
                         raise QueueError(f"chain at head {head}: next {i} >= queue size {size}")
-                append(b.finish(1))
+                c = b.finish(1)
+                append(c)
+                descs += len(c.segments)
+                nbytes += c.readable_len + c.writable_len
+                if descs >= POP_DESC_BUDGET or nbytes >= POP_BYTE_BUDGET:
+                    break  # this call's work budget (chain.py); the caller calls again
         except (QueueError, GuestMemoryError):
             if not out:
                 raise
