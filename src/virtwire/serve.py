@@ -47,6 +47,8 @@ from virtwire.loop import EventLoop
 
 log = logging.getLogger(__name__)
 
+MEMORY_BACKEND_KEEP = 256  # TX frames a ``backend=memory`` port remembers (the last ones)
+
 __all__ = ["Server", "Port", "build", "qemu_args", "libvirt_xml", "query_stats"]
 
 
@@ -82,7 +84,9 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
     if cfg.backend == "memory":
         from virtwire.backends.memory import MemoryBackend
 
-        return [MemoryBackend(f"memory:{cfg.name}.{i}") for i in range(pairs)]
+        # Bounded: a guest sending forever must not grow serve (issue 14, defect 10).
+        return [MemoryBackend(f"memory:{cfg.name}.{i}", keep=MEMORY_BACKEND_KEEP)
+                for i in range(pairs)]
     if cfg.backend == "switch":
         from virtwire.backends import switch as swmod
 

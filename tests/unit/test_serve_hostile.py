@@ -223,3 +223,70 @@ def test_memory_table_change_is_all_or_nothing(serve: ServeProcess) -> None:
     finally:
         fe.close()
     _healthy(serve)
+
+
+INDIRECT = 4
+
+
+def test_huge_indirect_tables_do_not_stall_serve(serve: ServeProcess) -> None:
+    """Defect 3: chains all pointing at one 32768-entry indirect table cost 60-85 ms each; a
+    ring of them stalled every port for seconds."""
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    try:
+        fe.handshake()
+        assert fe.set_mem(8 << 20) == 0
+        assert fe.start_ring(1) == 0
+        assert fe.mem is not None
+        table = 0x100000
+        for k in range(32768):  # empty entries chained to the next; the last ends the chain
+            struct.pack_into("<QIHH", fe.mem, table + 16 * k, 0x40000, 0, int(k < 32767),
+                             k + 1 if k < 32767 else 0)
+        fe.post_tx(1, 256, [[(k, table, 16 * 32768, INDIRECT, 0)] for k in range(256)])
+        worst = 0.0
+        for _ in range(10):
+            t0 = time.monotonic()
+            query_stats(serve.ctl, timeout=5)  # type: ignore[attr-defined]
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        assert worst < 0.1, worst
+    finally:
+        fe.close()
+    _healthy(serve)
+
+
+@pytest.fixture
+def serve_memory(tmp_path: Path):  # noqa: ANN201
+    a = str(tmp_path / "m.sock")
+    srv = ServeProcess(None, [f"vhost-user,path={a},backend=memory"], tmp_path / "serve.log")
+    srv.start()
+    srv.a, srv.ctl = a, a + ".ctl"  # type: ignore[attr-defined]
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_memory_backend_of_serve_is_bounded(serve_memory: ServeProcess) -> None:
+    """Defect 10: ``backend=memory`` under serve kept every TX frame forever."""
+    from virtwire.testing.hostile import rss_kib
+
+    srv = serve_memory
+    fe = HostileFrontend(srv.a)  # type: ignore[attr-defined]
+    pid = srv.proc.pid  # type: ignore[union-attr]
+    try:
+        fe.handshake()
+        assert fe.set_mem(1 << 20) == 0
+        assert fe.start_ring(1) == 0
+        assert fe.mem is not None
+        fe.mem[0x40000:0x40000 + 1526] = bytes(12) + b"\xff" * 6 + b"\x02" + bytes(1507)
+        time.sleep(0.3)
+        base = rss_kib(pid)
+        sent = 0
+        for _ in range(60):  # 60 x 256 frames of 1514 bytes: 23 MiB if all were kept
+            fe.post_tx(1, 256, [[(k, 0x40000, 1526, 0, 0)] for k in range(256)])
+            sent += 256
+            assert wait_until(lambda s=sent: fe.used_idx(1, 256) == s & 0xFFFF, timeout=10)
+        grown = rss_kib(pid) - base
+        assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
+    finally:
+        fe.close()

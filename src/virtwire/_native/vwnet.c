@@ -106,6 +106,7 @@ static int hdr_ok(const uint8_t *h, uint32_t frame_len, uint64_t features) {
 }
 
 #define MAX_IOV 64
+#define MAX_INDIRECT 1024u  /* entries of one indirect table (chain.py MAX_CHAIN_SEGMENTS) */
 
 /* Append the readable segment [addr, addr+len) of guest memory to iov (nothing for len 0).
  * Returns 0, or -1 if it is not inside one region. The caller bounds *niov below MAX_IOV. */
@@ -138,8 +139,9 @@ static long walk(const vw_split *q, const vw_region *regs, int nregs, uint16_t h
     memcpy(&len, table + 16 * i + 8, 4);
     memcpy(&flags, table + 16 * i + 12, 2);
     if (flags & VIRTQ_DESC_F_INDIRECT) {
+        /* at most 1024 entries, as the Python path and QEMU (issue 14, defect 10) */
         if (!indirect_ok || (flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE)) || len == 0 ||
-            len % 16)
+            len % 16 || len / 16 > MAX_INDIRECT)
             return -1;
         table = translate(regs, nregs, addr, len);
         if (!table)
@@ -271,7 +273,7 @@ typedef struct {
 
 #define PK_F_AVAIL (1u << 7)
 #define PK_F_USED (1u << 15)
-#define PK_MAX_INDIRECT 32768u
+#define PK_MAX_INDIRECT MAX_INDIRECT
 
 static inline int pk_avail(uint16_t flags, int wrap) {
     return (flags & (PK_F_AVAIL | PK_F_USED)) == (wrap ? PK_F_AVAIL : PK_F_USED);
@@ -293,8 +295,10 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
         uint16_t flags, id;
         int niov = 0;
         long total = 0;
+        if (slot >= q->size)
+            break; /* checked before the slot is read (issue 14, defect 10) */
         memcpy(&flags, d + 14, 2);
-        if (slot >= q->size || !pk_avail(flags, w))
+        if (!pk_avail(flags, w))
             break; /* nothing (more) available */
         memcpy(&addr, d, 8);
         memcpy(&len, d + 8, 4);

@@ -140,6 +140,10 @@ class HostileFrontend:
         struct.pack_into("<H", self.mem, avail + 2, idx)
         os.eventfd_write(self.kick, 1)
 
+    def used_idx(self, index: int, num: int) -> int:
+        assert self.mem is not None
+        return int(struct.unpack_from("<H", self.mem, self.ring_layout(index, num)[2] + 2)[0])
+
     def close(self) -> None:
         self.sock.close()
         if self.mem is not None:
