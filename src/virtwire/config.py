@@ -25,7 +25,7 @@ __all__ = ["PortConfig", "parse_port", "BACKENDS"]
 BACKENDS = ("tap", "null", "switch", "memory")
 
 _KEYS = {"path", "server", "backend", "ifname", "switch", "uplink", "queues", "mac", "mtu",
-         "queue_size", "name", *SWITCHES}
+         "queue_size", "name", "mode", "group", "allow-uid", *SWITCHES}
 
 
 @dataclass
@@ -44,6 +44,9 @@ class PortConfig:
     queue_size: int = 1024  # the largest ring the front end may configure
     name: str = ""
     features: dict[str, bool] = field(default_factory=dict)
+    socket_mode: int = 0o600  # mode=: the listening socket's permissions
+    group: int | None = None  # group=: its group (QEMU's under libvirt), a gid
+    allow_uids: frozenset[int] | None = None  # allow-uid=U1:U2: SO_PEERCRED allow-list
 
     @property
     def packed(self) -> bool:
@@ -105,4 +108,33 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
             cfg.features[k] = parse_on_off("--port ", k, opts[k])
     if cfg.queues > 1 and cfg.features.get("mq") is False:
         raise CliError(f"--port queues={cfg.queues} needs mq=on")
+    _parse_access(cfg, opts)
     return cfg
+
+
+def _parse_access(cfg: PortConfig, opts: dict[str, str]) -> None:
+    """``mode=0660``, ``group=NAME|GID``, ``allow-uid=NAME|UID[:...]`` (who may connect)."""
+    import grp
+    import pwd
+
+    if "mode" in opts:
+        try:
+            cfg.socket_mode = int(opts["mode"], 8)
+        except ValueError:
+            raise CliError(f"--port mode={opts['mode']}: expected an octal mode") from None
+        if not 0 <= cfg.socket_mode <= 0o777:
+            raise CliError(f"--port mode={opts['mode']}: expected 0..0777")
+    if "group" in opts:
+        g = opts["group"]
+        try:
+            cfg.group = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+        except KeyError:
+            raise CliError(f"--port group={g}: no such group") from None
+    if "allow-uid" in opts:
+        uids = set()
+        for u in opts["allow-uid"].split(":"):
+            try:
+                uids.add(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid)
+            except KeyError:
+                raise CliError(f"--port allow-uid={u}: no such user") from None
+        cfg.allow_uids = frozenset(uids)

@@ -42,7 +42,7 @@ from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.hosts.pump import BackendPump
 from virtwire.hosts.vhost_device import VirtioDeviceHost
-from virtwire.hosts.vhost_user import VhostUserBackend
+from virtwire.hosts.vhost_user import SocketAccess, VhostUserBackend
 from virtwire.loop import EventLoop
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ class Server:
         host = VirtioDeviceHost(device, num_rings=2 * cfg.queues)
         vhost = VhostUserBackend(host, self.loop, cfg.path, server=cfg.server, name=cfg.name,
                                  packed=cfg.packed, queue_pairs=cfg.queues,
-                                 max_queue_size=cfg.queue_size)
+                                 max_queue_size=cfg.queue_size,
+                                 access=SocketAccess(cfg.socket_mode, cfg.group, cfg.allow_uids))
         host.on_ring_error = vhost.ring_error
         # The device serves a pair's RX only while its ring is started and enabled; an RX
         # kick means the guest posted buffers (a paused backend is watched again).

@@ -388,3 +388,41 @@ def test_under_all_of_them_together(serve: ServeProcess, tmp_path: Path) -> None
     assert rss_kib(pid) - rss0 < 4096, (rss_kib(pid), rss0)
     good.close()
     _healthy(serve)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root")
+def test_access_control_keys_and_user(tmp_path: Path) -> None:
+    """Defect 9: mode=/group= per port, allow-uid= (SO_PEERCRED), serve --user."""
+    import subprocess
+    import sys
+
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    os.chmod(tmp_path, 0o755)
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtwire", "serve", "-q", "--user", "nobody",
+         "--port", f"vhost-user,path={a},backend=null,mode=0660,group=0",
+         "--port", f"vhost-user,path={b},backend=null,allow-uid=12345"],
+        pass_fds=(w,), env=dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+        st = os.stat(a)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 0
+        assert st.st_uid == 65534  # handed to the user serve now runs as
+        with open(f"/proc/{proc.pid}/status") as f:
+            uids = [ln.split()[1:] for ln in f if ln.startswith("Uid:")][0]
+        assert set(uids) == {"65534"}
+        fe = HostileFrontend(a)
+        assert fe.alive()
+        fe.close()
+        fe = HostileFrontend(b)  # root is not on b's allow-list: the connection is closed
+        assert not fe.alive()
+        fe.close()
+    finally:
+        os.close(r)
+        proc.terminate()
+        err = proc.communicate(timeout=10)[1].decode()
+    assert "Traceback" not in err, err
+    assert "allow-uid" in err
