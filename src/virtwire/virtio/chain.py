@@ -30,7 +30,7 @@ from virtwire.virtio.errors import QueueError
 from virtwire.virtio.spec import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 __all__ = ["DescriptorChain", "ChainBuilder", "MAX_CHAIN_BYTES", "MAX_CHAIN_SEGMENTS",
-           "POP_DESC_BUDGET", "POP_BYTE_BUDGET"]
+           "POP_DESC_BUDGET", "POP_BYTE_BUDGET", "PopBudget"]
 
 MAX_CHAIN_BYTES = (1 << 32) - 1
 # Descriptors per chain: min(queue size, this) for direct chains, this for an indirect table,
@@ -91,6 +91,21 @@ class DescriptorChain:
             if done == len(src):
                 break
         return done
+
+
+class PopBudget:
+    """The work one ``pop_batch`` call may do (``POP_DESC_BUDGET``/``POP_BYTE_BUDGET``)."""
+
+    __slots__ = ("descs", "nbytes")
+
+    def __init__(self) -> None:
+        self.descs = self.nbytes = 0
+
+    def spend(self, c: DescriptorChain) -> bool:
+        """Count chain ``c``; True once the budget is used up (the batch ends there)."""
+        self.descs += len(c.segments)
+        self.nbytes += c.readable_len + c.writable_len
+        return self.descs >= POP_DESC_BUDGET or self.nbytes >= POP_BYTE_BUDGET
 
 
 class ChainBuilder:
