@@ -172,7 +172,10 @@ def load() -> Any:
         return None
     try:
         src = _SRC.read_bytes()
-        tag = hashlib.sha256(src).hexdigest()[:16]
+        # VIRTWIRE_NATIVE_CFLAGS: extra compiler flags (CI builds the helper with
+        # -fsanitize=address,undefined and runs the native tests with libasan preloaded).
+        extra = os.environ.get("VIRTWIRE_NATIVE_CFLAGS", "").split()
+        tag = hashlib.sha256(src + " ".join(extra).encode()).hexdigest()[:16]
         cache = _cache_dir()
         if cache is None:
             return None
@@ -183,7 +186,7 @@ def load() -> Any:
         if not so.exists():
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(_SRC)],
+            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", *extra, "-o", str(tmp), str(_SRC)],
                                capture_output=True, text=True, timeout=60)
             if r.returncode != 0:
                 log.info("native helper not built (%s): using the pure-Python path",
