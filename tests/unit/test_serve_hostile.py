@@ -426,3 +426,30 @@ def test_access_control_keys_and_user(tmp_path: Path) -> None:
         err = proc.communicate(timeout=10)[1].decode()
     assert "Traceback" not in err, err
     assert "allow-uid" in err
+
+
+def test_removing_a_region_under_a_running_ring_is_refused(serve: ServeProcess) -> None:
+    """Defect 7: REM_MEM_REG of the region that holds a running ring was half applied."""
+    from virtwire.testing.hostile import memfd
+
+    fe = HostileFrontend(serve.a)  # type: ignore[attr-defined]
+    extra = memfd(1 << 20)
+    try:
+        fe.handshake()
+        assert fe.set_mem() == 0
+        region = vp.MemRegion(1 << 30, 1 << 20, 0x7E0000000000, 0)
+        assert fe.ack(R.ADD_MEM_REG, vp.encode_payload(vp.P.MEMREG, region), (extra,)) == 0
+        assert fe.start_ring(1) == 0
+        _post_frame(fe, 0)
+        assert wait_until(lambda: _tx_frames(serve) == 1)
+        ring_region = vp.MemRegion(0, 1 << 20, 0x7F0000000000, 0)
+        assert fe.ack(R.REM_MEM_REG, vp.encode_payload(vp.P.MEMREG, ring_region)) != 0
+        assert _port(serve, "a.sock")["vhost_user"]["rings"][1]["started"]
+        _post_frame(fe, 1)
+        assert wait_until(lambda: _tx_frames(serve) == 2)
+        # The other region holds nothing of ours: it goes.
+        assert fe.ack(R.REM_MEM_REG, vp.encode_payload(vp.P.MEMREG, region)) == 0
+    finally:
+        os.close(extra)
+        fe.close()
+    _healthy(serve)
