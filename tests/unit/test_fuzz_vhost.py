@@ -23,3 +23,12 @@ def test_cases_start_rings_and_shrink_memory() -> None:
     requests = {s.request for s in build_case(random.Random(5)) if s.kind == "msg"}
     assert {R.SET_MEM_TABLE, R.SET_VRING_KICK} <= requests
 
+
+
+def test_a_bounded_pci_proxy_slice_finds_nothing() -> None:
+    from virtwire.hosts.proxy_fuzz import fuzz as proxy_fuzz
+
+    report = proxy_fuzz(60, 20.0, seed=14)
+    assert report.failures == []
+    assert report.cases >= 5
+    assert report.lines > 500

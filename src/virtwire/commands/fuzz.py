@@ -2,7 +2,8 @@
 
 ``--target rings`` (default): hostile ring contents against both ring formats (below).
 ``--target vhost-user``: hostile message sequences with real memfds and started rings against the
-vhost-user back end, coverage-guided (``hosts.vhost_fuzz``); ``--seconds`` bounds either.
+vhost-user back end, coverage-guided (``hosts.vhost_fuzz``); ``--target pci-proxy``: hostile
+message streams against the PCI proxy server (``hosts.proxy_fuzz``); ``--seconds`` bounds all.
 
 Case ``i`` of a run uses seed ``SEED + i`` (one case per ring format and seed), so any failure
 is replayed with ``virtwire fuzz --ring FMT --seed CASE_SEED --cases 1``. Progress goes to
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--target", choices=["rings", "vhost-user"], default="rings",
+    p.add_argument("--target", choices=["rings", "vhost-user", "pci-proxy"], default="rings",
                    help="what to fuzz (default rings)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stop after this many seconds (default: when --cases are done)")
@@ -45,12 +46,15 @@ def _chunk(args: tuple[int, int, tuple[str, ...]]) -> FuzzStats:
     return run_range(range(start, start + n), formats)
 
 
-def _run_vhost_user(args: argparse.Namespace) -> int:
-    from virtwire.hosts.vhost_fuzz import fuzz
+def _run_coverage_target(args: argparse.Namespace) -> int:
+    if args.target == "vhost-user":
+        from virtwire.hosts.vhost_fuzz import fuzz
+    else:
+        from virtwire.hosts.proxy_fuzz import fuzz
 
     def progress(r: Any) -> None:
         if not args.quiet:
-            sys.stderr.write(f"\rfuzz vhost-user: {r.cases:>8} cases  lines {r.lines:>5}  "
+            sys.stderr.write(f"\rfuzz {args.target}: {r.cases:>8} cases  lines {r.lines:>5}  "
                              f"corpus {r.corpus:>4}  failures {len(r.failures)} ")
             sys.stderr.flush()
 
@@ -58,8 +62,8 @@ def _run_vhost_user(args: argparse.Namespace) -> int:
                   seed=args.seed, progress=progress)
     if not args.quiet:
         sys.stderr.write("\n")
-    summary = {"command": f"virtwire fuzz --target vhost-user --cases {args.cases} "
-                          f"--seed {args.seed}", "target": "vhost-user", **report.as_dict()}
+    summary = {"command": f"virtwire fuzz --target {args.target} --cases {args.cases} "
+                          f"--seed {args.seed}", "target": args.target, **report.as_dict()}
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 1 if report.failures else 0
@@ -70,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--cases must be at least 1")
     if args.seconds is not None and args.seconds <= 0:
         raise CliError("--seconds must be positive")
-    if args.target == "vhost-user":
-        return _run_vhost_user(args)
+    if args.target != "rings":
+        return _run_coverage_target(args)
     if not 1 <= args.jobs <= 64:
         raise CliError("--jobs must be in 1..64")
     formats = FORMATS if args.ring == "both" else (args.ring,)

@@ -41,7 +41,7 @@ from virtwire.hosts.vhost_user_conn import MessageReader
 from virtwire.hosts.vhost_user_proto import VhostUserRequest as R
 from virtwire.loop import EventLoop
 
-__all__ = ["Step", "FuzzReport", "build_case", "run_steps", "fuzz"]
+__all__ = ["Step", "FuzzReport", "build_case", "run_steps", "fuzz", "coverage_loop"]
 
 UVA = 0x7F0000000000
 MEM = 1 << 20
@@ -280,14 +280,15 @@ def run_steps(steps: list[Step]) -> str | None:
     return None
 
 
-def _mutate(rng: random.Random, corpus: list[list[Step]]) -> list[Step]:
+def _mutate(rng: random.Random, corpus: list[list[Any]],
+            random_step: Callable[[random.Random], Any]) -> list[Any]:
     base = list(rng.choice(corpus))
     for _ in range(rng.randint(1, 4)):
         op = rng.random()
         if op < 0.3 and base:
-            base[rng.randrange(len(base))] = _random_step(rng)
+            base[rng.randrange(len(base))] = random_step(rng)
         elif op < 0.6:
-            base.insert(rng.randint(0, len(base)), _random_step(rng))
+            base.insert(rng.randint(0, len(base)), random_step(rng))
         elif op < 0.8 and len(base) > 2:
             del base[rng.randrange(len(base))]
         else:
@@ -300,6 +301,15 @@ def _mutate(rng: random.Random, corpus: list[list[Step]]) -> list[Step]:
 def fuzz(cases: int, seconds: float, seed: int = 0,
          progress: Callable[[FuzzReport], None] | None = None) -> FuzzReport:
     """Run up to ``cases`` cases within ``seconds`` (module docstring: coverage feedback)."""
+    return coverage_loop(cases, seconds, seed, build_case, _random_step, run_steps, progress)
+
+
+def coverage_loop(cases: int, seconds: float, seed: int,
+                  build: Callable[[random.Random], list[Any]],
+                  random_step: Callable[[random.Random], Any],
+                  run: Callable[[list[Any]], str | None],
+                  progress: Callable[[FuzzReport], None] | None = None) -> FuzzReport:
+    """The coverage-guided loop shared by the fuzz targets (module docstring)."""
     rng = random.Random(seed)
     report = FuzzReport()
     seen: set[tuple[str, int]] = set()
@@ -315,13 +325,14 @@ def fuzz(cases: int, seconds: float, seed: int = 0,
         return tracer
 
     while report.cases < cases and time.monotonic() - t0 < seconds:
-        steps = build_case(rng) if not corpus or rng.random() < 0.3 else _mutate(rng, corpus)
+        steps = (build(rng) if not corpus or rng.random() < 0.3
+                 else _mutate(rng, corpus, random_step))
         new: set[tuple[str, int]] = set()
         traced = report.cases % 4 == 0  # tracing costs ~5x: every 4th case feeds coverage
         if traced:
             sys.settrace(tracer)
         try:
-            err = run_steps(steps)
+            err = run(steps)
         finally:
             if traced:
                 sys.settrace(None)
