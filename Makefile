@@ -21,3 +21,4 @@ fuzz:
 	$(PY) -m virtwire fuzz --cases 1000000
 	$(PY) -m virtwire fuzz --target vhost-user --cases 1000000
 	$(PY) -m virtwire fuzz --target pci-proxy --cases 1000000
+	$(PY) -m virtwire fuzz --target net --cases 1000000

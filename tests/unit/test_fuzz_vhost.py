@@ -32,3 +32,14 @@ def test_a_bounded_pci_proxy_slice_finds_nothing() -> None:
     assert report.failures == []
     assert report.cases >= 5
     assert report.lines > 500
+
+
+def test_a_bounded_net_slice_agrees_and_reaches_c() -> None:
+    from virtwire.net import native
+    from virtwire.net.fuzz import fuzz as net_fuzz
+
+    report = net_fuzz(300, 20.0, seed=14)
+    assert report.failures == []
+    assert report.cases == 300 and report.frames > 1000
+    if native.load() is not None:
+        assert report.native_cases >= 200

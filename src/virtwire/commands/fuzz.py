@@ -3,7 +3,9 @@
 ``--target rings`` (default): hostile ring contents against both ring formats (below).
 ``--target vhost-user``: hostile message sequences with real memfds and started rings against the
 vhost-user back end, coverage-guided (``hosts.vhost_fuzz``); ``--target pci-proxy``: hostile
-message streams against the PCI proxy server (``hosts.proxy_fuzz``); ``--seconds`` bounds all.
+message streams against the PCI proxy server (``hosts.proxy_fuzz``); ``--target net``: TX through
+the C and Python paths compared, plus hostile control commands (``net.fuzz``); ``--seconds``
+bounds all.
 
 Case ``i`` of a run uses seed ``SEED + i`` (one case per ring format and seed), so any failure
 is replayed with ``virtwire fuzz --ring FMT --seed CASE_SEED --cases 1``. Progress goes to
@@ -35,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--target", choices=["rings", "vhost-user", "pci-proxy"], default="rings",
+    p.add_argument("--target", choices=["rings", "vhost-user", "pci-proxy", "net"],
+                   default="rings",
                    help="what to fuzz (default rings)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stop after this many seconds (default: when --cases are done)")
@@ -44,6 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _chunk(args: tuple[int, int, tuple[str, ...]]) -> FuzzStats:
     start, n, formats = args
     return run_range(range(start, start + n), formats)
+
+
+def _run_net(args: argparse.Namespace) -> int:
+    from virtwire.net.fuzz import fuzz
+
+    report = fuzz(args.cases, args.seconds if args.seconds is not None else float("inf"),
+                  seed=args.seed)
+    summary = {"command": f"virtwire fuzz --target net --cases {args.cases} --seed {args.seed}",
+               "target": "net", **report.as_dict()}
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 1 if report.failures else 0
 
 
 def _run_coverage_target(args: argparse.Namespace) -> int:
@@ -74,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--cases must be at least 1")
     if args.seconds is not None and args.seconds <= 0:
         raise CliError("--seconds must be positive")
+    if args.target == "net":
+        return _run_net(args)
     if args.target != "rings":
         return _run_coverage_target(args)
     if not 1 <= args.jobs <= 64:
