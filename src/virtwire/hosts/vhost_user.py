@@ -34,6 +34,12 @@ back end coalesces interrupts so a ring is signalled at most once per loop itera
 (``loop.defer``). This module is the connection and the messages; the memory table and the
 rings' state are ``vhost_rings.VringTable``.
 
+Hostile front ends (issue 14). The socket is read without blocking (``vhost_user_conn``): a
+message must arrive whole within ``MESSAGE_DEADLINE`` and a new connection must send one within
+``SocketAccess.handshake``, replies queue instead of blocking, ring fds must be eventfds, memory
+fds sealed or SIGBUS-guarded files (``memory.MmapGuestMemory``), and any unexpected failure in a
+message or a ring drops this front end, never the process. Refusals are logged rate-limited.
+
 Restart. With QEMU's ``reconnect=`` the front end re-sends the whole handshake to a restarted
 back end. When QEMU could not read GET_VRING_BASE (we were killed) it restores a split ring's
 next-avail index from the used index in guest memory and sends that as SET_VRING_BASE; we also
