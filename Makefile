@@ -19,3 +19,6 @@ check: setup lint test
 
 fuzz:
 	$(PY) -m virtwire fuzz --cases 1000000
+	$(PY) -m virtwire fuzz --target vhost-user --cases 1000000
+	$(PY) -m virtwire fuzz --target pci-proxy --cases 1000000
+	$(PY) -m virtwire fuzz --target net --cases 1000000

@@ -27,7 +27,7 @@ __all__ = ["PortConfig", "parse_port", "BACKENDS"]
 BACKENDS = ("tap", "null", "switch", "memory")
 
 _KEYS = {"path", "server", "backend", "ifname", "switch", "uplink", "queues", "mac", "mtu",
-         "queue_size", "name", *SWITCHES}
+         "queue_size", "name", "mode", "group", "allow-uid", *SWITCHES}
 
 
 @dataclass
@@ -47,6 +47,9 @@ class PortConfig:
     name: str = ""
     features: dict[str, bool] = field(default_factory=dict)
     netlab: dict[str, str] = field(default_factory=dict)  # tx.loss=, vlan=... (netlab.keys)
+    socket_mode: int = 0o600  # mode=: the listening socket's permissions
+    group: int | None = None  # group=: its group (QEMU's under libvirt), a gid
+    allow_uids: frozenset[int] | None = None  # allow-uid=U1:U2: SO_PEERCRED allow-list
 
     @property
     def packed(self) -> bool:
@@ -125,4 +128,33 @@ def parse_port(text: str, index: int = 0) -> PortConfig:
         netlab_keys.apply_to_port(cfg, opts)
     except netlab_keys.NetlabError as e:
         raise CliError(f"--port {e}") from None
+    _parse_access(cfg, opts)
     return cfg
+
+
+def _parse_access(cfg: PortConfig, opts: dict[str, str]) -> None:
+    """``mode=0660``, ``group=NAME|GID``, ``allow-uid=NAME|UID[:...]`` (who may connect)."""
+    import grp
+    import pwd
+
+    if "mode" in opts:
+        try:
+            cfg.socket_mode = int(opts["mode"], 8)
+        except ValueError:
+            raise CliError(f"--port mode={opts['mode']}: expected an octal mode") from None
+        if not 0 <= cfg.socket_mode <= 0o777:
+            raise CliError(f"--port mode={opts['mode']}: expected 0..0777")
+    if "group" in opts:
+        g = opts["group"]
+        try:
+            cfg.group = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+        except KeyError:
+            raise CliError(f"--port group={g}: no such group") from None
+    if "allow-uid" in opts:
+        uids = set()
+        for u in opts["allow-uid"].split(":"):
+            try:
+                uids.add(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid)
+            except KeyError:
+                raise CliError(f"--port allow-uid={u}: no such user") from None
+        cfg.allow_uids = frozenset(uids)

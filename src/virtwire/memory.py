@@ -21,8 +21,11 @@ the C helpers add explicit fences.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NewType, Protocol, runtime_checkable
@@ -37,6 +40,8 @@ __all__ = [
     "RegionMemory",
     "BytearrayGuestMemory",
     "MmapGuestMemory",
+    "MemoryGuard",
+    "shrink_sealed",
 ]
 
 
@@ -233,6 +238,33 @@ class RegionMemory:
             r.buf[off : off + 8] = (value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
 
 
+class MemoryGuard(Protocol):
+    """Makes a shrunk mapping harmless (``net.native.SigbusGuard``): a SIGBUS in a guarded range
+    maps a zero page over the fault and counts it instead of killing the process."""
+
+    def add(self, addr: int, length: int, align: int) -> int | None: ...
+    def faults(self, slot: int) -> int: ...
+    def remove(self, slot: int) -> None: ...
+
+
+def shrink_sealed(fd: int) -> bool:
+    """True when ``fd``'s file cannot shrink any more: sealed with ``F_SEAL_SHRINK`` already
+    (QEMU's memfd backend seals), or sealable and sealed now by us."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False  # a file system without seals (a disk file, hugetlbfs on old kernels)
+    if seals & fcntl.F_SEAL_SHRINK:
+        return True
+    if seals & fcntl.F_SEAL_SEAL:
+        return False  # created without MFD_ALLOW_SEALING (DPDK's --no-huge memory)
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
+
+
 class BytearrayGuestMemory(RegionMemory):
     """Guest RAM held in ``bytearray``s, for tests and the in-process driver/device pair."""
 
@@ -249,13 +281,54 @@ class BytearrayGuestMemory(RegionMemory):
 class MmapGuestMemory(RegionMemory):
     """Guest RAM mapped from file descriptors (memfds shared with QEMU or a vhost-user peer).
 
+    ``untrusted=True`` (a peer's memory: vhost-user, the PCI proxy) only takes a regular file
+    (memfds are) covering the region, that cannot shrink under us (``shrink_sealed``) or whose
+    mapping ``guard`` protects (issue 14, defect 1: a truncated memfd raised SIGBUS and killed
+    the process); ``faulted()`` tells whether a guarded mapping was hit since.
+
     # SAFETY: the mmap objects are kept alive by their regions; ``close()`` releases every view
     # before unmapping, so no memoryview outlives its mapping.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, untrusted: bool = False, guard: MemoryGuard | None = None) -> None:
         super().__init__()
         self._maps: dict[int, mmap.mmap] = {}
+        self.untrusted = untrusted
+        self.guard = guard
+        self._guarded: dict[int, int] = {}  # gpa -> guard slot
+
+    def faulted(self) -> bool:
+        """A guarded mapping was accessed beyond its file's end (the peer shrank it)."""
+        return self.guard is not None and any(self.guard.faults(s) for s in
+                                              self._guarded.values())
+
+    def _check_fd(self, fd: int, gpa: int, size: int, mmap_offset: int) -> tuple[bool, int]:
+        """(sealed, page alignment) of a region's fd, or ``GuestMemoryError``."""
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise GuestMemoryError(f"cannot stat region fd {fd}: {e}") from None
+        if self.untrusted and not stat.S_ISREG(st.st_mode):
+            raise GuestMemoryError(f"region {gpa:#x}: fd is not a memfd or regular file")
+        if (self.untrusted or st.st_size) and mmap_offset + size > st.st_size:
+            raise GuestMemoryError(f"region {gpa:#x}: offset {mmap_offset:#x}+{size:#x} beyond "
+                                   f"its file ({st.st_size:#x})")
+        sealed = not self.untrusted or shrink_sealed(fd)
+        if not sealed and self.guard is None:
+            raise GuestMemoryError(f"region {gpa:#x}: its file can shrink (no F_SEAL_SHRINK, "
+                                   "cannot be sealed) and no SIGBUS guard is available")
+        align = st.st_blksize if st.st_blksize & (st.st_blksize - 1) == 0 else mmap.PAGESIZE
+        return sealed, max(align, mmap.PAGESIZE)
+
+    def _guard(self, m: mmap.mmap, gpa: int, align: int) -> None:
+        assert self.guard is not None
+        anchor = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(anchor)
+        del anchor  # the export ends here; ``unmap`` must be able to close the mapping
+        slot = self.guard.add(addr, len(m), align)
+        if slot is None:
+            raise GuestMemoryError(f"region {gpa:#x}: no free SIGBUS guard slot")
+        self._guarded[gpa] = slot
 
     def map_fd(
         self, fd: int, gpa: int, size: int, mmap_offset: int = 0, userspace_addr: int = 0
@@ -264,14 +337,7 @@ class MmapGuestMemory(RegionMemory):
             raise GuestMemoryError(f"region size {size:#x} is not positive")
         if mmap_offset < 0:
             raise GuestMemoryError(f"mmap offset {mmap_offset:#x} is negative")
-        try:
-            fsize = os.fstat(fd).st_size
-        except OSError as e:
-            raise GuestMemoryError(f"cannot stat region fd {fd}: {e}") from None
-        if fsize and mmap_offset + size > fsize:
-            raise GuestMemoryError(
-                f"region {gpa:#x}: offset {mmap_offset:#x}+{size:#x} beyond its file ({fsize:#x})"
-            )
+        sealed, align = self._check_fd(fd, gpa, size, mmap_offset)
         # mmap needs a page-aligned offset: map from the page below and slice.
         page = mmap.ALLOCATIONGRANULARITY
         base = mmap_offset - (mmap_offset % page)
@@ -280,12 +346,19 @@ class MmapGuestMemory(RegionMemory):
                           mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(f"cannot map region {gpa:#x}+{size:#x}: {e}") from None
+        if not sealed:
+            try:
+                self._guard(m, gpa, align)
+            except GuestMemoryError:
+                m.close()
+                raise
         view = memoryview(m)[mmap_offset - base :]
         region = MemoryRegion(gpa=gpa, size=size, buf=view, userspace_addr=userspace_addr,
                               fd=fd, mmap_offset=mmap_offset, _owner=m)
         try:
             self.add_region(region)
         except GuestMemoryError:
+            self._unguard(gpa)
             region.release()
             view.release()
             m.close()
@@ -293,8 +366,14 @@ class MmapGuestMemory(RegionMemory):
         self._maps[gpa] = m
         return region
 
+    def _unguard(self, gpa: int) -> None:
+        slot = self._guarded.pop(gpa, None)
+        if slot is not None and self.guard is not None:
+            self.guard.remove(slot)
+
     def unmap(self, gpa: int) -> None:
         region = self.remove_region(gpa)
+        self._unguard(gpa)
         region.release()
         m = self._maps.pop(gpa, None)
         if m is not None:

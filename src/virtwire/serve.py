@@ -42,12 +42,14 @@ from virtwire.config import PortConfig
 from virtwire.errors import UserFacingError
 from virtwire.hosts.pump import BackendPump
 from virtwire.hosts.vhost_device import VirtioDeviceHost
-from virtwire.hosts.vhost_user import VhostUserBackend
+from virtwire.hosts.vhost_user import SocketAccess, VhostUserBackend
 from virtwire.loop import EventLoop
 from virtwire.netlab import control as netlab_control
 from virtwire.netlab import wire as netlab_wire
 
 log = logging.getLogger(__name__)
+
+MEMORY_BACKEND_KEEP = 256  # TX frames a ``backend=memory`` port remembers (the last ones)
 
 __all__ = ["Server", "Port", "build", "qemu_args", "libvirt_xml", "query_stats"]
 
@@ -84,7 +86,9 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
     if cfg.backend == "memory":
         from virtwire.backends.memory import MemoryBackend
 
-        return [MemoryBackend(f"memory:{cfg.name}.{i}") for i in range(pairs)]
+        # Bounded: a guest sending forever must not grow serve (issue 14, defect 10).
+        return [MemoryBackend(f"memory:{cfg.name}.{i}", keep=MEMORY_BACKEND_KEEP)
+                for i in range(pairs)]
     if cfg.backend == "switch":
         from virtwire.backends import switch as swmod
 
@@ -132,7 +136,8 @@ class Server:
         host = VirtioDeviceHost(device, num_rings=2 * cfg.queues)
         vhost = VhostUserBackend(host, self.loop, cfg.path, server=cfg.server, name=cfg.name,
                                  packed=cfg.packed, queue_pairs=cfg.queues,
-                                 max_queue_size=cfg.queue_size)
+                                 max_queue_size=cfg.queue_size,
+                                 access=SocketAccess(cfg.socket_mode, cfg.group, cfg.allow_uids))
         host.on_ring_error = vhost.ring_error
         # The device serves a pair's RX only while its ring is started and enabled; an RX
         # kick means the guest posted buffers (a paused backend is watched again).

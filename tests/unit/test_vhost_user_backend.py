@@ -219,7 +219,7 @@ def test_hostile_messages_are_refused_and_fds_closed(setup, caplog):
         (R.NET_SET_MTU, P.U64, 10, (), "outside 68"),
         (R.SET_LOG_FD, P.NONE, None, (stray.fd,), "not supported"),
         (R.SET_MEM_TABLE, P.MEMTABLE, MemTable((MemRegion(0, RAM, UVA, 0),)), (stray.fd,),
-         "cannot map region"),  # an eventfd is not memory
+         "not a memfd or regular file"),  # an eventfd is not memory
         (R.SET_MEM_TABLE, P.MEMTABLE, MemTable((MemRegion(0, RAM * 4, UVA, 0),)), (fe.memfd,),
          "beyond its file"),
     ]

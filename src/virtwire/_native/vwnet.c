@@ -106,6 +106,7 @@ static int hdr_ok(const uint8_t *h, uint32_t frame_len, uint64_t features) {
 }
 
 #define MAX_IOV 64
+#define MAX_INDIRECT 1024u  /* entries of one indirect table (chain.py MAX_CHAIN_SEGMENTS) */
 
 /* Append the readable segment [addr, addr+len) of guest memory to iov (nothing for len 0).
  * Returns 0, or -1 if it is not inside one region. The caller bounds *niov below MAX_IOV. */
@@ -138,8 +139,9 @@ static long walk(const vw_split *q, const vw_region *regs, int nregs, uint16_t h
     memcpy(&len, table + 16 * i + 8, 4);
     memcpy(&flags, table + 16 * i + 12, 2);
     if (flags & VIRTQ_DESC_F_INDIRECT) {
+        /* at most 1024 entries, as the Python path and QEMU (issue 14, defect 10) */
         if (!indirect_ok || (flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE)) || len == 0 ||
-            len % 16)
+            len % 16 || len / 16 > MAX_INDIRECT)
             return -1;
         table = translate(regs, nregs, addr, len);
         if (!table)
@@ -271,7 +273,7 @@ typedef struct {
 
 #define PK_F_AVAIL (1u << 7)
 #define PK_F_USED (1u << 15)
-#define PK_MAX_INDIRECT 32768u
+#define PK_MAX_INDIRECT MAX_INDIRECT
 
 static inline int pk_avail(uint16_t flags, int wrap) {
     return (flags & (PK_F_AVAIL | PK_F_USED)) == (wrap ? PK_F_AVAIL : PK_F_USED);
@@ -293,8 +295,10 @@ int vw_packed_tx_pop(vw_packed *q, const vw_region *regs, int nregs, int hdr_len
         uint16_t flags, id;
         int niov = 0;
         long total = 0;
+        if (slot >= q->size)
+            break; /* checked before the slot is read (issue 14, defect 10) */
         memcpy(&flags, d + 14, 2);
-        if (slot >= q->size || !pk_avail(flags, w))
+        if (!pk_avail(flags, w))
             break; /* nothing (more) available */
         memcpy(&addr, d, 8);
         memcpy(&len, d + 8, 4);
@@ -952,4 +956,79 @@ int vw_packed_rx_burst(vw_packed_rx *q, const vw_region *regs, int nregs, vw_rxs
     }
     return rx_burst(&r, regs, nregs, st, fd, hdr_len, window, bounce, bounce_len, clear_flags,
                     limit, filt, res);
+}
+
+/*
+ * SIGBUS guard for guest memory the front end can shrink (issue 14, defect 1).
+ *
+ * A memfd that was not sealed against shrinking (DPDK's --no-huge memory is created without
+ * MFD_ALLOW_SEALING) can be truncated by the peer under a live mapping; the next access to a
+ * page beyond the new end raises SIGBUS, which would kill every port of the process. Ranges
+ * registered here are guarded: on a SIGBUS (BUS_ADRERR) inside one, the handler maps an
+ * anonymous page of the range's alignment over the faulting page (MAP_FIXED, async-signal-safe)
+ * and counts the fault; the access is retried and sees zeros. The owner polls the count and
+ * drops the peer. A fault outside every range restores the default action and re-faults
+ * (the process dies as it would have without the guard).
+ */
+#include <signal.h>
+#include <sys/mman.h>
+
+#define VW_GUARD_MAX 128
+static struct { uintptr_t start, end, align; volatile uint64_t faults; } vw_guard[VW_GUARD_MAX];
+static int vw_guard_installed;
+
+static void vw_on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (int i = 0; i < VW_GUARD_MAX; i++) {
+        if (vw_guard[i].end && a >= vw_guard[i].start && a < vw_guard[i].end) {
+            uintptr_t page = a & ~(vw_guard[i].align - 1);
+            void *p = mmap((void *)page, vw_guard[i].align, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            if (p != MAP_FAILED) {
+                vw_guard[i].faults++;
+                return;
+            }
+            break;
+        }
+    }
+    signal(sig, SIG_DFL);  /* not ours, or cannot patch: die as without the guard */
+}
+
+int vw_guard_add(uint64_t start, uint64_t len, uint64_t align)
+{
+    if (!vw_guard_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = vw_on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, NULL) != 0)
+            return -1;
+        vw_guard_installed = 1;
+    }
+    if (align == 0 || (align & (align - 1)) || (start & (align - 1)))
+        return -1;
+    for (int i = 0; i < VW_GUARD_MAX; i++) {
+        if (!vw_guard[i].end) {
+            vw_guard[i].start = start;
+            vw_guard[i].align = align;
+            vw_guard[i].faults = 0;
+            __atomic_store_n(&vw_guard[i].end, start + len, __ATOMIC_RELEASE);
+            return i;
+        }
+    }
+    return -1;
+}
+
+uint64_t vw_guard_faults(int slot)
+{
+    return (slot >= 0 && slot < VW_GUARD_MAX) ? vw_guard[slot].faults : 0;
+}
+
+void vw_guard_remove(int slot)
+{
+    if (slot >= 0 && slot < VW_GUARD_MAX)
+        __atomic_store_n(&vw_guard[slot].end, 0, __ATOMIC_RELEASE);
 }

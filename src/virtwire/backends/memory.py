@@ -7,7 +7,9 @@
 - ``stall``: while True, ``send`` takes nothing (back-pressure: the device must keep the chains
   and retry, losing nothing); ``unstall()`` clears it and wakes the device;
 - ``reorder``: RX frames are delivered in reverse order of each injected batch;
-- ``tx_limit``: take at most this many frames per ``send`` call (partial batches).
+- ``tx_limit``: take at most this many frames per ``send`` call (partial batches);
+- ``keep``: remember only about the last ``keep`` TX frames (``serve`` sets it: a guest must not
+  grow the process without bound -- issue 14, defect 10).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class MemoryBackend(BackendBase):
         drop: Callable[[bytes], bool] | None = None,
         reorder: bool = False,
         tx_limit: int | None = None,
+        keep: int | None = None,
     ) -> None:
         super().__init__(name)
         self.vnet_hdr = vnet_hdr
@@ -52,6 +55,7 @@ class MemoryBackend(BackendBase):
         self.stall = False
         self.reorder = reorder
         self.tx_limit = tx_limit
+        self.keep = keep
         self.sends = 0
 
     # TX ------------------------------------------------------------------------------------
@@ -69,7 +73,12 @@ class MemoryBackend(BackendBase):
             self.sent.append(data)
             c["tx_frames"] += 1
             c["tx_bytes"] += len(data)
+        if self.keep is not None and len(self.sent) > 2 * self.keep:
+            del self.sent[: len(self.sent) - self.keep]
         return n
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "kept": len(self.sent)}
 
     def unstall(self) -> None:
         self.stall = False

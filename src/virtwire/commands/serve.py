@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from virtwire.config import parse_port
 from virtwire.errors import CliError, UserFacingError
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "[,mrg_rxbuf=off,packed=off,csum=off,...] (repeatable)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket for `virtwire stats` (default: FIRST_PORT_PATH.ctl)")
+    parser.add_argument("--user", metavar="NAME",
+                        help="drop root privileges to this user once TAPs and sockets are open "
+                             "(the port sockets are handed to it)")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="do not print the QEMU/libvirt attachment snippets")
     parser.add_argument("--kvm", action="store_true",
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from virtwire.commands.trace_options import configure_from_args
 
     control = args.control or configs[0].path + ".ctl"
+    user = _lookup_user(args.user) if args.user else None
     tracer = configure_from_args(args)
     from virtwire.backends.base import BackendError
 
@@ -62,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserFacingError(f"serve: cannot listen on {e.filename or 'a socket'}: "
                                   f"{e.strerror or e}") from None
+        if user is not None:
+            _drop_privileges(user, [c.path for c in configs if c.server] + [control])
         if not args.quiet:
             _print_snippets(configs, control, args.kvm, args.json, serve)
         if os.environ.get("VIRTWIRE_SERVE_READY_FD"):
@@ -80,6 +87,36 @@ def run(args: argparse.Namespace) -> int:
             tracer.emit("host", "stop", kind="vhost-user")
         trace.stop()
     return 0
+
+
+def _lookup_user(name: str) -> Any:
+    import pwd
+
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise CliError(f"serve --user {name}: no such user") from None
+
+
+def _drop_privileges(user: Any, paths: list[str]) -> None:
+    """Become ``user`` for good (issue 14): TAPs are open and sockets listen already; the
+    sockets are handed to the user so a restarted front end of that user can still connect,
+    and the native helper is loaded first (its cache is root's)."""
+    from virtwire.net import native
+
+    native.load()
+    try:
+        for path in paths:
+            if os.path.exists(path):
+                os.chown(path, user.pw_uid, -1, follow_symlinks=False)
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    except OSError as e:
+        raise UserFacingError(f"serve --user {user.pw_name}: cannot drop privileges: "
+                              f"{e.strerror or e}") from None
+    logging.getLogger("virtwire.serve").info("running as %s (uid %d)", user.pw_name,
+                                             user.pw_uid)
 
 
 def _attach_spec(c) -> str:  # noqa: ANN001

@@ -32,6 +32,7 @@ end that answers wrongly raises ``VhostUserFrontendError`` with the reason.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -104,8 +105,10 @@ class VhostUserFrontend:
         self.max_queue_size = max_queue_size
         self.mem_size = mem_size
         self.sock = self._open(path, connect_timeout, listen)
-        self.memfd = os.memfd_create("vwd-frontend-ram", os.MFD_CLOEXEC)
+        self.memfd = os.memfd_create("vwd-frontend-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.memfd, mem_size)
+        # Sealed against resizing, as QEMU's memfd backend does (back ends may require it).
+        fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.mem = MmapGuestMemory()
         self.mem.map_fd(self.memfd, 0, mem_size, userspace_addr=USERSPACE_BASE)
         self.status = 0

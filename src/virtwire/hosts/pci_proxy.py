@@ -75,7 +75,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtwire.hosts.pump import RING, BackendPump
+from virtwire.hosts.vhost_user_conn import is_eventfd
 from virtwire.memory import GuestMemoryError, MmapGuestMemory
+from virtwire.net import native
 from virtwire.pci.function import PciFunction
 
 __all__ = [
@@ -273,7 +275,8 @@ class PciProxyRemote:
     def __init__(self, sock: socket.socket, target: ProxyTarget) -> None:
         self.sock = sock
         self.target = target
-        self.mem = MmapGuestMemory()
+        # A peer's memory: sealed or SIGBUS-guarded fds only (issue 14, defect 1).
+        self.mem = MmapGuestMemory(untrusted=True, guard=native.sigbus_guard())
         self._region_keys: dict[int, _RegionKey] = {}
         self._region_fds: dict[int, int] = {}
         self._memory_set = False
@@ -390,6 +393,10 @@ class PciProxyRemote:
         except ProxyProtocolError as e:
             self._refuse(msg.cmd, f"{name}: {e}")
             return True
+        if self.mem.faulted():  # the peer shrank guest RAM under our mapping
+            log.warning("proxy: guest RAM shrank under its mapping: closing the connection")
+            self.closed = True
+            return False
         if spec.reply:
             self._send_ret(value or 0, t0, name)
         return True
@@ -482,6 +489,10 @@ class PciProxyRemote:
 
     def _set_irqfd(self, msg: ProxyMessage) -> None:
         intr, resample = msg.fds
+        if not (is_eventfd(intr) and is_eventfd(resample)):
+            _close_all(msg.fds)
+            raise ProxyProtocolError("SET_IRQFD: the interrupt and resample fds must be eventfds")
+        msg.fds = []
         if self.irqfd is not None:
             self.irqfd.close()
         self.irqfd = IrqfdIntx(intr, resample)

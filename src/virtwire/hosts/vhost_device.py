@@ -202,6 +202,12 @@ class VirtioDeviceHost:
             if q is not None:
                 q.release_views()
 
+    def check_memory(self, mem: Any) -> None:
+        """Raise if a buffer the device holds would not lie in ``mem`` (changes nothing)."""
+        check = getattr(self.dev, "check_memory", None)
+        if check is not None:
+            check(mem)
+
     def send_rarp(self, mac: bytes) -> None:
         hook = getattr(self.dev, "send_rarp", None)
         if hook is None:

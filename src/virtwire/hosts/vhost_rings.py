@@ -21,7 +21,8 @@ from typing import Any
 from virtwire.hosts.vhost_device import HostedDevice, Refused
 from virtwire.hosts.vhost_user_proto import MemRegion, MemTable, VringAddr
 from virtwire.loop import EventFd, EventLoop, TimerHandle
-from virtwire.memory import GuestMemoryError, MmapGuestMemory
+from virtwire.memory import GuestMemoryError, MmapGuestMemory, RegionMemory
+from virtwire.net import native
 from virtwire.virtio import spec
 from virtwire.virtio.errors import DriverError
 from virtwire.virtio.packed_ring import PackedQueue
@@ -145,9 +146,11 @@ class VringTable:
         return SplitQueue(vr.num, max_size=self.max_queue_size, event_idx=event_idx,
                           indirect=indirect)
 
-    def translate(self, vr: Vring) -> tuple[int, int, int]:
-        """Front-end virtual ring addresses -> guest-physical (through userspace_addr)."""
-        assert vr.addr is not None and self.mem is not None
+    def translate(self, vr: Vring, mem: RegionMemory | None = None) -> tuple[int, int, int]:
+        """Front-end virtual ring addresses -> guest-physical (through userspace_addr), in
+        ``mem`` (default: the current table)."""
+        mem = mem if mem is not None else self.mem
+        assert vr.addr is not None and mem is not None
         n = vr.num
         if self.packed:
             sizes = (16 * n, 4, 4)  # descriptor ring, driver event, device event (§2.8.10)
@@ -156,9 +159,9 @@ class VringTable:
         a = vr.addr
         try:
             return (
-                self.mem.uva_to_gpa(a.desc_user_addr, sizes[0]),
-                self.mem.uva_to_gpa(a.avail_user_addr, sizes[1]),
-                self.mem.uva_to_gpa(a.used_user_addr, sizes[2]),
+                mem.uva_to_gpa(a.desc_user_addr, sizes[0]),
+                mem.uva_to_gpa(a.avail_user_addr, sizes[1]),
+                mem.uva_to_gpa(a.used_user_addr, sizes[2]),
             )
         except GuestMemoryError as e:
             raise Refused(f"ring {vr.index}: {e}") from None
@@ -263,6 +266,31 @@ class VringTable:
                                 self.name, vr.index, e)
                     self.stop(vr)
 
+    def _check(self, mem: RegionMemory) -> None:
+        """Refuse a new table unless every running ring and every buffer the device holds
+        (stashed RX chains, pending TX frames) still lies in it: a table change is all or
+        nothing (issue 14, defect 7)."""
+        for vr in self.vrings:
+            if vr.started:
+                q = self._new_queue(vr)
+                q.set_addresses(*self.translate(vr, mem))
+                try:
+                    q.validate(mem)
+                except DriverError as e:
+                    raise Refused(f"ring {vr.index} would not fit the new table: {e}") from None
+        check = getattr(self.device, "check_memory", None)
+        if check is not None:
+            try:
+                check(mem)
+            except (GuestMemoryError, DriverError) as e:
+                raise Refused(f"buffers the device holds would not fit the new table: {e}") \
+                    from None
+
+    @staticmethod
+    def new_memory() -> MmapGuestMemory:
+        """A peer's memory: sealed or guarded fds only (``MmapGuestMemory``, untrusted)."""
+        return MmapGuestMemory(untrusted=True, guard=native.sigbus_guard())
+
     @staticmethod
     def _map(mem: MmapGuestMemory, r: MemRegion) -> None:
         try:
@@ -275,10 +303,11 @@ class VringTable:
         return (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
 
     def set_table(self, table: MemTable) -> None:
-        new = MmapGuestMemory()
+        new = self.new_memory()
         try:
             for r in table.regions:
                 self._map(new, r)  # mmap keeps its own reference; our fds close afterwards
+            self._check(new)
         except Refused:
             new.close()
             raise
@@ -301,7 +330,7 @@ class VringTable:
             self.region_refs[key] += 1
             return
         if self.mem is None:
-            self.mem = MmapGuestMemory()
+            self.mem = self.new_memory()
         if len(self.mem.regions) >= MAX_MEM_SLOTS:
             raise Refused(f"all {MAX_MEM_SLOTS} memory slots in use")
         self.release_views()
@@ -325,6 +354,7 @@ class VringTable:
         if left > 0:
             self.region_refs[key] = left
             return
+        self._check(RegionMemory([x for x in self.mem.regions if x is not match[0]]))
         self.region_refs.pop(key, None)
         self.release_views()
         self.mem.unmap(match[0].gpa)

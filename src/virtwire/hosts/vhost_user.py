@@ -34,6 +34,12 @@ back end coalesces interrupts so a ring is signalled at most once per loop itera
 (``loop.defer``). This module is the connection and the messages; the memory table and the
 rings' state are ``vhost_rings.VringTable``.
 
+Hostile front ends (issue 14). The socket is read without blocking (``vhost_user_conn``): a
+message must arrive whole within ``MESSAGE_DEADLINE`` and a new connection must send one within
+``SocketAccess.handshake``, replies queue instead of blocking, ring fds must be eventfds, memory
+fds sealed or SIGBUS-guarded files (``memory.MmapGuestMemory``), and any unexpected failure in a
+message or a ring drops this front end, never the process. Refusals are logged rate-limited.
+
 Restart. With QEMU's ``reconnect=`` the front end re-sends the whole handshake to a restarted
 back end. When QEMU could not read GET_VRING_BASE (we were killed) it restores a split ring's
 next-avail index from the used index in guest memory and sends that as SET_VRING_BASE; we also
@@ -51,13 +57,23 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from virtwire import trace as _trace
 from virtwire.hosts import vhost_user_proto as vp
 from virtwire.hosts.vhost_device import HostedDevice, Refused
 from virtwire.hosts.vhost_rings import MAX_MEM_SLOTS, Vring, VringTable
+from virtwire.hosts.vhost_user_conn import (
+    MESSAGE_DEADLINE,
+    MessageReader,
+    RateLimit,
+    ReplyQueue,
+    is_eventfd,
+    peer_uid,
+)
 from virtwire.hosts.vhost_user_proto import (
     ConfigSpace,
     FramingError,
@@ -82,6 +98,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "VhostUserBackend",
+    "SocketAccess",
     "DEFAULT_PROTOCOL_FEATURES",
     "VHOST_F_LOG_ALL",
 ]
@@ -96,6 +113,18 @@ DEFAULT_PROTOCOL_FEATURES = spec.bit(
     vp.VHOST_USER_PROTOCOL_F_CONFIG,
     vp.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS,
 )
+
+
+@dataclass
+class SocketAccess:
+    """Who may use a port's socket: its mode and group (libvirt runs QEMU as another user),
+    the uids allowed to connect (``SO_PEERCRED``; None: anyone who can open the socket), and
+    how long a new connection may stay silent before it gives the port's slot back."""
+
+    mode: int = 0o600
+    gid: int | None = None
+    allow_uids: frozenset[int] | None = None
+    handshake: float = 5.0
 
 
 class VhostUserBackend:
@@ -119,6 +148,7 @@ class VhostUserBackend:
         queue_pairs: int | None = None,
         max_queue_size: int = spec.VIRTQ_MAX_SIZE,
         reconnect: float = 1.0,
+        access: SocketAccess | None = None,
     ) -> None:
         self.device = device
         self.loop = loop
@@ -132,7 +162,7 @@ class VhostUserBackend:
         nq = device.num_queues
         self.queue_pairs = queue_pairs if queue_pairs is not None else max(1, nq // 2)
         self.rings = VringTable(device, loop, nq, name=self.name, max_queue_size=max_queue_size,
-                                on_kick=self._on_kick, service=device.queue_kicked,
+                                on_kick=self._on_kick, service=self._service,
                                 notify=self._notify)
         self.vrings = self.rings.vrings
         self.listener: socket.socket | None = None
@@ -145,6 +175,15 @@ class VhostUserBackend:
         self.messages = 0
         self._retry: TimerHandle | None = None
         self._closed = False
+        self.access = access or SocketAccess()
+        self._reader = MessageReader()
+        self._replies: ReplyQueue | None = None
+        self._hs_timer: TimerHandle | None = None
+        self._msg_timer: TimerHandle | None = None
+        self._mem_timer: TimerHandle | None = None
+        self._handshake_at = 0
+        self._ratelimit = RateLimit()
+        self.dropped = 0  # connections dropped for misbehaving (deadlines, errors)
 
     @property
     def mem(self) -> MmapGuestMemory | None:
@@ -176,11 +215,17 @@ class VhostUserBackend:
             if stat.S_ISSOCK(st.st_mode):
                 os.unlink(self.path)  # a stale socket of an earlier run
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # never a moment with a wider mode than asked
         try:
             s.bind(self.path)
+            os.chmod(self.path, self.access.mode)
+            if self.access.gid is not None:
+                os.chown(self.path, -1, self.access.gid)
         except OSError as e:
             s.close()
             raise OSError(e.errno, e.strerror, self.path) from None
+        finally:
+            os.umask(old_umask)
         s.listen(2)
         s.setblocking(False)
         self.listener = s
@@ -194,11 +239,34 @@ class VhostUserBackend:
         except (BlockingIOError, InterruptedError):
             return
         if self.conn is not None:
-            log.warning("%s: refused a second front end on %s (one is connected)",
-                        self.name, self.path)
+            self._warn("second", "refused a second front end on %s (one is connected)",
+                       self.path)
+            conn.close()
+            return
+        if not self._peer_allowed(conn):
             conn.close()
             return
         self._attach(conn)
+
+    def _warn(self, key: str, fmt: str, *args: Any) -> None:
+        """A rate-limited warning (peers can make us refuse things as fast as they like)."""
+        dropped = self._ratelimit(key)
+        if dropped is not None:
+            log.warning("%s: " + fmt + (f" (+{dropped} similar)" if dropped else ""),
+                        self.name, *args)
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        if self.access.allow_uids is None:
+            return True
+        try:
+            _pid, uid, _gid = peer_uid(conn)
+        except OSError:
+            uid = -1
+        if uid in self.access.allow_uids:
+            return True
+        self.refused += 1
+        self._warn("uid", "refused a front end of uid %d on %s (allow-uid)", uid, self.path)
+        return False
 
     def _try_connect(self) -> None:
         self._retry = None
@@ -213,15 +281,54 @@ class VhostUserBackend:
                 log.warning("%s: connect %s: %s", self.name, self.path, e)
             self._retry = self.loop.call_later(self.reconnect, self._try_connect)
             return
+        if not self._peer_allowed(s):
+            s.close()
+            self._retry = self.loop.call_later(self.reconnect, self._try_connect)
+            return
         self._attach(s)
 
     def _attach(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
-        conn.settimeout(5.0)  # a message body that never arrives must not hang the loop
+        conn.setblocking(False)  # never block the loop: vhost_user_conn's docstring
         self.conn = conn
         self.connections += 1
+        self._reader = MessageReader()
+        self._replies = ReplyQueue(self.loop, conn, self._drop)
+        self._handshake_at = self.messages
+        self._hs_timer = self.loop.call_later(self.access.handshake, self._check_handshake)
+        self._mem_timer = self.loop.call_every(0.2, self._check_memory)
         self.loop.add_reader(conn, self._on_readable)
         log.info("%s: front end connected (%d)", self.name, self.connections)
+
+    def _check_memory(self) -> None:
+        """The peer shrank a guarded memory file under our mapping (a SIGBUS was absorbed)."""
+        mem = self.rings.mem
+        if mem is not None and mem.faulted():
+            self.refused += 1
+            self._drop("guest memory shrank under its mapping")
+
+    def _check_handshake(self) -> None:
+        """A connection that sent no complete message in time gives the port's slot back."""
+        self._hs_timer = None
+        if self.conn is not None and self.messages == self._handshake_at:
+            self._drop(f"no message within {self.access.handshake:g} s")
+
+    def _check_message(self, started: float) -> None:
+        self._msg_timer = None
+        now_started = self._reader.started
+        if self.conn is None or now_started is None:
+            return
+        if now_started == started:
+            self._drop(f"message not complete within {MESSAGE_DEADLINE:g} s")
+        else:  # another message is under way: its own deadline
+            self._msg_timer = self.loop.call_later(
+                max(0.0, now_started + MESSAGE_DEADLINE - time.monotonic()),
+                self._check_message, now_started)
+
+    def _drop(self, reason: str) -> None:
+        """Drop a misbehaving front end (counted, rate-limited log)."""
+        self.dropped += 1
+        self._warn("drop", "dropping front end: %s", reason)
+        self.disconnect(reason)
 
     def disconnect(self, reason: str = "") -> None:
         """Drop the front end: stop every ring, unmap memory, forget negotiated state."""
@@ -231,6 +338,14 @@ class VhostUserBackend:
         self.loop.remove_reader(self.conn)
         self.conn.close()
         self.conn = None
+        self._reader.reset()
+        if self._replies is not None:
+            self._replies.close()
+            self._replies = None
+        for t in (self._hs_timer, self._msg_timer, self._mem_timer):
+            if t is not None:
+                t.cancel()
+        self._hs_timer = self._msg_timer = self._mem_timer = None
         self._reset_state()
         if not self.server and not self._closed:
             self._retry = self.loop.call_later(self.reconnect, self._try_connect)
@@ -269,25 +384,33 @@ class VhostUserBackend:
 
     # -- message pump ---------------------------------------------------------------------------
     def _on_readable(self) -> None:
-        assert self.conn is not None
-        try:
-            msg = vp.recv_message(self.conn)
-        except FramingError as e:
-            self.refused += 1
-            log.warning("%s: unusable message stream: %s", self.name, e)
-            self.disconnect("framing error")
-            return
-        except ProtocolError as e:
-            self.refused += 1
-            log.warning("%s: refused message: %s", self.name, e)
-            return
-        except (OSError, TimeoutError) as e:
-            self.disconnect(f"socket error: {e}")
-            return
-        if msg is None:
-            self.disconnect("EOF")
-            return
-        self.handle(msg)
+        """Read what arrived; handle at most a few complete messages (other ports wait)."""
+        for _ in range(16):
+            if self.conn is None:
+                return
+            try:
+                msg = self._reader.read(self.conn)
+            except FramingError as e:
+                self.refused += 1
+                self._drop(f"unusable message stream: {e}")
+                return
+            except ProtocolError as e:
+                self.refused += 1
+                self._warn("refused", "refused message: %s", e)
+                continue
+            except EOFError:
+                self.disconnect("EOF")
+                return
+            except OSError as e:
+                self.disconnect(f"socket error: {e}")
+                return
+            if msg is None:
+                started = self._reader.started
+                if started is not None and self._msg_timer is None:
+                    self._msg_timer = self.loop.call_later(
+                        MESSAGE_DEADLINE, self._check_message, started)
+                return
+            self.handle(msg)
 
     def handle(self, msg: Message) -> None:
         """Validate, dispatch and answer one message (also the entry point for tests)."""
@@ -311,6 +434,12 @@ class VhostUserBackend:
             msg.close_fds()
             self._refuse(msg, f"{rspec.name}: {e}", expects_reply=rspec.reply is not None)
             return
+        except Exception as e:  # a bug or an fd we could not use: this peer, never the process
+            msg.close_fds()
+            self.refused += 1
+            log.debug("%s: %s failed", self.name, rspec.name, exc_info=True)
+            self._drop(f"{rspec.name} failed: {type(e).__name__}: {e}")
+            return
         msg.close_fds()  # whatever the handler did not take
         log.debug("%s: %s %s", self.name, rspec.name, payload if payload is not None else "")
         if rspec.reply is not None:
@@ -327,20 +456,17 @@ class VhostUserBackend:
 
     def _refuse(self, msg: Message, reason: str, *, expects_reply: bool) -> None:
         self.refused += 1
-        log.warning("%s: refused %s", self.name, reason if reason.startswith(msg.name)
-                    else f"{msg.name}: {reason}")
+        text = reason if reason.startswith(msg.name) else f"{msg.name}: {reason}"
+        # One line per kind of refusal per second (the key: the reason without its numbers).
+        self._warn("refused:" + "".join(c for c in text if c.isalpha()), "refused %s", text)
         if expects_reply:
             self.disconnect(f"cannot answer {msg.name}")
         elif msg.need_reply and self._acks():
             self._send(msg.request, vp.encode_payload(P.U64, 1))
 
     def _send(self, request: int, payload: bytes) -> None:
-        if self.conn is None:
-            return
-        try:
-            vp.send_message(self.conn, vp.encode(request, payload, reply=True))
-        except OSError as e:
-            self.disconnect(f"send failed: {e}")
+        if self._replies is not None:
+            self._replies.send(vp.encode(request, payload, reply=True))
 
     # -- helpers ----------------------------------------------------------------------------------
     def _ring(self, index: int) -> Vring:
@@ -366,7 +492,7 @@ class VhostUserBackend:
             if tr is not None:
                 tr.emit("kick", "kick", q=vr.index)
             # Straight to the device (the kick path is short: epoll, this, the device).
-            self.loop.defer(("vring", id(self.rings), vr.index), self.device.queue_kicked, vr.index)
+            self.loop.defer(("vring", id(self.rings), vr.index), self._service, vr.index)
 
     def _notify(self, vr: Vring) -> None:
         self.loop.defer(("call", id(self), vr.index), self._signal_call, vr)
@@ -382,7 +508,22 @@ class VhostUserBackend:
     def kick_ring(self, index: int) -> None:
         """Process ring ``index`` as if kicked (a frame backend has data for an RX ring)."""
         if self.vrings[index].started:
-            self.loop.defer(("vring", id(self.rings), index), self.device.queue_kicked, index)
+            self.loop.defer(("vring", id(self.rings), index), self._service, index)
+
+    def _service(self, index: int) -> None:
+        """Run ring ``index``; whatever goes wrong drops this front end, never the process."""
+        if not self.vrings[index].started:
+            return
+        try:
+            self.device.queue_kicked(index)
+            self._check_memory()
+        except Exception as e:
+            log.debug("%s: ring %d failed", self.name, index, exc_info=True)
+            self.refused += 1
+            if self.conn is not None:
+                self._drop(f"ring {index} failed: {type(e).__name__}: {e}")
+            else:
+                self.rings.stop(self.vrings[index])
 
     def ring_error(self, index: int) -> None:
         """Signal the ring's error eventfd (SET_VRING_ERR) after a guest fault on it."""
@@ -401,10 +542,10 @@ class VhostUserBackend:
             raise Refused(f"features {spec.feature_names(extra)} were not offered")
         if features & spec.bit(VHOST_F_LOG_ALL):
             raise Refused("dirty logging (VHOST_F_LOG_ALL) is not supported")
-        old_packed = self.packed
+        packed = bool(features >> spec.VIRTIO_F_RING_PACKED & 1)
+        if any(vr.started for vr in self.vrings) and packed != self.packed:
+            raise Refused("ring format changed while rings run")  # before storing anything
         self.features = features
-        if any(vr.started for vr in self.vrings) and old_packed != self.packed:
-            raise Refused("ring format changed while rings run")
         acked = features & ~spec.bit(spec.VHOST_USER_F_PROTOCOL_FEATURES)
         if _trace.TRACE is not None:
             _trace.features_event("ack", acked)
@@ -508,6 +649,8 @@ class VhostUserBackend:
         vr = self._ring(f.index)
         efd = None
         if f.fd is not None:
+            if not is_eventfd(f.fd):
+                raise Refused(f"ring {vr.index}: {what} fd is not an eventfd")
             efd = EventFd(msg.take_fd(f.fd))
         old = getattr(vr, what)
         if old is not None:

@@ -338,6 +338,16 @@ class VirtioNet(Transmit, Receive, ControlQueue, VirtioDevice):
                                       p.backend)) for c, _old in p.tx_pending)
                     if iov is not None]
 
+    def check_memory(self, mem: GuestMemory) -> None:
+        """Raise ``GuestMemoryError`` if a stashed RX chain or pending TX frame would not lie in
+        ``mem`` (a memory table change is refused then, before anything changes)."""
+        chains = [c for p in self.pairs for c in ([c for c, _ in p.stash]
+                                                  + [c for c, _ in p.tx_pending])]
+        for c in chains:
+            for gpa, n, _w in c.segments:
+                if n and not mem.contains(gpa, n):
+                    raise GuestMemoryError(f"chain {c.head}: buffer {gpa:#x}+{n:#x} held")
+
     def start_direct(self, features: int, mem: GuestMemory, interrupt: Any = None) -> None:
         """Walk §3.1.1 without a transport (in-process hosts): features, FEATURES_OK,
         DRIVER_OK. Queue configuration must already be in ``queue_config``; raises

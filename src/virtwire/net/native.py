@@ -25,6 +25,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load", "TxStop", "RxStop", "TX_STOPS", "RX_STOPS", "GuestView", "guest_view",
            "tx_burst", "tx_stop", "NativeRx", "RxStash", "rx_filter_struct", "RX_MAXC", "RX_MAXS",
-           "RX_MAC_MAX"]
+           "RX_MAC_MAX", "SigbusGuard", "sigbus_guard"]
 
 _SRC = Path(__file__).resolve().parent.parent / "_native" / "vwnet.c"
 _lib: Any = None
@@ -124,16 +125,41 @@ class VwRxResult(ctypes.Structure):
                 ("pending", ctypes.c_int64), ("stop", ctypes.c_int32), ("err", ctypes.c_int32)]
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = Path(base) / "virtwire"
+def _private_dir(d: Path) -> Path | None:
+    """``d`` if it is (or could be made) a real directory of ours with mode 0700, else None.
+
+    The helper is loaded into a process that may run as root: a directory another user owns or
+    can write, or a symlink, could hold a planted library (issue 14, defect 8)."""
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700, follow_symlinks=False)
         return d
+    except (OSError, NotImplementedError):
+        return None
+
+
+def _cache_dir() -> Path | None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = _private_dir(Path(base) / "virtwire" / "native")
+    if d is None:
+        d = _private_dir(Path(tempfile.gettempdir()) / f"virtwire-native-{os.getuid()}")
+    if d is None:
+        log.warning("no private cache directory for the native helper: using the Python path")
+    return d
+
+
+def _trusted_file(p: Path) -> bool:
+    """A regular file (not a symlink) we own, writable by nobody else."""
+    try:
+        st = os.lstat(p)
     except OSError:
-        d = Path(tempfile.gettempdir()) / f"virtwire-native-{os.getuid()}"
-        d.mkdir(mode=0o700, exist_ok=True)
-        return d
+        return False
+    return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & 0o022)
 
 
 def load() -> Any:
@@ -146,12 +172,21 @@ def load() -> Any:
         return None
     try:
         src = _SRC.read_bytes()
-        tag = hashlib.sha256(src).hexdigest()[:16]
-        so = _cache_dir() / f"vwnet-{tag}.so"
+        # VIRTWIRE_NATIVE_CFLAGS: extra compiler flags (CI builds the helper with
+        # -fsanitize=address,undefined and runs the native tests with libasan preloaded).
+        extra = os.environ.get("VIRTWIRE_NATIVE_CFLAGS", "").split()
+        tag = hashlib.sha256(src + " ".join(extra).encode()).hexdigest()[:16]
+        cache = _cache_dir()
+        if cache is None:
+            return None
+        so = cache / f"vwnet-{tag}.so"
+        if os.path.lexists(so) and not _trusted_file(so):
+            log.warning("%s is not a file only we can write: using the Python path", so)
+            return None
         if not so.exists():
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(_SRC)],
+            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", *extra, "-o", str(tmp), str(_SRC)],
                                capture_output=True, text=True, timeout=60)
             if r.returncode != 0:
                 log.info("native helper not built (%s): using the pure-Python path",
@@ -185,11 +220,40 @@ def load() -> Any:
                                            ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
                                            ctypes.POINTER(VwRxFilter),
                                            ctypes.POINTER(VwRxResult)]
+        lib.vw_guard_add.restype = ctypes.c_int
+        lib.vw_guard_add.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+        lib.vw_guard_faults.restype = ctypes.c_uint64
+        lib.vw_guard_faults.argtypes = [ctypes.c_int]
+        lib.vw_guard_remove.restype = None
+        lib.vw_guard_remove.argtypes = [ctypes.c_int]
         _lib = lib
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native helper unavailable (%s): using the pure-Python path", e)
         _lib = None
     return _lib
+
+
+class SigbusGuard:
+    """``memory.MemoryGuard`` over the helper's SIGBUS guard (vwnet.c, end of file)."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+
+    def add(self, addr: int, length: int, align: int) -> int | None:
+        slot = self._lib.vw_guard_add(addr, length, align)
+        return None if slot < 0 else int(slot)
+
+    def faults(self, slot: int) -> int:
+        return int(self._lib.vw_guard_faults(slot))
+
+    def remove(self, slot: int) -> None:
+        self._lib.vw_guard_remove(slot)
+
+
+def sigbus_guard() -> SigbusGuard | None:
+    """The process's SIGBUS guard for peers' memory, or None without the helper."""
+    lib = load()
+    return None if lib is None else SigbusGuard(lib)
 
 
 class GuestView:

@@ -49,6 +49,8 @@ __all__ = ["Receive", "RxStep"]
 
 log = logging.getLogger(__name__)
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
 _GSO_RX_MASK = s.bit(s.VIRTIO_NET_F_GUEST_TSO4, s.VIRTIO_NET_F_GUEST_TSO6,
                      s.VIRTIO_NET_F_GUEST_UFO)
 _ZERO_HDR10 = bytes(10)
@@ -209,7 +211,7 @@ class Receive:
         if held is not None:
             r.p.held = None
             return scatter(target, held)
-        return r.be.recv(target)
+        return self._recv(r.be, list(target))
 
     def _fill_mergeable(self, r: _Round, want: int, held: bytes | None
                         ) -> tuple[_Fill, tuple[list[memoryview], int, int]]:
@@ -290,7 +292,7 @@ class Receive:
             if acc >= window:
                 break
         bounce = memoryview(self.bounce)
-        n = preread or r.be.recv([*(views if vnet else skip(views, hl)), bounce])
+        n = preread or self._recv(r.be, [*(views if vnet else skip(views, hl)), bounce])
         if n == 0:
             return _Fill.EMPTY, _NO_FRAME
         total = n if vnet else n + hl
@@ -316,6 +318,19 @@ class Receive:
                 break
         scatter(extra, bounce[:over])
         return _Fill.FRAME, (views + extra, acc, n)
+
+    @staticmethod
+    def _recv(be: Any, bufs: list[memoryview]) -> int:
+        """``be.recv(bufs)``; a guest's buffers in more pieces than one readv takes (IOV_MAX:
+        it fails with EINVAL, which read as "nothing pending" spun the loop -- issue 14,
+        defect 4) are filled by reading into one scratch buffer and copying."""
+        if len(bufs) <= IOV_MAX:
+            return int(be.recv(bufs))
+        tmp = bytearray(min(sum(len(b) for b in bufs), 1 << 17))  # > any frame a backend gives
+        n = int(be.recv([memoryview(tmp)]))
+        if n:
+            scatter(bufs, memoryview(tmp)[:n])
+        return n
 
     def _stash_more(self, r: _Round, need: int) -> bool:
         """Pop RX chains (in batches) until the stash holds ``need`` bytes; False if the ring

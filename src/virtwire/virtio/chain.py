@@ -29,9 +29,17 @@ from virtwire.memory import GuestMemory
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.spec import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-__all__ = ["DescriptorChain", "ChainBuilder", "MAX_CHAIN_BYTES"]
+__all__ = ["DescriptorChain", "ChainBuilder", "MAX_CHAIN_BYTES", "MAX_CHAIN_SEGMENTS",
+           "POP_DESC_BUDGET", "POP_BYTE_BUDGET", "PopBudget"]
 
 MAX_CHAIN_BYTES = (1 << 32) - 1
+# Descriptors per chain: min(queue size, this) for direct chains, this for an indirect table,
+# as QEMU (VIRTQUEUE_MAX_SIZE); a 32768-entry table cost 60-85 ms per chain (issue 14, defect 3).
+MAX_CHAIN_SEGMENTS = 1024
+# Work per ``pop_batch`` call: it returns early once the chains taken hold this many
+# descriptors or bytes (callers loop with a budget of calls, so a wake-up is bounded).
+POP_DESC_BUDGET = 4096
+POP_BYTE_BUDGET = 16 << 20
 
 
 @dataclass(slots=True)
@@ -85,6 +93,21 @@ class DescriptorChain:
         return done
 
 
+class PopBudget:
+    """The work one ``pop_batch`` call may do (``POP_DESC_BUDGET``/``POP_BYTE_BUDGET``)."""
+
+    __slots__ = ("descs", "nbytes")
+
+    def __init__(self) -> None:
+        self.descs = self.nbytes = 0
+
+    def spend(self, c: DescriptorChain) -> bool:
+        """Count chain ``c``; True once the budget is used up (the batch ends there)."""
+        self.descs += len(c.segments)
+        self.nbytes += c.readable_len + c.writable_len
+        return self.descs >= POP_DESC_BUDGET or self.nbytes >= POP_BYTE_BUDGET
+
+
 class ChainBuilder:
     """Accumulates descriptors of one chain, checking each as it enters (see module docstring)."""
 
@@ -93,7 +116,7 @@ class ChainBuilder:
     def __init__(self, mem: GuestMemory, head: int, max_descs: int, indirect_ok: bool) -> None:
         self.chain = DescriptorChain(head=head)
         self.mem = mem
-        self.max_descs = max_descs
+        self.max_descs = min(max_descs, MAX_CHAIN_SEGMENTS)
         self.indirect_ok = indirect_ok
         self._count = 0
         self._seen_write = False
@@ -159,6 +182,13 @@ class ChainBuilder:
                 "outside guest RAM"
             )
         entries = length // table_entry_size
+        if entries > MAX_CHAIN_SEGMENTS:
+            # Not capped by the queue size: Linux fills tables longer than a tiny queue, and
+            # QEMU accepts up to VIRTQUEUE_MAX_SIZE entries in one.
+            raise QueueError(
+                f"chain at head {self.chain.head}: indirect table of {entries} descriptors "
+                f"exceeds {MAX_CHAIN_SEGMENTS}"
+            )
         self._in_table = True
         self.chain.indirect = True
         self.max_descs = entries

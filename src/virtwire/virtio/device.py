@@ -581,10 +581,14 @@ class VirtioDevice:
             self.needs_reset(f"queue {index}: {e}")
             return None
 
-    def drain_queue(self, index: int, handler: Callable[[Any], int], batch: int = 256) -> int:
+    def drain_queue(self, index: int, handler: Callable[[Any], int], batch: int = 256,
+                    max_chains: int | None = None) -> int:
         """Generic service loop: pop batches, ``written = handler(chain)``, push, publish once per
         batch, interrupt per §2.7.7; re-enable kicks with the re-check race handled. Returns the
-        number of chains served. Raises guest faults (call it from ``process_queue``)."""
+        number of chains served. Raises guest faults (call it from ``process_queue``).
+
+        ``max_chains``: a work budget; once that many were served the loop returns with kicks
+        still disabled (the caller arranges to be called again)."""
         ring = self.queues[index]
         mem = self.mem
         if ring is None or mem is None:
@@ -603,6 +607,8 @@ class VirtioDevice:
                 total += len(chains)
                 ctr.chains += len(chains)
                 self.signal_used(index)
+                if max_chains is not None and total >= max_chains:
+                    return total
             if not ring.enable_notifications(mem):
                 return total
 

@@ -68,7 +68,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from virtwire.memory import GuestMemory, GuestMemoryError
-from virtwire.virtio.chain import ChainBuilder, DescriptorChain
+from virtwire.virtio.chain import ChainBuilder, DescriptorChain, PopBudget
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, packed_need_event
 from virtwire.virtio.queue import RingPositions
@@ -393,9 +393,8 @@ class PackedQueue:
         return got[0] if got else None
 
     def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
-        """Up to ``limit`` available chains, in ring order (§2.8.12). Ring-level checks here,
-        descriptor values in ``ChainBuilder``. A bad chain after good ones ends the batch early
-        (the good ones are returned); the next call raises ``QueueError`` on it, as split."""
+        """Up to ``limit`` available chains in ring order (§2.8.12; ``ChainBuilder`` checks the
+        descriptors). A bad chain after good ones ends the batch early, raised next call."""
         out: list[DescriptorChain] = []
         if not self.ready or limit <= 0:
             return out
@@ -406,8 +405,11 @@ class PackedQueue:
         wrap = self.avail_wrap
         inflight = self.inflight
         append = out.append
+        budget = PopBudget()
         try:
             for _ in range(limit):
+                if out and budget.spend(out[-1]):  # this call's work budget (chain.py)
+                    break
                 flags = u16[slot * 8 + 7]
                 if flags & AVAIL_USED != (_F_AVAIL if wrap else _F_USED):
                     break  # §2.8.1: not available for our wrap counter

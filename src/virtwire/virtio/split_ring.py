@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtwire.memory import GuestMemory, GuestMemoryError
-from virtwire.virtio.chain import ChainBuilder, DescriptorChain
+from virtwire.virtio.chain import ChainBuilder, DescriptorChain, PopBudget
 from virtwire.virtio.errors import QueueError
 from virtwire.virtio.notify import full_fence, vring_need_event
 from virtwire.virtio.queue import QueueFull, RingPositions
@@ -297,6 +297,7 @@ class SplitQueue:
         indirect_ok = self.indirect
         append = out.append
         start = self.next_avail
+        budget = PopBudget()
         try:
             for k in range(n):
                 head = avail_h[2 + ((start + k) & mask)]
@@ -319,7 +320,10 @@ class SplitQueue:
                     i = dh[(i << 3) + 7]
                     if i >= size:
                         raise QueueError(f"chain at head {head}: next {i} >= queue size {size}")
-                append(b.finish(1))
+                c = b.finish(1)
+                append(c)
+                if budget.spend(c):  # this call's work budget (chain.py): the caller goes on
+                    break
         except (QueueError, GuestMemoryError):
             if not out:
                 raise
@@ -334,14 +338,7 @@ class SplitQueue:
         mem: GuestMemory, b: ChainBuilder, addr: int, length: int, flags: int
     ) -> None:
         """§2.7.5.3: walk an indirect table (entries chained by ``next`` within the table)."""
-        entries = b.enter_indirect(addr, length, flags)
-        if entries > SPLIT_MAX_SIZE:
-            # §2.7.5.3.1: no chain is longer than the largest queue; bounds the walk (a looping
-            # table in a huge guest would otherwise cost millions of steps per chain).
-            raise QueueError(
-                f"chain at head {b.chain.head}: indirect table of {entries} descriptors exceeds "
-                f"{SPLIT_MAX_SIZE}"
-            )
+        entries = b.enter_indirect(addr, length, flags)  # at most 1024 (chain.py) bounds the walk
         table = mem.view(addr, length)
         unpack = _DESC.unpack_from
         j = 0
