@@ -13,7 +13,7 @@ HELP = "run the virtio-net conformance suite against a device (QEMU, DPDK, virtw
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from virtwire.conform.targets import TARGET_HELP
+    from virtwire.conform.catalog import TARGET_HELP
 
     p.add_argument("target", nargs="*", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
@@ -21,11 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only checks whose id is or starts with ID (repeatable)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("--seed", type=int, default=1, help="random seed for frame contents/sizes")
+    p.add_argument("--strict", action="store_true",
+                   help="a broken SHOULD clause fails the check instead of warning")
+    p.add_argument("--mtu", type=int, default=None, metavar="N",
+                   help="the mtu our vhost-user front end reports when the back end has no "
+                        "CONFIG protocol feature (default 1500)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtwire.conform.catalog import make_target
     from virtwire.conform.suite import CHECKS, format_table, run_suite
-    from virtwire.conform.targets import make_target
 
     if args.list:
         for c in CHECKS:
@@ -36,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise CliError("conform: give a TARGET (qemu, qemu-legacy, dpdk, virtwire, "
                        "vhost-user:PATH) or --list")
-    targets = [make_target(t) for t in args.target]  # CliError for a bad name, before starting
+    # CliError for a bad name, before starting anything
+    targets = [make_target(t, args.mtu) for t in args.target]
     reports = []
     for t in targets:
         try:
@@ -46,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - cannot even start the target
             raise UserFacingError(f"conform {t.name}: cannot start the target: {e}") from None
         try:
-            reports.append(run_suite(t, args.only or None, seed=args.seed))
+            reports.append(run_suite(t, args.only or None, seed=args.seed, strict=args.strict))
         finally:
             t.close()
         if not args.json:

@@ -95,11 +95,15 @@ class VhostUserFrontend:
         timeout: float = 5.0,
         max_queue_size: int = 1024,
         listen: bool = False,
+        mtu: int = 1500,
     ) -> None:
         if len(mac) != 6:
             raise ValueError("MAC must be 6 bytes")
         self.path = path
         self.mac = bytes(mac)
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu}: must be 68..65535")
+        self.mtu = mtu  # reported by our own config space when the back end has no CONFIG
         self.timeout = timeout
         self.max_queue_size = max_queue_size
         self.mem_size = mem_size
@@ -303,7 +307,7 @@ class VhostUserFrontend:
         cfg = bytearray(self.mac)
         cfg += spec.VIRTIO_NET_S_LINK_UP.to_bytes(2, "little")
         cfg += max(1, self.queue_num // 2).to_bytes(2, "little")
-        cfg += (1500).to_bytes(2, "little")
+        cfg += self.mtu.to_bytes(2, "little")
         cfg = cfg.ljust(off + n, b"\0")
         return bytes(cfg[off : off + n])
 

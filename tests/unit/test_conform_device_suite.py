@@ -1,0 +1,122 @@
+"""The device suite's own rules, in process: the MTU rule the suite's frames obey (virtio 1.2
+§5.1.4.1), dependency findings in §5.1.3.1's words, reserved-bit warnings and ``--strict``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from virtwire.conform.context import Context, MtuRuleBroken, guard_tx, test_frame
+from virtwire.conform.suite import run_suite
+from virtwire.conform.targets import Target
+from virtwire.conform.targets_local import LocalTarget
+from virtwire.virtio import spec as s
+
+
+@pytest.mark.parametrize("enforce", [True, False])
+def test_frame_checks_stay_within_the_negotiated_mtu(enforce: bool) -> None:
+    """frames.sizes and offload.tx_csum against a device that drops non-GSO frames above
+    mtu + 14 (as §5.1.4.1 allows): they pass, and no oversized non-GSO frame ever left the
+    driver (before the fix: 1518..65535 B and 8000/30000 B payloads went out with MTU on)."""
+    with LocalTarget("mtu=1500", enforce_mtu=enforce) as t:
+        rep = run_suite(t, ["frames.sizes", "offload.tx_csum", "frames.bulk"])
+        st = {c["id"]: c for c in rep["checks"]}
+        assert {k: v["status"] for k, v in st.items()} == {
+            "frames.bulk": "pass", "frames.sizes": "pass", "offload.tx_csum": "pass"}
+        assert t.peer is not None and t.peer.oversized == []
+        # the report says how large frames were sent
+        assert "did not negotiate MTU" in st["frames.sizes"]["detail"]
+        assert "mtu 1500" in st["frames.sizes"]["detail"]
+        assert "did not negotiate MTU" in st["offload.tx_csum"]["detail"]
+
+
+def test_without_mtu_offered_large_frames_need_no_second_driver() -> None:
+    with LocalTarget("") as t:
+        rep = run_suite(t, ["frames.sizes"])
+        c = rep["checks"][0]
+        assert c["status"] == "pass" and "not negotiated (not offered)" in c["detail"]
+
+
+def test_guard_refuses_oversized_non_gso_frames() -> None:
+    with LocalTarget("mtu=1000") as t:
+        ctx = Context(t)
+        drv = ctx.driver()
+        assert drv.mtu == 1000
+        guard_tx(drv, [test_frame(ctx.rnd, 1014)])
+        with pytest.raises(MtuRuleBroken, match="5.1.4.1"):
+            guard_tx(drv, [test_frame(ctx.rnd, 1015)])
+        guard_tx(drv, [test_frame(ctx.rnd, 5000)], gso_type=s.VIRTIO_NET_HDR_GSO_TCPV4)
+        with pytest.raises(MtuRuleBroken):
+            ctx.exchange(drv, [1500])
+        assert all(n <= 1014 for n in ctx.rand_sizes(drv, 200))
+        assert ctx.driver_without_mtu().has(s.VIRTIO_NET_F_MTU) is False
+
+
+class _Offer(Target):
+    """A target that only shows a feature word (no data path)."""
+
+    has_peer = False
+
+    def __init__(self, offered: int, raw: bool = True) -> None:
+        self.offered = offered
+        self.raw = raw
+        self.name = "offer"
+
+    def driver(self, cfg: Any = None, probe: bool = True) -> Any:
+        return SimpleNamespace(offered=self.offered, has=lambda b: bool(self.offered >> b & 1))
+
+    def backend_offered(self) -> int | None:
+        return self.offered if self.raw else None
+
+
+def _one(t: Target, cid: str, strict: bool = False) -> dict[str, Any]:
+    return run_suite(t, [cid], strict=strict)["checks"][0]
+
+
+def test_dependencies_quote_the_clause() -> None:
+    # DPDK's vhost PMD: HOST_ECN with CSUM but without HOST_TSO4/TSO6
+    c = _one(_Offer(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_CSUM, s.VIRTIO_NET_F_HOST_ECN)),
+             "features.dependencies")
+    assert c["status"] == "fail"
+    assert c["detail"].startswith('§5.1.3.1 "VIRTIO_NET_F_HOST_ECN Requires '
+                                  'VIRTIO_NET_F_HOST_TSO4 or VIRTIO_NET_F_HOST_TSO6"')
+    assert "CSUM" not in c["detail"]
+
+
+def test_transitive_gap_is_a_note_not_a_finding_against_the_first_bit() -> None:
+    c = _one(_Offer(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_HOST_ECN,
+                          s.VIRTIO_NET_F_HOST_TSO4), raw=False), "features.dependencies")
+    assert c["status"] == "fail"  # HOST_TSO4 really lacks CSUM
+    fails = c["detail"].split(" (notes:")[0]
+    assert fails == ('§5.1.3.1 "VIRTIO_NET_F_HOST_TSO4 Requires VIRTIO_NET_F_CSUM": offered '
+                     'without VIRTIO_NET_F_CSUM')
+    assert c["data"]["notes"] == ["VIRTIO_NET_F_HOST_ECN needs VIRTIO_NET_F_CSUM only "
+                                  "transitively (through its direct requirements): not offered"]
+    ok = _one(_Offer(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_HOST_ECN, s.VIRTIO_NET_F_CSUM,
+                           s.VIRTIO_NET_F_HOST_TSO6)), "features.dependencies")
+    assert ok["status"] == "pass" and ok["data"]["notes"] == []
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (s.VIRTIO_NET_F_GSO, "VIRTIO_NET_F_GSO (legacy interface only"),
+    (26, "VHOST_F_LOG_ALL"),
+    (30, "bit 30"),
+    (45, "41 to 49 are reserved"),
+])
+def test_reserved_and_legacy_bits_warn_and_fail_under_strict(extra: int, words: str) -> None:
+    t = _Offer(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_MAC, extra))
+    c = _one(t, "features.reserved_bits")
+    assert c["status"] == "warn" and words in c["detail"]
+    c = _one(t, "features.reserved_bits", strict=True)
+    assert c["status"] == "fail" and c["detail"].startswith("[strict: SHOULD]")
+    clean = _one(_Offer(s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_MAC)), "features.reserved_bits")
+    assert clean["status"] == "pass"
+
+
+def test_local_target_is_clean() -> None:
+    with LocalTarget() as t:
+        rep = run_suite(t)
+    bad = {c["id"]: c["detail"] for c in rep["checks"] if c["status"] in ("fail", "warn")}
+    assert bad == {}
