@@ -22,7 +22,7 @@ from virtwire.conform.context import (
     mismatch,
     test_frame,
 )
-from virtwire.conform.features import bit_findings, dependency_findings
+from virtwire.conform.features import VHOST_ONLY_MASK, bit_findings, dependency_findings
 from virtwire.conform.targets import Target
 from virtwire.net.driver import VirtioNetDriver
 from virtwire.virtio import spec
@@ -59,10 +59,14 @@ def c_reserved_bits(ctx: Context) -> Result:
         return Result(SKIP, "legacy interface: legacy bits are its own")
     drv = ctx.driver()
     seen = drv.offered
-    found = bit_findings(seen)
+    found = bit_findings(seen)  # what reaches the driver
     raw = ctx.t.backend_offered()
     d: dict[str, Any] = {"driver_sees": hex(seen)}
     if raw is not None:
+        # vhost-user: the back end's own word may carry vhost protocol bits (the front end's
+        # business); its legacy or reserved bits are the back end's finding
+        own = bit_findings(raw & ~VHOST_ONLY_MASK)
+        found = [f"back end offers {x}" for x in own] + [f"front end passes {x}" for x in found]
         d["back_end_offers"] = hex(raw)
         d["front_end_filtered"] = spec.feature_names(raw & ~seen)
     if not seen >> spec.VIRTIO_F_VERSION_1 & 1:

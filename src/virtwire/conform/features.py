@@ -17,7 +17,7 @@ from __future__ import annotations
 from virtwire.virtio import spec
 
 __all__ = ["DIRECT", "clause_words", "dependency_findings", "bit_findings", "KNOWN_NET",
-           "KNOWN_TRANSPORT", "VHOST_ONLY", "LEGACY_ONLY"]
+           "KNOWN_TRANSPORT", "VHOST_ONLY", "VHOST_ONLY_MASK", "LEGACY_ONLY"]
 
 
 def _name(b: int) -> str:
@@ -83,6 +83,9 @@ LEGACY_ONLY = {6: "VIRTIO_NET_F_GSO (legacy interface only, §5.1.3.2)",
 VHOST_ONLY = {26: "VHOST_F_LOG_ALL (a vhost protocol bit, undefined for virtio drivers)",
               30: "bit 30 (VHOST_USER_F_PROTOCOL_FEATURES; for virtio §6.3 'UNUSED ... SHOULD "
                   "NOT be negotiated')"}
+
+
+VHOST_ONLY_MASK = sum(1 << b for b in VHOST_ONLY)
 
 
 def bit_findings(offered: int) -> list[str]:
