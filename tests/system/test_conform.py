@@ -19,11 +19,13 @@ NO_OFFLOADS = {"offload.tx_csum": "skip", "offload.tx_tso": "skip", "offload.rx_
 EXPECTED = {
     "qemu": {"used.packed_write_flag": "fail", "notify.no_stall": "fail", "ctrl.mq": "skip",
              **NO_OFFLOADS},
-    "qemu-legacy": {"features.version_1": "skip", "features.reserved_bits": "skip", "used.packed_write_flag": "skip",
+    "qemu-legacy": {"features.version_1": "skip", "features.reserved_bits": "skip",
+                    "used.packed_write_flag": "skip",
                     "ctrl.mq": "skip", "irq.msix": "skip", "reset.queue": "skip", **NO_OFFLOADS},
     "qemu-tap": {"used.packed_write_flag": "fail"},
     # reserved_bits: testpmd offers VIRTIO_NET_F_GSO (bit 6) and ANY_LAYOUT with VERSION_1
-    "dpdk": {"features.dependencies": "fail", "features.reserved_bits": "warn", "config.generation": "skip", "ctrl.mq": "skip",
+    "dpdk": {"features.dependencies": "fail", "features.reserved_bits": "warn",
+             "config.generation": "skip", "ctrl.mq": "skip",
              "config.before_features_ok": "skip", "reset.queue": "skip",
              "irq.msix": "skip",
              "ctrl.commands": "skip", "offload.tx_tso": "skip", "offload.rx_gso": "skip"},
