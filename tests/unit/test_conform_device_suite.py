@@ -120,3 +120,38 @@ def test_local_target_is_clean() -> None:
         rep = run_suite(t)
     bad = {c["id"]: c["detail"] for c in rep["checks"] if c["status"] in ("fail", "warn")}
     assert bad == {}
+
+
+def test_target_names() -> None:
+    from virtwire.conform.catalog import make_target
+    from virtwire.errors import CliError
+
+    t = make_target("vhost-user:/tmp/x.sock,mode=client,loopback", mtu=9000)
+    got = (t.path, t.listen, t.mtu, t.loopback)  # type: ignore[attr-defined]
+    assert got == ("/tmp/x.sock", True, 9000, True)
+    assert t.name == "vhost-user:/tmp/x.sock,loopback,mode=client"
+    t = make_target("vhost-user:/tmp/x.sock")
+    assert (t.listen, t.mtu, t.has_peer) == (False, 1500, False)  # type: ignore[attr-defined]
+    assert make_target("local:mtu=9000").name == "local:mtu=9000"
+    for bad, words in (("vhost-user:/x,mode=both", "server or client"),
+                       ("vhost-user:/x,speed=1", "unknown option"), ("nosuch", "unknown"),
+                       ("local:mtu=5", "68..65535")):
+        with pytest.raises(CliError, match=words):
+            make_target(bad)
+    with pytest.raises(CliError, match="--mtu 20"):
+        make_target("dpdk", mtu=20)
+
+
+def test_cli_driver_suite_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from virtwire.cli import main
+
+    assert main(["conform", "--driver", "virtwire", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["suite"] == "driver" and rep["summary"]["fail"] == 0
+    assert main(["conform", "--driver", "nosuch"]) == 2
+    assert "unknown driver 'nosuch'" in capsys.readouterr().err
+    assert main(["conform", "local", "--only", "features", "--strict", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["strict"] is True and rep["summary"]["pass"] == 4

@@ -98,6 +98,7 @@ class LocalTarget(Target):
                             "memory peer" + (", non-GSO frames above the MTU dropped"
                                              if enforce_mtu else ""))
         self.enforce_mtu = enforce_mtu
+        VirtioNet(None, options=options)  # ValueError for bad options, before anything runs
         self.mem_size = mem_size
         self.dev: VirtioNet | None = None
         self.peer: MtuPeer | None = None
@@ -105,8 +106,7 @@ class LocalTarget(Target):
         self.irq = RecordingInterrupt()
 
     def open(self) -> None:
-        dev = VirtioNet(None, options=self.options, mac="02:00:00:00:00:02")
-        self.peer = MtuPeer(dev.mtu, self.enforce_mtu)
+        self.peer = MtuPeer(VirtioNet(None, options=self.options).mtu, self.enforce_mtu)
         dev = VirtioNet(self.peer, options=self.options, mac="02:00:00:00:00:02")
         dev.attach(self.mem, self.irq)
         self.peer.on_readable = lambda: dev.backend_ready(0)
