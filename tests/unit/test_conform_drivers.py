@@ -168,3 +168,20 @@ def test_gso_without_the_feature() -> None:
         t.mem.write(BUF, hdr + test_frame(random.Random(1), 1000))
         _raw_tx_chain(t, [(BUF, 1012, 0, 0)])
     _only_fail(observe_local(drive), "driver.tx_header", "device dropped a transmit frame")
+
+
+def test_vhost_user_words_are_not_judged_for_dependencies() -> None:
+    """Over vhost-user the back end sees the front end's word (QEMU keeps CTRL_VQ, passes
+    GUEST_ANNOUNCE): no false failure for Linux; a bit never offered still fails."""
+    from virtwire.conform.drivers import analyze
+
+    def ev(cat: str, e: str, feats: int) -> dict[str, Any]:
+        return {"cat": cat, "ev": e, "features": hex(feats)}
+    offer = s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_GUEST_ANNOUNCE, s.VIRTIO_NET_F_MAC)
+    ack = s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_GUEST_ANNOUNCE)
+    events = [{"cat": "vhost", "ev": "msg"}, ev("feature", "offer", offer),
+              ev("feature", "ack", ack)]
+    assert _statuses(analyze(events, "x", "y"))["driver.features"] == "pass"
+    assert _statuses(analyze(events[1:], "x", "y"))["driver.features"] == "fail"
+    events.append(ev("feature", "ack", ack | s.bit(s.VIRTIO_NET_F_MQ)))
+    assert _statuses(analyze(events, "x", "y"))["driver.features"] == "fail"

@@ -23,7 +23,7 @@ from typing import Any
 
 from virtwire.conform.context import test_frame
 from virtwire.conform.drivers import analyze, observe_local, recording
-from virtwire.errors import CliError
+from virtwire.errors import CliError, UserFacingError
 
 __all__ = ["DRIVERS", "run_driver"]
 
@@ -59,7 +59,9 @@ def _virtwire() -> dict[str, Any]:
 def _guest(vm: Any, peer: str, ctrl: bool) -> None:
     vm.wait_ready(240)
     for c in GUEST_TRAFFIC + (GUEST_CTRL if ctrl else []):
-        vm.run(c.format(peer=peer), timeout=60)
+        out = vm.run(c.format(peer=peer), timeout=60).output
+        if c.startswith("ping") and " 0 received" in out:
+            raise UserFacingError(f"guest: {c.format(peer=peer)!r} got no reply: {out[-300:]}")
 
 
 def _linux_pci() -> dict[str, Any]:
