@@ -75,3 +75,34 @@ def test_conform_any_vhost_user_socket() -> None:
             assert st["features.dependencies"] == "fail"  # testpmd's HOST_ECN, as for "dpdk"
             assert st["frames.bulk"] == ("pass" if data else "skip")
             assert proc.returncode == 1
+
+
+# the driver suite: every driver here gets a clean report (each check's failure mode is in
+# tests/unit/test_conform_drivers.py, with a driver broken on purpose)
+DRIVER_EXPECTED: dict[str, dict[str, str]] = {
+    "virtwire": {}, "linux-pci": {}, "linux-vhost-user": {}, "dpdk": {},
+}
+
+
+@pytest.mark.parametrize("driver", list(DRIVER_EXPECTED))
+def test_conform_driver_reports(driver: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "virtwire", "conform", "--driver", driver,
+                           "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.stdout, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    statuses = {c["id"]: c["status"] for c in report["checks"]}
+    want = {cid: DRIVER_EXPECTED[driver].get(cid, "pass") for cid in statuses}
+    assert statuses == want, {c["id"]: c["detail"] for c in report["checks"]
+                              if c["status"] != want[c["id"]]}
+    # the driver really moved traffic through the device
+    chains = next(c for c in report["checks"] if c["id"] == "driver.buffer_reuse")["detail"]
+    assert int(chains.split()[0]) > 50, chains
+    assert proc.returncode == 0
+
+
+def test_conform_strict_turns_warnings_into_failures() -> None:
+    proc = subprocess.run([sys.executable, "-m", "virtwire", "conform", "dpdk", "--only",
+                           "features", "--strict", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    st = {c["id"]: c["status"] for c in json.loads(proc.stdout)["checks"]}
+    assert st["features.reserved_bits"] == "fail" and proc.returncode == 1
