@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from virtwire.conform.targets import QemuTarget, Target, VhostUserTarget
 from virtwire.conform.targets_local import LocalTarget
+from virtwire.conform.targets_pci import PciProxyTarget
 from virtwire.errors import CliError
 
 __all__ = ["make_target", "TARGET_HELP"]
@@ -12,7 +13,9 @@ TARGET_HELP = (
     "qemu (QEMU's virtio-net-pci, modern, over qtest), qemu-legacy (the transitional device "
     "through its legacy I/O BAR), qemu-tap (modern, on a vnet_hdr TAP: offloads), dpdk (DPDK "
     "testpmd's vhost PMD, io forwarding), virtwire (virtwire serve's vhost-user back end on a "
-    "TAP), local[:OPTIONS] (virtwire's device model in process, memory peer), "
+    "TAP), virtwire-pci, virtwire-pci-legacy (virtwire's whole PCI device behind QEMU's "
+    "x-pci-proxy-dev, modern or transitional, over qtest), local[:OPTIONS] (virtwire's "
+    "device model in process, memory peer), "
     "vhost-user:PATH[,loopback][,mode=server|client] (any back end: mode=server (default) it "
     "listens at PATH, mode=client it connects to PATH where we listen; loopback: it echoes "
     "every frame)"
@@ -27,7 +30,9 @@ def make_target(spec_: str, mtu: int | None = None) -> Target:
     simple = {"qemu": lambda: QemuTarget(), "qemu-legacy": lambda: QemuTarget(legacy=True),
               "qemu-transitional": lambda: QemuTarget(legacy=True),
               "qemu-packed": lambda: QemuTarget(packed=True),
-              "qemu-tap": lambda: QemuTarget(tap=True)}
+              "qemu-tap": lambda: QemuTarget(tap=True),
+              "virtwire-pci": lambda: PciProxyTarget(),
+              "virtwire-pci-legacy": lambda: PciProxyTarget(legacy=True)}
     if spec_ in simple:
         return simple[spec_]()
     if spec_ in ("dpdk", "virtwire"):
