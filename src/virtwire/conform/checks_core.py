@@ -279,6 +279,34 @@ def _sizes_on(ctx: Context, drv: VirtioNetDriver, sizes: list[int], per: dict[in
             fails.append(n)
 
 
+@check("used.num_buffers", "MRG_RXBUF: num_buffers counts the buffers each frame spans",
+       "virtio 1.2 §5.1.6.4 (device MUST set num_buffers to the number of descriptors the "
+       "packet spans), §5.1.6.3.1")
+def c_num_buffers(ctx: Context) -> Result:
+    if not ctx.t.has_peer:
+        return Result(SKIP, "no peer to exchange frames with")
+    drv = ctx.driver_without_mtu()
+    if drv.rx_layout != "mergeable":
+        return Result(SKIP, "VIRTIO_NET_F_MRG_RXBUF not negotiated")
+    buf = drv.cfg.mrg_buf_len
+    seen: dict[int, list[int]] = {}
+    for n in (60, 1514, 2100, 4000, 9014, 30000, 65535):
+        ex = ctx.exchange(drv, [n] * 2, batch=2, timeout=3)
+        bad = mismatch(ex.sent_in, ex.got_in)
+        if bad:
+            return Result(FAIL, f"{n} B: {bad[0]}", {"num_buffers": seen})
+        seen[n] = [r.num_buffers for r in ex.rx_meta]
+    least = {n: -(-(n + drv.hdr_len) // buf) for n in seen}
+    fewer = {n: v for n, v in seen.items() if min(v) < least[n]}
+    d = {"num_buffers": seen, "at_least": least, "buffer_len": buf}
+    if fewer:
+        return Result(FAIL, f"num_buffers below the buffers the frame needs: {fewer}", d)
+    more = {n: v for n, v in seen.items() if max(v) > least[n]}
+    return Result(PASS, "num_buffers = buffers spanned for 60..65535 B frames (driver checks "
+                        "each against the used ring)" + (f"; more than the minimum: {more}"
+                                                          if more else ""), d)
+
+
 @check("used.rx_len", "Receive used lengths equal header + frame bytes written",
        "virtio 1.2 §2.7.8 / §2.8.4 (len = bytes written into the buffer), §5.1.6.4")
 def c_rx_len(ctx: Context) -> Result:
