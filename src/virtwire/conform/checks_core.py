@@ -513,20 +513,29 @@ def c_config_early(ctx: Context) -> Result:
         if not getattr(fe, "protocol_features", 0) >> 9 & 1:
             return Result(SKIP, "no VHOST_USER_PROTOCOL_F_CONFIG: the front end supplies config")
     drv = ctx.driver()
-    mac_after = drv.mac
+    after = {"mac": drv.mac.hex(":")}
+    fields = [("mac", 0, 6, None)]
+    for name, off, feat, val in (("status", 6, spec.VIRTIO_NET_F_STATUS, drv.status),
+                                 ("max_virtqueue_pairs", 8, spec.VIRTIO_NET_F_MQ, drv.max_pairs),
+                                 ("mtu", 10, spec.VIRTIO_NET_F_MTU, drv.mtu)):
+        if drv.has(feat):  # the field exists (§5.1.4): compare it
+            fields.append((name, off, 2, feat))
+            after[name] = val
     t = drv.t
     t.reset()
     t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE)
     t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER)
-    early = t.read_config(0, 6)
-    status = t.read_config(6, 2)
+    before: dict[str, Any] = {}
+    for name, off, n, _feat in fields:
+        raw = t.read_config(off, n)
+        before[name] = raw.hex(":") if name == "mac" else int.from_bytes(raw, "little")
     t.reset()
-    d = {"mac_before": early.hex(":"), "mac_after": mac_after.hex(":"),
-         "status_before": int.from_bytes(status, "little")}
-    if early != mac_after:
-        return Result(FAIL, f"MAC read before FEATURES_OK {d['mac_before']} differs from "
-                            f"{d['mac_after']}", d)
-    return Result(PASS, f"MAC {d['mac_before']} and status readable after ACKNOWLEDGE|DRIVER", d)
+    d = {"before_features_ok": before, "after_driver_ok": after}
+    diff = [f"{k} {before[k]} before, {after[k]} after" for k in after if before[k] != after[k]]
+    if diff:
+        return Result(FAIL, "config read before FEATURES_OK differs: " + "; ".join(diff), d)
+    return Result(PASS, f"{', '.join(before)} read after ACKNOWLEDGE|DRIVER equal what the "
+                        "driver read after FEATURES_OK", d)
 
 
 @check("config.generation", "A link change is visible: status, config interrupt, generation",
