@@ -155,3 +155,37 @@ def test_cli_driver_suite_and_errors(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["conform", "local", "--only", "features", "--strict", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["strict"] is True and rep["summary"]["pass"] == 4
+
+
+def test_config_fields_that_change_at_features_ok_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose mtu reads differently before FEATURES_OK (§2.5.1, §3.1.1)."""
+    from virtwire.virtio.pair import LocalNetTransport
+
+    real = LocalNetTransport.read_config
+
+    def early_mtu(self: LocalNetTransport, off: int, n: int) -> bytes:
+        data = real(self, off, n)
+        if off == 10 and not self.get_status() & s.VIRTIO_CONFIG_S_FEATURES_OK:
+            return (9000).to_bytes(2, "little")
+        return data
+    with LocalTarget() as t:
+        assert _one(t, "config.before_features_ok")["status"] == "pass"
+        monkeypatch.setattr(LocalNetTransport, "read_config", early_mtu)
+        c = _one(t, "config.before_features_ok")
+    assert c["status"] == "fail" and "mtu 9000 before, 1500 after" in c["detail"]
+
+
+def test_num_buffers_wrong_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that reports num_buffers 1 for a frame spanning several buffers: the driver
+    reads a truncated frame (or refuses it), and used.num_buffers fails."""
+    from virtwire.net.rx import Receive
+
+    real = Receive._write_num_buffers
+
+    def one_buffer(views: list[memoryview], used: int, hl: int, vnet: bool) -> None:
+        real(views, 1, hl, vnet)
+    with LocalTarget() as t:
+        assert _one(t, "used.num_buffers")["status"] == "pass"
+        monkeypatch.setattr(Receive, "_write_num_buffers", staticmethod(one_buffer))
+        c = _one(t, "used.num_buffers")
+    assert c["status"] == "fail", c
