@@ -32,7 +32,8 @@ class PciProxyTarget(QemuTarget):
         self.description = ("virtwire's PCI device (" + ("transitional, legacy I/O BAR" if legacy
                             else "modern") + ") behind QEMU's x-pci-proxy-dev, qtest, "
                             "memory peer")
-        self.can_set_link = False
+        self.can_set_link = True
+        self.net: Any = None
         self.can_packed = not legacy
         self.can_inject_gso = False
         self.peer_be: MtuPeer | None = None
@@ -51,6 +52,7 @@ class PciProxyTarget(QemuTarget):
             self.peer_be = MtuPeer(net.mtu, enforce=True)
             net = VirtioNet(self.peer_be, options=self.options or None, mac="52:54:00:12:34:56",
                             name="conform-pci")
+            self.net = net
             pci = VirtioPciDevice(net, transitional=self.legacy)
             self.server = PciProxyServer(ours, pci, [self.peer_be])
             self.server.start_thread("virtwire-conform-pci")
@@ -95,3 +97,7 @@ class PciProxyTarget(QemuTarget):
     def peer_drain(self) -> None:
         if self.peer_be is not None:
             self.peer_be.sent.clear()
+
+    def set_link(self, up: bool) -> None:
+        """Flip the link as ``virtwire ctl`` would (config change: status, generation, ISR)."""
+        self.net.set_link(up)
