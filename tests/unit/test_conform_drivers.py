@@ -185,3 +185,36 @@ def test_vhost_user_words_are_not_judged_for_dependencies() -> None:
     assert _statuses(analyze(events[1:], "x", "y"))["driver.features"] == "fail"
     events.append(ev("feature", "ack", ack | s.bit(s.VIRTIO_NET_F_MQ)))
     assert _statuses(analyze(events, "x", "y"))["driver.features"] == "fail"
+
+
+def _pci_events(reread: bool, late_enable: bool) -> list[dict[str, Any]]:
+    def st(old: int, new: int) -> dict[str, Any]:
+        return {"cat": "status", "ev": "set", "old": old, "new": new}
+
+    def reg(ev: str, name: str) -> dict[str, Any]:
+        return {"cat": "pci", "ev": ev, "reg": name}
+    feats = hex(s.bit(s.VIRTIO_F_VERSION_1))
+    ev = [st(0, 0), st(0, ACK), st(ACK, ACK | DRV),
+          {"cat": "feature", "ev": "ack", "features": feats},
+          st(ACK | DRV, ACK | DRV | FOK), reg("bar_write", "common_cfg.device_status")]
+    if reread:
+        ev.append(reg("bar_read", "common_cfg.device_status"))
+    ev += [{"cat": "feature", "ev": "negotiated", "features": feats},
+           reg("bar_write", "common_cfg.queue_enable"),
+           st(ACK | DRV | FOK, ACK | DRV | FOK | DOK)]
+    if late_enable:
+        ev.append(reg("bar_write", "common_cfg.queue_enable"))
+    return ev
+
+
+def test_pci_features_ok_reread_and_late_queue_enable() -> None:
+    from virtwire.conform.drivers import analyze
+
+    def init(ev: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(c for c in analyze(ev, "x", "y")["checks"] if c["id"] == "driver.init_order")
+    ok = init(_pci_events(True, False))
+    assert ok["status"] == "pass" and "re-read" in ok["detail"]
+    c = init(_pci_events(False, False))
+    assert c["status"] == "fail" and "without re-reading device status" in c["detail"]
+    c = init(_pci_events(True, True))
+    assert c["status"] == "fail" and "queue_enable written after DRIVER_OK" in c["detail"]

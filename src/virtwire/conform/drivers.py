@@ -144,11 +144,41 @@ def _init_order(f: Facts) -> tuple[str, str]:
             bad.append(f"{new:#x}: DRIVER_OK without FEATURES_OK")
         if old == 0 and new not in (ACK, ACK | spec.VIRTIO_CONFIG_S_FAILED):
             bad.append(f"first write after reset {new:#x}, not ACKNOWLEDGE")
+    pci = any(e.get("cat") == "pci" for e in f.events)
+    if pci and modern:
+        bad += _pci_order(f)
     if bad:
         return FAIL, "; ".join(dict.fromkeys(bad))
+    extra = ("; FEATURES_OK re-read before DRIVER_OK, no queue enabled after DRIVER_OK (PCI "
+             "register accesses)" if pci and modern else
+             "; the FEATURES_OK re-read is not observable on this transport")
     return PASS, (f"{len(seq)} status writes in §3.1.1 order (ACKNOWLEDGE, DRIVER, features, "
-                  "FEATURES_OK, DRIVER_OK); the FEATURES_OK re-read and queue set-up before "
-                  "DRIVER_OK are checked by the device (refusals would show here)")
+                  "FEATURES_OK, DRIVER_OK)" + extra)
+
+
+def _pci_order(f: Facts) -> list[str]:
+    """§3.1.1 steps 6-7 from the PCI register accesses: the status re-read after FEATURES_OK,
+    and queue_enable written before DRIVER_OK (after it only with RING_RESET, §2.6.1)."""
+    bad = []
+    status = 0
+    want_reread = reread = False
+    ring_reset = any(n >> spec.VIRTIO_F_RING_RESET & 1 for n in f.negotiated)
+    for e in f.events:
+        cat, ev = e.get("cat"), e.get("ev")
+        if cat == "status" and ev == "set":
+            new = e["new"]
+            if new & DOK and not status & DOK and want_reread and not reread:
+                bad.append("DRIVER_OK without re-reading device status after FEATURES_OK "
+                           "(§3.1.1 step 6)")
+            if new & FOK and not status & FOK:
+                want_reread, reread = True, False
+            status = new
+        elif cat == "pci" and e.get("reg") == "common_cfg.device_status" and ev == "bar_read":
+            reread = reread or want_reread
+        elif (cat == "pci" and ev == "bar_write" and e.get("reg") == "common_cfg.queue_enable"
+              and status & DOK and not ring_reset):
+            bad.append("queue_enable written after DRIVER_OK without RING_RESET (§3.1.1 step 7)")
+    return bad
 
 
 def _status(f: Facts) -> tuple[str, str]:
