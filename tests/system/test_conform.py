@@ -85,7 +85,10 @@ def test_conform_any_vhost_user_socket() -> None:
 # the driver suite: every driver here gets a clean report (each check's failure mode is in
 # tests/unit/test_conform_drivers.py, with a driver broken on purpose)
 DRIVER_EXPECTED: dict[str, dict[str, str]] = {
-    "virtwire": {}, "linux-pci": {}, "linux-vhost-user": {}, "dpdk": {},
+    # over vhost-user no control command reaches the back end (QEMU keeps the control queue;
+    # serve does not offer CTRL_VQ to DPDK's virtio-user)
+    "virtwire": {}, "linux-pci": {}, "linux-vhost-user": {"driver.ctrl": "skip"},
+    "dpdk": {"driver.ctrl": "skip"},
 }
 
 

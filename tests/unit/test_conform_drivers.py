@@ -218,3 +218,14 @@ def test_pci_features_ok_reread_and_late_queue_enable() -> None:
     assert c["status"] == "fail" and "without re-reading device status" in c["detail"]
     c = init(_pci_events(True, True))
     assert c["status"] == "fail" and "queue_enable written after DRIVER_OK" in c["detail"]
+
+
+def test_ctrl_command_for_a_feature_not_negotiated() -> None:
+    def drive(t: LocalTarget) -> None:
+        drv = t.driver(NetDriverConfig(features=s.bit(s.VIRTIO_F_VERSION_1, s.VIRTIO_NET_F_MAC,
+                                                      s.VIRTIO_NET_F_CTRL_VQ)))
+        assert not drv.has(s.VIRTIO_NET_F_CTRL_RX)
+        drv.ctrl(s.VIRTIO_NET_CTRL_RX, s.VIRTIO_NET_CTRL_RX_PROMISC, b"\x01")
+    rep = observe_local(drive)
+    c = next(c for c in rep["checks"] if c["id"] == "driver.ctrl")
+    assert c["status"] == "warn" and "RX.PROMISC" in c["detail"], c

@@ -264,6 +264,22 @@ def _notify(f: Facts) -> tuple[str, str]:
                   "notify.* checks)")
 
 
+def _ctrl(f: Facts) -> tuple[str, str]:
+    cmds = [e for e in f.events if e.get("cat") == "ctrl" and e.get("ev") == "cmd"]
+    if not cmds:
+        return SKIP, ("no control-queue command reached the device (over vhost-user the "
+                      "front end keeps the control queue)" if any(
+                          e.get("cat") == "vhost" for e in f.events) else
+                      "no control-queue command recorded")
+    refused = [f"{e.get('class_name')}.{e.get('cmd_name')}" for e in cmds if e.get("ack")]
+    if refused:
+        # the device answered VIRTIO_NET_ERR: a malformed or unnegotiated command (§5.1.6.5.1
+        # driver MUST NOT issue them), or a command the device lacks -- judged by hand
+        return WARN, f"{len(refused)} of {len(cmds)} commands answered ERR: {refused[:6]}"
+    names = sorted({f"{e.get('class_name')}.{e.get('cmd_name')}" for e in cmds})
+    return PASS, f"{len(cmds)} commands, all answered OK: {', '.join(names)}"
+
+
 DRIVER_CHECKS: list[tuple[str, str, str, Any]] = [
     ("driver.init_order", "Initialisation in §3.1.1 order", "virtio 1.2 §3.1.1 (driver MUST "
      "follow the sequence: ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK)",
@@ -295,6 +311,9 @@ DRIVER_CHECKS: list[tuple[str, str, str, Any]] = [
      "virtio 1.2 §5.1.6.2.1 (driver MUST NOT set gso_type/NEEDS_CSUM without the feature; "
      "csum_start/offset in the frame), §5.1.4.1 (non-GSO frames within mtu + Ethernet header)",
      _tx_rules),
+    ("driver.ctrl", "Control-queue commands well formed and negotiated",
+     "virtio 1.2 §5.1.6.5 (command layout: class, command, data, ack), §5.1.6.5.1 (driver "
+     "MUST NOT issue commands for features it did not negotiate)", _ctrl),
     ("driver.notifications", "Notifications recorded against buffers made available",
      "virtio 1.2 §2.7.10 / §2.7.13.4 (available buffer notification suppression)", _notify),
 ]
