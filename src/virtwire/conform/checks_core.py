@@ -78,7 +78,7 @@ def c_reserved_bits(ctx: Context) -> Result:
 
 
 @check("features.version_1", "A modern device offers VIRTIO_F_VERSION_1",
-       "virtio 1.2 §6.1 (device MUST offer VIRTIO_F_VERSION_1); §4.1.2.1")
+       "virtio 1.2 §6.2 (device MUST offer VIRTIO_F_VERSION_1); §4.1.2.1")
 def c_version_1(ctx: Context) -> Result:
     if ctx.t.legacy:
         return Result(SKIP, "legacy interface: 32 feature bits, VERSION_1 cannot be offered")
