@@ -36,8 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from virtwire.conform.suite import CHECKS, format_table, run_suite
 
     if args.list:
+        from virtwire.conform.drivers import DRIVER_CHECKS
+
         for c in CHECKS:
-            print(f"{c.id:<24} {c.title}\n{'':<24} {c.clause}")
+            print(f"{c.id:<26} {c.title}\n{'':<26} {c.clause}")
+        print("\ndriver suite (--driver NAME):")
+        for cid, title, clause, _fn in DRIVER_CHECKS:
+            print(f"{cid:<26} {title}\n{'':<26} {clause}")
         return 0
     if args.driver:
         return _drivers(args)
