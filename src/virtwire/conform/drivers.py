@@ -284,8 +284,8 @@ DRIVER_CHECKS: list[tuple[str, str, str, Any]] = [
     ("driver.init_order", "Initialisation in §3.1.1 order", "virtio 1.2 §3.1.1 (driver MUST "
      "follow the sequence: ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK)",
      _init_order),
-    ("driver.status", "Status writes the device accepts", "virtio 1.2 §2.1.1 (driver MUST NOT "
-     "clear a device status bit; MUST NOT set NEEDS_RESET)", _status),
+    ("driver.status", "Status writes the device accepts", "virtio 1.2 §2.1.1 (driver MUST set "
+     "the bits of the completed steps and MUST NOT clear a device status bit)", _status),
     ("driver.features", "Accepted features were offered and keep their dependencies",
      "virtio 1.2 §2.2.1 (driver MUST NOT accept a feature the device did not offer, nor one "
      "that requires a feature not accepted), §5.1.3.1", _features),
