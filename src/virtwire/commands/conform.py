@@ -13,7 +13,7 @@ HELP = "run the virtio-net conformance suite against a device (QEMU, DPDK, virtw
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from virtwire.conform.targets import TARGET_HELP
+    from virtwire.conform.catalog import TARGET_HELP
 
     p.add_argument("target", nargs="*", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
@@ -21,22 +21,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only checks whose id is or starts with ID (repeatable)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("--seed", type=int, default=1, help="random seed for frame contents/sizes")
+    p.add_argument("--driver", action="append", default=[], metavar="NAME",
+                   help="run the driver suite instead: virtwire's device observes a driver "
+                        "(virtwire, linux-pci, linux-vhost-user, dpdk); repeatable")
+    p.add_argument("--strict", action="store_true",
+                   help="a broken SHOULD clause fails the check instead of warning")
+    p.add_argument("--mtu", type=int, default=None, metavar="N",
+                   help="the mtu our vhost-user front end reports when the back end has no "
+                        "CONFIG protocol feature (default 1500)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtwire.conform.catalog import make_target
     from virtwire.conform.suite import CHECKS, format_table, run_suite
-    from virtwire.conform.targets import make_target
 
     if args.list:
+        from virtwire.conform.drivers import DRIVER_CHECKS
+
         for c in CHECKS:
-            print(f"{c.id:<24} {c.title}\n{'':<24} {c.clause}")
+            print(f"{c.id:<26} {c.title}\n{'':<26} {c.clause}")
+        print("\ndriver suite (--driver NAME):")
+        for cid, title, clause, _fn in DRIVER_CHECKS:
+            print(f"{cid:<26} {title}\n{'':<26} {clause}")
         return 0
+    if args.driver:
+        return _drivers(args)
     if not args.target:
         from virtwire.errors import CliError
 
         raise CliError("conform: give a TARGET (qemu, qemu-legacy, dpdk, virtwire, "
                        "vhost-user:PATH) or --list")
-    targets = [make_target(t) for t in args.target]  # CliError for a bad name, before starting
+    # CliError for a bad name, before starting anything
+    targets = [make_target(t, args.mtu) for t in args.target]
     reports = []
     for t in targets:
         try:
@@ -46,9 +62,36 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - cannot even start the target
             raise UserFacingError(f"conform {t.name}: cannot start the target: {e}") from None
         try:
-            reports.append(run_suite(t, args.only or None, seed=args.seed))
+            reports.append(run_suite(t, args.only or None, seed=args.seed, strict=args.strict))
         finally:
             t.close()
+        if not args.json:
+            print(format_table(reports[-1]))
+            print()
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 1 if any(r["summary"]["fail"] for r in reports) else 0
+
+
+def _drivers(args: argparse.Namespace) -> int:
+    from virtwire.conform.driver_targets import DRIVERS, run_driver
+    from virtwire.conform.suite import format_table
+    from virtwire.errors import CliError
+
+    bad = [d for d in args.driver if d not in DRIVERS]
+    if bad or args.target:
+        raise CliError(f"conform --driver: unknown driver {bad[0]!r} (known: "
+                       f"{', '.join(DRIVERS)})" if bad else
+                       "conform: give either TARGETs (device suite) or --driver (driver suite)")
+    reports = []
+    for d in args.driver:
+        try:
+            reports.append(run_driver(d))
+        except UserFacingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the driver could not be run at all
+            raise UserFacingError(f"conform --driver {d}: cannot run it: {e}") from None
         if not args.json:
             print(format_table(reports[-1]))
             print()

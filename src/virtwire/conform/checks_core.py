@@ -13,12 +13,16 @@ from virtwire.conform.context import (
     WARN,
     Context,
     Exchange,
+    MtuRuleBroken,
     Result,
     Skip,
     check,
+    frame_limit,
+    guard_tx,
     mismatch,
     test_frame,
 )
+from virtwire.conform.features import VHOST_ONLY_MASK, bit_findings, dependency_findings
 from virtwire.conform.targets import Target
 from virtwire.net.driver import VirtioNetDriver
 from virtwire.virtio import spec
@@ -30,30 +34,51 @@ from virtwire.virtio.spec import bit
 
 
 @check("features.dependencies", "Offered feature bits satisfy their dependencies",
-       "virtio 1.2 §5.1.3.1 (device MUST NOT offer a feature which requires another feature "
-       "which was not offered)")
+       "virtio 1.2 §5.1.3.1 (each bit's 'Requires'), §2.2.2 (device MUST NOT offer a feature "
+       "which requires another feature which was not offered)")
 def c_feature_deps(ctx: Context) -> Result:
     raw = ctx.t.backend_offered()
+    if raw is not None:
+        offered, source = raw & ~bit(spec.VHOST_USER_F_PROTOCOL_FEATURES), "back end"
+    else:
+        offered, source = ctx.driver().offered, "device"
+    fails, notes = dependency_findings(offered)
+    data = {"offered": spec.feature_names(offered), "source": source, "notes": notes}
+    tail = f" (notes: {'; '.join(notes)})" if notes else ""
+    if fails:
+        return Result(FAIL, "; ".join(fails) + tail, data)
+    return Result(PASS, f"{len(data['offered'])} bits offered, every §5.1.3.1 requirement "
+                        "present" + tail, data)
+
+
+@check("features.reserved_bits", "No reserved, legacy-only or vhost-only bits with VERSION_1",
+       "virtio 1.2 §2.2 (bit allocation; 41 to 49 reserved), §6 and §6.3 (transport and legacy "
+       "bits), §5.1.3.2 (VIRTIO_NET_F_GSO legacy only)")
+def c_reserved_bits(ctx: Context) -> Result:
+    if ctx.t.legacy:
+        return Result(SKIP, "legacy interface: legacy bits are its own")
     drv = ctx.driver()
-    offered = drv.offered if raw is None else raw & ~bit(spec.VHOST_USER_F_PROTOCOL_FEATURES)
-    bad = []
-    for feat, reqs in spec.NET_FEATURE_REQUIRES.items():
-        if offered >> feat & 1:
-            missing = [spec.FEATURE_NAMES[r] for r in reqs if not offered >> r & 1]
-            if missing:
-                bad.append(f"{spec.FEATURE_NAMES[feat]} without {'+'.join(missing)}")
-    for feat, anyof in spec.NET_FEATURE_REQUIRES_ANY.items():
-        if offered >> feat & 1 and not any(offered >> r & 1 for r in anyof):
-            bad.append(f"{spec.FEATURE_NAMES[feat]} without any of "
-                       f"{'/'.join(spec.FEATURE_NAMES[r] for r in anyof)}")
-    data = {"offered": spec.feature_names(offered), "source": "back end" if raw else "device"}
-    if bad:
-        return Result(FAIL, "; ".join(bad), data)
-    return Result(PASS, f"{len(data['offered'])} bits offered, all dependencies present", data)
+    seen = drv.offered
+    found = bit_findings(seen)  # what reaches the driver
+    raw = ctx.t.backend_offered()
+    d: dict[str, Any] = {"driver_sees": hex(seen)}
+    if raw is not None:
+        # vhost-user: the back end's own word may carry vhost protocol bits (the front end's
+        # business); its legacy or reserved bits are the back end's finding
+        own = bit_findings(raw & ~VHOST_ONLY_MASK)
+        found = [f"back end offers {x}" for x in own] + [f"front end passes {x}" for x in found]
+        d["back_end_offers"] = hex(raw)
+        d["front_end_filtered"] = spec.feature_names(raw & ~seen)
+    if not seen >> spec.VIRTIO_F_VERSION_1 & 1:
+        return Result(SKIP, "VERSION_1 not offered", d)
+    if found:
+        return Result(WARN, "; ".join(found) + " (no MUST forbids it: a warning, a failure "
+                      "under --strict)", d)
+    return Result(PASS, "only bits virtio 1.2 defines for a modern net device", d)
 
 
 @check("features.version_1", "A modern device offers VIRTIO_F_VERSION_1",
-       "virtio 1.2 §6.1 (device MUST offer VIRTIO_F_VERSION_1); §4.1.2.1")
+       "virtio 1.2 §6.2 (device MUST offer VIRTIO_F_VERSION_1); §4.1.2.1")
 def c_version_1(ctx: Context) -> Result:
     if ctx.t.legacy:
         return Result(SKIP, "legacy interface: 32 feature bits, VERSION_1 cannot be offered")
@@ -74,7 +99,7 @@ def c_minimal(ctx: Context) -> Result:
         return Result(FAIL, f"status {st:#x} lacks FEATURES_OK")
     if not ctx.t.has_peer:
         return Result(PASS, "FEATURES_OK accepted (no peer: data path not exercised)")
-    ex = ctx.exchange(drv, [ctx.rnd.randint(60, 1514) for _ in range(300)])
+    ex = ctx.exchange(drv, ctx.rand_sizes(drv, 300))
     bad = mismatch(ex.sent_out, ex.got_out) + mismatch(ex.sent_in, ex.got_in)
     d = {"negotiated": spec.feature_names(drv.features), "hdr_len": drv.hdr_len,
          "rx_layout": drv.rx_layout}
@@ -121,7 +146,7 @@ def c_reset(ctx: Context) -> Result:
     # a second bring-up on the same device works end to end
     drv2 = ctx.driver()
     if ctx.t.has_peer:
-        ex = ctx.exchange(drv2, [ctx.rnd.randint(60, 1514) for _ in range(100)])
+        ex = ctx.exchange(drv2, ctx.rand_sizes(drv2, 100))
         bad = mismatch(ex.sent_out, ex.got_out) + mismatch(ex.sent_in, ex.got_in)
         if bad:
             return Result(FAIL, f"after reset: {bad[:4]}")
@@ -147,7 +172,7 @@ def c_queue_reset(ctx: Context) -> Result:
                                 "queue_enable still 1")
         done.append(qq.index)
     if ctx.t.has_peer:
-        ex = ctx.exchange(drv, [ctx.rnd.randint(60, 1514) for _ in range(200)])
+        ex = ctx.exchange(drv, ctx.rand_sizes(drv, 200))
         bad = mismatch(ex.sent_out, ex.got_out) + mismatch(ex.sent_in, ex.got_in)
         if bad:
             return Result(FAIL, f"after queue reset: {bad[:4]}")
@@ -173,7 +198,7 @@ def c_queue_sizes(ctx: Context) -> Result:
         return Result(FAIL, f"could not use queue size 64 (got {drv.txqs[0].size})")
     msg = f"max sizes {sizes}; queue size 64 accepted"
     if ctx.t.has_peer:
-        ex = ctx.exchange(drv, [ctx.rnd.randint(60, 1514) for _ in range(500)], batch=48)
+        ex = ctx.exchange(drv, ctx.rand_sizes(drv, 500), batch=48)
         bad = mismatch(ex.sent_out, ex.got_out) + mismatch(ex.sent_in, ex.got_in)
         if bad:
             return Result(FAIL, f"with 64-entry queues: {bad[:4]}", {"max_sizes": sizes})
@@ -190,7 +215,7 @@ def _bulk(ctx: Context, target: Target, packed: bool) -> tuple[VirtioNetDriver, 
         drv = ctx.driver_on(target, packed=packed)
         if drv.has(spec.VIRTIO_F_RING_PACKED) != packed:
             raise Skip("packed ring not offered" if packed else "split ring refused")
-        ex = ctx.exchange(drv, [ctx.rnd.randint(60, 1514) for _ in range(2000)], target)
+        ex = ctx.exchange(drv, ctx.rand_sizes(drv, 2000), target)
         ctx.notes[key] = (drv, ex)
     return ctx.notes[key]
 
@@ -211,20 +236,40 @@ def c_bulk(ctx: Context) -> Result:
 
 @check("frames.sizes", "Frames of 60..65535 bytes arrive intact in both directions",
        "virtio 1.2 §5.1.6.2, §5.1.6.3.1 (MRG_RXBUF: device MUST use as many buffers as needed), "
-       "§5.1.6.4")
+       "§5.1.6.4; frames above mtu + 14 only with MTU not negotiated (§5.1.4.1)")
 def c_sizes(ctx: Context) -> Result:
     if not ctx.t.has_peer:
         return Result(SKIP, "no peer to exchange frames with")
     drv = ctx.driver()
-    per = {}
-    fails = []
-    for n in SIZES:
+    limit = frame_limit(drv)
+    small = [n for n in SIZES if limit is None or n <= limit]
+    big = [n for n in SIZES if n not in small]
+    per: dict[int, str] = {}
+    fails: list[int] = []
+    _sizes_on(ctx, drv, small, per, fails, ctx.driver)
+    how = "VIRTIO_NET_F_MTU not negotiated (not offered)" if limit is None else (
+        f"{small[0]}..{small[-1]} B with VIRTIO_NET_F_MTU negotiated (mtu {drv.mtu})")
+    if big:
+        _sizes_on(ctx, ctx.driver_without_mtu(), big, per, fails, ctx.driver_without_mtu)
+        how += f"; {big[0]}..{big[-1]} B on a driver that did not negotiate MTU (§5.1.4.1)"
+    d = {"per_size": per, "mtu_policy": how}
+    if fails:
+        return Result(FAIL, "sizes failing: " + ", ".join(f"{n} ({per[n]})" for n in fails)
+                      + f" [{how}]", d)
+    return Result(PASS, f"{len(SIZES)} sizes from 60 to 65535 intact both ways ({how})", d)
+
+
+def _sizes_on(ctx: Context, drv: VirtioNetDriver, sizes: list[int], per: dict[int, str],
+              fails: list[int], fresh: Any) -> None:
+    for n in sizes:
         try:
             ex = ctx.exchange(drv, [n] * 2, batch=2, timeout=3)
+        except MtuRuleBroken:
+            raise
         except Exception as e:  # noqa: BLE001 - recorded as the finding for this size
             per[n] = f"error: {e}"
             fails.append(n)
-            drv = ctx.driver()
+            drv = fresh()
             continue
         bo = mismatch(ex.sent_out, ex.got_out)
         bi = mismatch(ex.sent_in, ex.got_in)
@@ -232,10 +277,34 @@ def c_sizes(ctx: Context) -> Result:
             ([f"out: {bo[0]}"] if bo else []) + ([f"in: {bi[0]}"] if bi else []))
         if bo or bi:
             fails.append(n)
-    d = {"per_size": per, "rx_layout": drv.rx_layout}
-    if fails:
-        return Result(FAIL, "sizes failing: " + ", ".join(f"{n} ({per[n]})" for n in fails), d)
-    return Result(PASS, f"{len(SIZES)} sizes from 60 to 65535 intact both ways", d)
+
+
+@check("used.num_buffers", "MRG_RXBUF: num_buffers counts the buffers each frame spans",
+       "virtio 1.2 §5.1.6.4 (device MUST set num_buffers to the number of descriptors the "
+       "packet spans), §5.1.6.3.1")
+def c_num_buffers(ctx: Context) -> Result:
+    if not ctx.t.has_peer:
+        return Result(SKIP, "no peer to exchange frames with")
+    drv = ctx.driver_without_mtu()
+    if drv.rx_layout != "mergeable":
+        return Result(SKIP, "VIRTIO_NET_F_MRG_RXBUF not negotiated")
+    buf = drv.cfg.mrg_buf_len
+    seen: dict[int, list[int]] = {}
+    for n in (60, 1514, 2100, 4000, 9014, 30000, 65535):
+        ex = ctx.exchange(drv, [n] * 2, batch=2, timeout=3)
+        bad = mismatch(ex.sent_in, ex.got_in)
+        if bad:
+            return Result(FAIL, f"{n} B: {bad[0]}", {"num_buffers": seen})
+        seen[n] = [r.num_buffers for r in ex.rx_meta]
+    least = {n: -(-(n + drv.hdr_len) // buf) for n in seen}
+    fewer = {n: v for n, v in seen.items() if min(v) < least[n]}
+    d = {"num_buffers": seen, "at_least": least, "buffer_len": buf}
+    if fewer:
+        return Result(FAIL, f"num_buffers below the buffers the frame needs: {fewer}", d)
+    more = {n: v for n, v in seen.items() if max(v) > least[n]}
+    return Result(PASS, "num_buffers = buffers spanned for 60..65535 B frames (driver checks "
+                        "each against the used ring)" + (f"; more than the minimum: {more}"
+                                                          if more else ""), d)
 
 
 @check("used.rx_len", "Receive used lengths equal header + frame bytes written",
@@ -295,7 +364,8 @@ def _burst_rounds(ctx: Context, target: Target, packed: bool, rounds: int = 30,
     if drv.has(spec.VIRTIO_F_RING_PACKED) != packed:
         raise Skip("packed ring not offered" if packed else "split ring refused")
     for _ in range(rounds):
-        frames = [test_frame(ctx.rnd, ctx.rnd.randint(60, 1514)) for _ in range(burst)]
+        frames = [test_frame(ctx.rnd, n) for n in ctx.rand_sizes(drv, burst)]
+        guard_tx(drv, frames)
         if drv.send_all(frames, timeout=5) != burst:
             raise AssertionError("transmit ring stuck")
         time.sleep(0.01)
@@ -379,7 +449,7 @@ def c_used_event(ctx: Context) -> Result:
     frames = [test_frame(ctx.rnd, 200) for _ in range(8)]
     # warm-up: a device may notify unconditionally once after reset (QEMU does)
     u = used_idx()
-    drv.send(frames[:1])
+    ctx.send(drv, frames[:1])
     if not settle(u + 1):
         return Result(FAIL, "transmit buffer not used")
     time.sleep(0.02)
@@ -387,14 +457,14 @@ def c_used_event(ctx: Context) -> Result:
     mem.write_u16(ev_rx, (mem.read_u16(rq.used_addr + 2) + 0x4000) & 0xFFFF)
     mem.write_u16(ev_tx, (u0 + 0x4000) & 0xFFFF)  # far ahead: no notification wanted
     _irq_pending(ctx, drv, 1)
-    drv.send(frames)
+    ctx.send(drv, frames)
     if not settle(u0 + 8):
         return Result(FAIL, "transmit buffers not used")
     time.sleep(0.05)
     spurious = _irq_pending(ctx, drv, 1)
     u1 = used_idx()
     mem.write_u16(ev_tx, u1)  # the next used element reaches used_event: MUST notify
-    drv.send(frames[:1])
+    ctx.send(drv, frames[:1])
     if not settle(u1 + 1):
         return Result(FAIL, "transmit buffer not used")
     deadline = time.monotonic() + 2
@@ -443,20 +513,29 @@ def c_config_early(ctx: Context) -> Result:
         if not getattr(fe, "protocol_features", 0) >> 9 & 1:
             return Result(SKIP, "no VHOST_USER_PROTOCOL_F_CONFIG: the front end supplies config")
     drv = ctx.driver()
-    mac_after = drv.mac
+    after = {"mac": drv.mac.hex(":")}
+    fields = [("mac", 0, 6, None)]
+    for name, off, feat, val in (("status", 6, spec.VIRTIO_NET_F_STATUS, drv.status),
+                                 ("max_virtqueue_pairs", 8, spec.VIRTIO_NET_F_MQ, drv.max_pairs),
+                                 ("mtu", 10, spec.VIRTIO_NET_F_MTU, drv.mtu)):
+        if drv.has(feat):  # the field exists (§5.1.4): compare it
+            fields.append((name, off, 2, feat))
+            after[name] = val
     t = drv.t
     t.reset()
     t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE)
     t.set_status(spec.VIRTIO_CONFIG_S_ACKNOWLEDGE | spec.VIRTIO_CONFIG_S_DRIVER)
-    early = t.read_config(0, 6)
-    status = t.read_config(6, 2)
+    before: dict[str, Any] = {}
+    for name, off, n, _feat in fields:
+        raw = t.read_config(off, n)
+        before[name] = raw.hex(":") if name == "mac" else int.from_bytes(raw, "little")
     t.reset()
-    d = {"mac_before": early.hex(":"), "mac_after": mac_after.hex(":"),
-         "status_before": int.from_bytes(status, "little")}
-    if early != mac_after:
-        return Result(FAIL, f"MAC read before FEATURES_OK {d['mac_before']} differs from "
-                            f"{d['mac_after']}", d)
-    return Result(PASS, f"MAC {d['mac_before']} and status readable after ACKNOWLEDGE|DRIVER", d)
+    d = {"before_features_ok": before, "after_driver_ok": after}
+    diff = [f"{k} {before[k]} before, {after[k]} after" for k in after if before[k] != after[k]]
+    if diff:
+        return Result(FAIL, "config read before FEATURES_OK differs: " + "; ".join(diff), d)
+    return Result(PASS, f"{', '.join(before)} read after ACKNOWLEDGE|DRIVER equal what the "
+                        "driver read after FEATURES_OK", d)
 
 
 @check("config.generation", "A link change is visible: status, config interrupt, generation",

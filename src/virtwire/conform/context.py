@@ -15,9 +15,12 @@ from typing import Any
 from virtwire.conform.peers import ETH_P_EXPERIMENTAL, MAGIC
 from virtwire.conform.targets import Target
 from virtwire.net.driver import NetDriverConfig, VirtioNetDriver
+from virtwire.net.transport import DEFAULT_NET_FEATURES
+from virtwire.virtio import spec
 
 __all__ = ["Result", "Check", "CHECKS", "check", "Context", "Exchange", "Skip", "mismatch",
-           "test_frame", "PASS", "FAIL", "WARN", "SKIP", "DST", "SRC"]
+           "test_frame", "PASS", "FAIL", "WARN", "SKIP", "DST", "SRC", "frame_limit",
+           "MtuRuleBroken", "ETH_HLEN", "MTU_CLAUSE"]
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 
@@ -64,6 +67,36 @@ def test_frame(rnd: random.Random, n: int) -> bytes:
 test_frame.__test__ = False  # type: ignore[attr-defined]
 
 
+# ------------------------------------------------------------------------------------------------
+# the MTU rule the suite's own frames obey
+# ------------------------------------------------------------------------------------------------
+
+ETH_HLEN = 14
+MTU_CLAUSE = ("virtio 1.2 §5.1.4.1: a driver that negotiated VIRTIO_NET_F_MTU MUST NOT transmit "
+              "packets larger than mtu plus the low-level Ethernet header with gso_type NONE or "
+              "ECN")
+
+
+class MtuRuleBroken(AssertionError):
+    """The suite itself was about to break §5.1.4.1 (a bug in a check, not a device finding)."""
+
+
+def frame_limit(drv: VirtioNetDriver) -> int | None:
+    """The largest non-GSO frame ``drv`` may transmit (mtu + 14), or None without MTU."""
+    return drv.mtu + ETH_HLEN if drv.has(spec.VIRTIO_NET_F_MTU) and drv.mtu else None
+
+
+def guard_tx(drv: VirtioNetDriver, frames: list[bytes], gso_type: int = 0) -> None:
+    """Raise ``MtuRuleBroken`` if sending ``frames`` (non-GSO) would break §5.1.4.1."""
+    limit = frame_limit(drv)
+    if limit is None or gso_type & ~spec.VIRTIO_NET_HDR_GSO_ECN:
+        return
+    big = [len(f) for f in frames if len(f) > limit]
+    if big:
+        raise MtuRuleBroken(f"suite bug: non-GSO frames of {big[:3]} B with mtu {drv.mtu} "
+                            f"negotiated ({MTU_CLAUSE})")
+
+
 @dataclass
 class Exchange:
     sent_out: list[bytes]
@@ -93,11 +126,29 @@ class Context:
         self._current = drv
         return drv
 
+    def driver_without_mtu(self, target: Target | None = None, **cfg: Any) -> VirtioNetDriver:
+        """A driver that does not negotiate VIRTIO_NET_F_MTU: any frame size is then allowed
+        without GSO (the way to send large non-GSO frames while obeying §5.1.4.1)."""
+        cfg["features"] = cfg.get("features", DEFAULT_NET_FEATURES) & ~spec.bit(
+            spec.VIRTIO_NET_F_MTU)
+        return self.driver_on(target or self.t, **cfg)
+
+    def send(self, drv: VirtioNetDriver, frames: list[bytes], **hdr: Any) -> int:
+        """``drv.send`` after checking the frames obey the MTU rule (``guard_tx``)."""
+        guard_tx(drv, frames, hdr.get("gso_type", 0))
+        return drv.send(frames, **hdr)
+
+    def rand_sizes(self, drv: VirtioNetDriver, k: int, lo: int = 60, hi: int = 1514) -> list[int]:
+        """``k`` random frame sizes in lo..hi, capped at the negotiated MTU's frame limit."""
+        hi = min(hi, frame_limit(drv) or hi)
+        return [self.rnd.randint(min(lo, hi), hi) for _ in range(k)]
+
     def exchange(self, drv: VirtioNetDriver, sizes: list[int], target: Target | None = None,
                  batch: int = 32, timeout: float = 5.0) -> Exchange:
         """Send frames of ``sizes`` out and (with a peer) the same number in, batch by batch."""
         t = target or self.t
         out = [test_frame(self.rnd, n) for n in sizes]
+        guard_tx(drv, out)
         inn = out if t.loopback else [test_frame(self.rnd, n) for n in sizes]
         ex = Exchange(out, [], inn, [], [])
         for k in range(0, len(out), batch):

@@ -27,14 +27,16 @@ class Testpmd:
     __test__ = False  # not a pytest class
 
     def __init__(self, forward_mode: str = "io", name: str = "vwd", lcores: str = "0,1",
-                 extra_vdev: str = "", queues: int = 1) -> None:
+                 extra_vdev: str = "", queues: int = 1, vdev: str | None = None) -> None:
         if shutil.which("dpdk-testpmd") is None:
             raise UserFacingError("dpdk-testpmd not found (install Debian's dpdk-dev)")
         self.dir = tempfile.mkdtemp(prefix=f"{name}-dpdk-")
         self.sock = os.path.join(self.dir, "vhost.sock")
         self.prefix = f"{name}-{os.getpid()}-{os.path.basename(self.dir)[-6:]}"
         self.out_path = os.path.join(self.dir, "testpmd.log")
-        vdev = f"net_vhost0,iface={self.sock},client=0,queues={queues}"
+        # ``vdev``: another device instead of the vhost PMD (net_virtio_user0,path=...: DPDK's
+        # virtio driver against someone's vhost-user socket)
+        vdev = vdev or f"net_vhost0,iface={self.sock},client=0,queues={queues}"
         if extra_vdev:
             vdev += "," + extra_vdev
         self.argv = [
@@ -53,7 +55,8 @@ class Testpmd:
         finally:
             out.close()
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.sock):
+        while not os.path.exists(self.sock) and "net_vhost0" in self.argv[self.argv.index(
+                "--vdev") + 1]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = self.log_tail()
                 self.close()

@@ -115,8 +115,10 @@ class TapPeer:
 class VirtwireServe:
     """``virtwire serve`` with one vhost-user port on a TAP in our namespace, plus its peer."""
 
-    def __init__(self, name: str = "vwd", queues: int = 1, extra: str = "") -> None:
+    def __init__(self, name: str = "vwd", queues: int = 1, extra: str = "",
+                 trace: str | None = None) -> None:
         self.name = name
+        self.trace = trace  # a trace file for serve (driver conformance reads it back)
         self.queues = queues
         self.extra = extra
         self.dir = tempfile.mkdtemp(prefix=f"{name}-serve-")
@@ -143,7 +145,7 @@ class VirtwireServe:
             if self.extra:
                 port += "," + self.extra
             argv = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "virtwire", "serve",
-                    "-q", "--port", port]
+                    "-q", "--port", port] + (["--trace", self.trace] if self.trace else [])
             r, w = os.pipe()
             env = dict(os.environ, VIRTWIRE_SERVE_READY_FD=str(w))
             with open(self.log_path, "ab") as f:

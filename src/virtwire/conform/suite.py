@@ -39,8 +39,10 @@ from virtwire.conform.targets import Target
 __all__ = ["Result", "Check", "CHECKS", "run_suite", "Context", "format_table"]
 
 
-def run_suite(target: Target, only: list[str] | None = None, seed: int = 1) -> dict[str, Any]:
-    """Run every check (or ``only`` those ids / id prefixes) against an opened target."""
+def run_suite(target: Target, only: list[str] | None = None, seed: int = 1,
+              strict: bool = False) -> dict[str, Any]:
+    """Run every check (or ``only`` those ids / id prefixes) against an opened target.
+    ``strict``: a SHOULD clause broken (a warning) is a failure."""
     ctx = Context(target, seed)
     results = []
     for c in CHECKS:
@@ -55,12 +57,14 @@ def run_suite(target: Target, only: list[str] | None = None, seed: int = 1) -> d
         except Exception as e:  # noqa: BLE001 - a device fault is a finding, not a crash
             tb = traceback.extract_tb(e.__traceback__)[-1]
             r = Result(FAIL, f"{type(e).__name__}: {e} (at {tb.name}:{tb.lineno})")
+        if strict and r.status == WARN:
+            r = Result(FAIL, "[strict: SHOULD] " + r.detail, r.data)
         results.append({"id": c.id, "title": c.title, "clause": c.clause, "status": r.status,
                         "detail": r.detail, "data": r.data,
                         "seconds": round(time.monotonic() - t0, 3)})
     summary = {s: sum(1 for r in results if r["status"] == s) for s in (PASS, FAIL, WARN, SKIP)}
     return {"target": target.name, "description": target.description, "checks": results,
-            "summary": summary}
+            "summary": summary, "strict": strict}
 
 
 def format_table(report: dict[str, Any], width: int = 100) -> str:

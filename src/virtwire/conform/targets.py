@@ -25,16 +25,9 @@ from virtwire.drive.vhost_user_frontend import VhostUserFrontend
 from virtwire.net.driver import DmaAllocator, NetDriverConfig, VirtioNetDriver
 from virtwire.pci.driver import probe_pci_transport
 
-__all__ = ["Target", "QemuTarget", "VhostUserTarget", "make_target", "TARGET_HELP"]
+__all__ = ["Target", "QemuTarget", "VhostUserTarget"]
 
 DST_MAC = bytes.fromhex("020000000002")  # where the suite's frames go (conform.suite.DST)
-
-TARGET_HELP = (
-    "qemu (QEMU's virtio-net-pci, modern, over qtest), qemu-legacy (the transitional device "
-    "through its legacy I/O BAR), qemu-tap (modern, on a vnet_hdr TAP: offloads), dpdk (DPDK "
-    "testpmd's vhost PMD, io forwarding), virtwire (virtwire serve's vhost-user back end on a "
-    "TAP), vhost-user:PATH[,loopback] (a listening back end; loopback: it echoes every frame)"
-)
 
 
 class Target:
@@ -214,9 +207,12 @@ class QemuTarget(Target):
 class VhostUserTarget(Target):
     kind = "vhost-user"
 
-    def __init__(self, which: str, path: str = "") -> None:
+    def __init__(self, which: str, path: str = "", listen: bool = False,
+                 mtu: int = 1500) -> None:
         self.which = which
         self.path = path
+        self.listen = listen  # the back end connects to us (its mode=client)
+        self.mtu = mtu  # what the front end's own config space reports
         self.name = which if which != "path" else f"vhost-user:{path}"
         self.loopback = which == "dpdk"
         self.has_peer = which in ("dpdk", "virtwire")
@@ -237,7 +233,8 @@ class VhostUserTarget(Target):
             elif self.which == "virtwire":
                 self.serve = self._stack.enter_context(VirtwireServe(name="vwd"))
                 self.path = self.serve.sock_path
-            self.fe = VhostUserFrontend(self.path)
+            self.fe = VhostUserFrontend(self.path, listen=self.listen, mtu=self.mtu,
+                                        connect_timeout=30.0 if self.listen else 10.0)
             self._stack.callback(self._close_fe)
         except BaseException:
             self._stack.close()
@@ -287,28 +284,3 @@ class VhostUserTarget(Target):
         if self.serve is None or self.serve.tap_peer is None:
             raise NotImplementedError
         self.serve.tap_peer.send_gso(vnet_hdr, frame)
-
-
-def make_target(spec_: str) -> Target:
-    """``qemu``, ``qemu-legacy``, ``dpdk``, ``virtwire`` or ``vhost-user:PATH``."""
-    if spec_ == "qemu":
-        return QemuTarget()
-    if spec_ in ("qemu-legacy", "qemu-transitional"):
-        return QemuTarget(legacy=True)
-    if spec_ == "qemu-packed":
-        return QemuTarget(packed=True)
-    if spec_ == "qemu-tap":
-        return QemuTarget(tap=True)
-    if spec_ in ("dpdk", "virtwire"):
-        return VhostUserTarget(spec_)
-    if spec_.startswith("vhost-user:") and len(spec_) > len("vhost-user:"):
-        path = spec_.split(":", 1)[1]
-        loop = path.endswith(",loopback")
-        t = VhostUserTarget("path", path.removesuffix(",loopback"))
-        if loop:  # the back end sends every frame back (testpmd io, a reflector)
-            t.loopback = t.has_peer = True
-            t.name += ",loopback"
-        return t
-    from virtwire.errors import CliError
-
-    raise CliError(f"unknown conformance target {spec_!r}: {TARGET_HELP}")

@@ -310,6 +310,7 @@ class QtestVMConfig:
     workdir: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     netns: str | None = None  # run QEMU inside this network namespace (its TAPs live there)
+    pass_fds: Sequence[int] = ()  # descriptors QEMU inherits (x-pci-proxy-dev,fd=N)
 
 
 class QtestVM:
@@ -372,7 +373,8 @@ class QtestVM:
         try:
             self.proc = subprocess.Popen(self.argv(qtest_path, qmp_path, fw),
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with_parent,
+                                         pass_fds=tuple(self.config.pass_fds))
         finally:
             err.close()
         try:

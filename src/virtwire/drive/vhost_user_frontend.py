@@ -53,6 +53,10 @@ USERSPACE_BASE = 0x7F0000000000
 
 # Features QEMU's virtio-net emulates itself in front of a vhost-user back end.
 EMULATED_FEATURES = bit(spec.VIRTIO_NET_F_MAC, spec.VIRTIO_NET_F_STATUS)
+VHOST_F_LOG_ALL = 26  # vhost protocol: the back end can log dirty pages (migration)
+VHOST_ONLY_BITS = bit(spec.VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL)
+LEGACY_ONLY_BITS = bit(spec.VIRTIO_NET_F_GSO, spec.VIRTIO_F_NOTIFY_ON_EMPTY,
+                       spec.VIRTIO_F_ANY_LAYOUT, 41, 42)  # 41/42: GUEST_RSC4/6 (legacy)
 # Never passed to a vhost-user back end (the control queue lives in the front end).
 NOT_FOR_BACKEND = bit(
     spec.VIRTIO_NET_F_CTRL_VQ, spec.VIRTIO_NET_F_CTRL_RX, spec.VIRTIO_NET_F_CTRL_VLAN,
@@ -96,11 +100,15 @@ class VhostUserFrontend:
         timeout: float = 5.0,
         max_queue_size: int = 1024,
         listen: bool = False,
+        mtu: int = 1500,
     ) -> None:
         if len(mac) != 6:
             raise ValueError("MAC must be 6 bytes")
         self.path = path
         self.mac = bytes(mac)
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu}: must be 68..65535")
+        self.mtu = mtu  # reported by our own config space when the back end has no CONFIG
         self.timeout = timeout
         self.max_queue_size = max_queue_size
         self.mem_size = mem_size
@@ -207,7 +215,12 @@ class VhostUserFrontend:
 
     # -- VirtioTransport -------------------------------------------------------------------------
     def device_features(self) -> int:
-        f = self.backend_features & ~bit(spec.VHOST_USER_F_PROTOCOL_FEATURES)
+        """What the driver is offered: the back end's word without the vhost protocol bits
+        (VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL: they are the front end's business,
+        as in QEMU) and, on a modern offer, without legacy-only bits (§5.1.3.2, §6.3)."""
+        f = self.backend_features & ~VHOST_ONLY_BITS
+        if f >> spec.VIRTIO_F_VERSION_1 & 1:
+            f &= ~LEGACY_ONLY_BITS
         f &= ~NOT_FOR_BACKEND
         return f | EMULATED_FEATURES
 
@@ -306,7 +319,7 @@ class VhostUserFrontend:
         cfg = bytearray(self.mac)
         cfg += spec.VIRTIO_NET_S_LINK_UP.to_bytes(2, "little")
         cfg += max(1, self.queue_num // 2).to_bytes(2, "little")
-        cfg += (1500).to_bytes(2, "little")
+        cfg += self.mtu.to_bytes(2, "little")
         cfg = cfg.ljust(off + n, b"\0")
         return bytes(cfg[off : off + n])
 

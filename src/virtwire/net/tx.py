@@ -232,6 +232,8 @@ class Transmit:
             elif c.readable_len - hl > MAX_FRAME:
                 reason = "oversize"
         if reason is not None:
+            if _trace.TRACE is not None:  # driver conformance records header faults
+                _trace.TRACE.emit("frame", "dropped", dir="tx", reason=reason)
             n = cnt.drop("tx_drop_" + reason)
             if n & (n - 1) == 0:
                 log.warning("%s: TX frame dropped: %s (%d so far)", self.name, reason, n)

@@ -347,6 +347,9 @@ class VirtioDevice:
                 self._refuse(f"feature change to {bits:#x}")
             return bits == self.driver_features
         self.driver_features = bits
+        if _trace.TRACE is not None:  # the offer it answered, then the answer (conform.drivers)
+            _trace.features_event("offer", self.offered_features)
+            _trace.features_event("ack", bits)
         if self.legacy:
             # §3.1.2 legacy: no FEATURES_OK; the features are in force as written.
             self.negotiated = bits & self.offered_features
@@ -380,6 +383,8 @@ class VirtioDevice:
             self.device_counters["status_errors"] += 1
             self.last_error = str(e)
             log.warning("%s: %s", self.name, e)
+            if _trace.TRACE is not None:  # driver conformance records refusals (conform.drivers)
+                _trace.TRACE.emit("status", "refused", old=old, new=value, reason=str(e))
             return False
         if value & FOK and not old & FOK:
             try:
@@ -389,9 +394,13 @@ class VirtioDevice:
                 self.device_counters["feature_errors"] += 1
                 self.last_error = str(e)
                 log.warning("%s: FEATURES_OK refused: %s", self.name, e)
+                if _trace.TRACE is not None:
+                    _trace.TRACE.emit("feature", "refused", reason=str(e))
                 self.status = (value & ~FOK) | (old & NEEDS_RESET)
                 return False
             self.negotiated = self.driver_features
+            if _trace.TRACE is not None:
+                _trace.features_event("negotiated", self.negotiated)
         self.status = value | (old & NEEDS_RESET)
         if _trace.TRACE is not None:
             _trace.status_change(old, self.status)
@@ -533,6 +542,8 @@ class VirtioDevice:
         """§2.1.2: enter the error state: set NEEDS_RESET, log, count, config interrupt."""
         self.last_error = reason
         self.device_counters["needs_reset"] += 1
+        if _trace.TRACE is not None:
+            _trace.TRACE.emit("status", "needs_reset", reason=reason)
         if self.status & NEEDS_RESET:
             log.debug("%s: again needs reset: %s", self.name, reason)
             return
