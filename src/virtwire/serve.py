@@ -93,9 +93,7 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
             sw = switches[cfg.switch] = swmod.L2Switch(cfg.switch)
         if cfg.uplink and sw.uplink is None:
             sw.add_uplink(cfg.uplink)
-        if pairs != 1:
-            raise UserFacingError("--port backend=switch supports one queue pair (queues=1)")
-        return [sw.port(cfg.name)]
+        return list(sw.port(cfg.name, pairs).queues)  # one switch port, a backend per pair
     raise UserFacingError(f"unknown backend {cfg.backend!r}")
 
 
