@@ -2,22 +2,24 @@
 
 The switch port has ``queues=2``: QEMU's ``-netdev vhost-user,queues=2`` + ``mq=on`` on a
 2-vCPU guest. The switch's uplink is a TAP in a namespace (the host, 10.84.0.1). Host -> guest:
-8 TCP flows, which the switch spreads over the port's two RX rings by flow hash (as a NIC's RSS
-would). Guest -> host: 8 flows from processes the guest's scheduler puts on both vCPUs, whose
-XPS maps each vCPU to its own TX ring. ``virtwire stats`` must show frames on rx0, rx1, tx0 and
-tx1, and one FDB entry for the guest's MAC.
+8 TCP flows (fixed source ports, chosen to cover both queues), which the switch spreads over the
+port's two RX rings by flow hash (as a NIC's RSS would). Guest -> host: 8 flows from processes
+the guest's scheduler puts on both vCPUs, whose XPS maps each vCPU to its own TX ring.
+``virtwire stats`` must show frames on rx0, rx1, tx0 and tx1, and on both pairs' backends.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from virtwire.guest.qemu import GuestVM
+from virtwire.netlab import rss
 from virtwire.netns import netns
 from virtwire.testing.serve_process import ServeProcess
 
@@ -50,7 +52,8 @@ host, ports, n = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], int(sys.
 def send(p):
     for _ in range(100):
         try:
-            c = socket.create_connection((host, p), timeout=5); break
+            c = socket.create_connection((host, p), timeout=5, source_address=("", p + 1000))
+            break
         except OSError: time.sleep(0.2)
     c.sendall(bytes(n)); c.close()
 ts = [threading.Thread(target=send, args=(p,)) for p in ports]
@@ -58,8 +61,17 @@ ts = [threading.Thread(target=send, args=(p,)) for p in ports]
 """
 
 
+def _queue_of(sport: int, dport: int) -> int:
+    """The RX queue the switch's flow hash gives host:sport -> guest:dport (TCP)."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                     bytes([10, 84, 0, 1]), bytes([10, 84, 0, 2]))
+    return rss.pick(bytes(12) + b"\x08\x00" + ip + struct.pack("!HH", sport, dport), 2)
+
+
 def test_two_queue_pairs_on_a_switch_port_both_carry_traffic(tmp_path, guest_image):
     ports = [5401 + i for i in range(8)]
+    # the host's source ports are fixed (port + 1000): the flows must cover both RX queues
+    assert {_queue_of(p + 1000, p) for p in ports} == {0, 1}
     with netns("vwq") as ns:
         ns.add_tap("vwqu0", addr="10.84.0.1/24")
         sock = str(tmp_path / "vwq.sock")
