@@ -22,7 +22,12 @@ removed), learnt and looked up in its VLAN's part of the FDB, and delivered only
 VLAN, tagged where the egress port is a trunk of it. Ports without VLAN settings form the
 untagged domain 0 among themselves, as before.
 
-Readiness: each port's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
+Queue pairs: a port made with ``queues=N`` (``port.queues``; the port itself is pair 0) is one
+identity on the switch -- frames sent on any pair are learnt on the port -- while its RX is
+spread over its enabled pairs by a flow hash (``netlab/rss.py``, as a NIC's RSS), so a flow
+stays on one queue; each pair (``SwitchQueue``) has its own RX queue and wake-up eventfd.
+
+Readiness: each queue's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
 an uplink, the uplink TAP's fd, so a host's event loop that watches every port fd (as
 ``virtwire serve`` does) also learns when the uplink has frames: serving any port first drains
 the uplink (``drain_wakeup`` -> ``poll_uplink``), which queues those frames on their ports.
