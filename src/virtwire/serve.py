@@ -97,9 +97,7 @@ def _make_backends(cfg: PortConfig, switches: dict[str, Any]) -> list[Any]:
             sw = switches[cfg.switch] = swmod.L2Switch(cfg.switch)
         if cfg.uplink and sw.uplink is None:
             sw.add_uplink(cfg.uplink)
-        if pairs != 1:
-            raise UserFacingError("--port backend=switch supports one queue pair (queues=1)")
-        return [sw.port(cfg.name)]
+        return list(sw.port(cfg.name, pairs).queues)  # one switch port, a backend per pair
     raise UserFacingError(f"unknown backend {cfg.backend!r}")
 
 
@@ -311,6 +309,10 @@ def qemu_args(cfg: PortConfig, index: int = 0, *, tcg: bool = True,
         if k in ("mq",):
             continue
         dev += f",{k}={'on' if v else 'off'}"
+    if cfg.mtu:
+        # QEMU owns virtio-net's config space over vhost-user: without host_mtu it offers no
+        # VIRTIO_NET_F_MTU and the guest never learns the port's MTU (e.g. VXLAN's 1450).
+        dev += f",host_mtu={cfg.mtu}"
     if tcg:
         dev += ",vectors=0"  # QEMU 7.2 under TCG crashes with MSI-X on vhost-user
     elif cfg.queues > 1:
@@ -337,6 +339,8 @@ def libvirt_xml(cfg: PortConfig, alias: str | None = None) -> str:
     src = (f"<source type='unix' path='{path}' mode='{mode}'>{reconnect}\n  </source>"
            if reconnect else f"<source type='unix' path='{path}' mode='{mode}'/>")
     driver = f"\n  <driver queues='{cfg.queues}'/>" if cfg.queues > 1 else ""
+    if cfg.mtu:
+        driver += f"\n  <mtu size='{cfg.mtu}'/>"  # libvirt passes it as QEMU's host_mtu
     return (
         "<!-- guest RAM must be shared: <memoryBacking><source type='memfd'/>"
         "<access mode='shared'/></memoryBacking> -->\n"

@@ -22,7 +22,12 @@ removed), learnt and looked up in its VLAN's part of the FDB, and delivered only
 VLAN, tagged where the egress port is a trunk of it. Ports without VLAN settings form the
 untagged domain 0 among themselves, as before.
 
-Readiness: each port's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
+Queue pairs: a port made with ``queues=N`` (``port.queues``; the port itself is pair 0) is one
+identity on the switch -- frames sent on any pair are learnt on the port -- while its RX is
+spread over its enabled pairs by a flow hash (``netlab/rss.py``, as a NIC's RSS), so a flow
+stays on one queue; each pair (``SwitchQueue``) has its own RX queue and wake-up eventfd.
+
+Readiness: each queue's ``fileno()`` is an epoll fd holding the port's wake-up eventfd and, with
 an uplink, the uplink TAP's fd, so a host's event loop that watches every port fd (as
 ``virtwire serve`` does) also learns when the uplink has frames: serving any port first drains
 the uplink (``drain_wakeup`` -> ``poll_uplink``), which queues those frames on their ports.
@@ -53,6 +58,7 @@ from virtwire.net.header import (
     gso_segment,
     scatter,
 )
+from virtwire.netlab import rss
 from virtwire.netlab import vlan as vl
 from virtwire.virtio.spec import (
     VIRTIO_NET_F_CSUM,
@@ -70,7 +76,7 @@ from virtwire.virtio.spec import (
     bit,
 )
 
-__all__ = ["L2Switch", "SwitchPort", "Switch"]
+__all__ = ["L2Switch", "SwitchPort", "SwitchQueue", "Switch"]
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +86,30 @@ _GSO_NEEDS = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
               VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6}
 
 
-class SwitchPort(BackendBase):
-    """One port of an ``L2Switch``: the backend of one device (see module docstring)."""
+class SwitchQueue(BackendBase):
+    """One queue pair of a ``SwitchPort``: the backend of that pair of the port's device.
+
+    TX from any queue enters the switch as the port (one identity, one FDB entry per MAC); RX
+    frames are queued here by the port's flow hash (``SwitchPort.enqueue``), each queue with its
+    own wake-up eventfd."""
 
     vnet_hdr = True
     host_offloads = bit(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
                         VIRTIO_NET_F_HOST_ECN)
 
-    def __init__(self, switch: L2Switch, name: str) -> None:
-        super().__init__(f"switch:{switch.name}:{name}")
-        self.port_name = name
+    def __init__(self, port: SwitchPort, switch: L2Switch, index: int) -> None:
+        super().__init__(f"switch:{switch.name}:{port.port_name}" + (f".{index}" if index else ""))
+        self.port = port
         self.switch = switch
+        self.index = index
         self.rx: deque[_Item] = deque()
         self.counters.update({"rx_queue_drops": 0, "tx_bad": 0, "gso_segmented": 0,
                               "gso_errors": 0, "vlan_drops": 0})
-        self.vlans = vl.Membership()
         self.guest_csum = False
         self._ep: select.epoll | None = None
 
     def fileno(self) -> int | None:
-        """An epoll fd: this port's wake-up eventfd plus the uplink TAP (module docstring)."""
+        """An epoll fd: this queue's wake-up eventfd plus the uplink TAP (module docstring)."""
         if self._ep is None:
             efd = super().fileno()
             self._ep = select.epoll()
@@ -122,6 +132,17 @@ class SwitchPort(BackendBase):
         super().configure(features, hdr_len)
         self.guest_csum = bool(features >> VIRTIO_NET_F_GUEST_CSUM & 1)
 
+    def set_enabled(self, enabled: bool) -> None:
+        """A disabled queue takes no RX: what waits on it moves to the port's other queues."""
+        super().set_enabled(enabled)
+        if not enabled and self.rx and self.port.queues_enabled():
+            moved, self.rx = self.rx, deque()
+            for item in moved:
+                self.port.enqueue(item)
+            for q in self.port.queues:
+                if q.rx and q is not self:
+                    q.wake()
+
     def send(self, frames: Sequence[Frame]) -> int:
         hl = self.hdr_len
         items: list[_Item] = []
@@ -136,7 +157,7 @@ class SwitchPort(BackendBase):
                           h.hdr_len, h.csum_start, h.csum_offset, data[hl:]))
             c["tx_frames"] += 1
             c["tx_bytes"] += len(data) - hl
-        self.switch.forward(self, items)
+        self.switch.forward(self.port, items)
         return len(frames)
 
     def _takes_gso(self, gso_type: int) -> bool:
@@ -146,13 +167,8 @@ class SwitchPort(BackendBase):
             return False
         return not gso_type & VIRTIO_NET_HDR_GSO_ECN or bool(f >> VIRTIO_NET_F_GUEST_ECN & 1)
 
-    def set_vlans(self, vlan: int | None, trunk: frozenset[int] | None = None) -> None:
-        """Access port of ``vlan``, or a trunk of ``trunk`` (``vlan``: its native VLAN)."""
-        self.vlans = vl.Membership(vlan, frozenset(trunk or ()))
-        self.switch.vlans_changed()
-
-    def enqueue(self, item: _Item, tag: int = -1) -> bool:
-        """Queue a frame for this port's guest; ``tag`` > 0: add that 802.1Q tag."""
+    def take(self, item: _Item, tag: int = -1) -> bool:
+        """Queue a frame for the guest on this queue; ``tag`` > 0: add that 802.1Q tag."""
         if item[1] and not self._takes_gso(item[1]):
             # This guest cannot receive the super-frame: cut it as a NIC would (TSO).
             h = VirtioNetHdr(flags=item[0], gso_type=item[1], gso_size=item[2],
@@ -204,10 +220,57 @@ class SwitchPort(BackendBase):
         return n
 
     def close(self) -> None:
-        self.switch.remove_port(self)
         if self._ep is not None:
             self._ep.close()
             self._ep = None
+        super().close()
+
+
+class SwitchPort(SwitchQueue):
+    """One port of an ``L2Switch``: its identity on the switch, and the backend of its first
+    queue pair; ``queues[i]`` is the backend of pair ``i`` (``SwitchQueue``)."""
+
+    def __init__(self, switch: L2Switch, name: str, queues: int = 1) -> None:
+        self.port_name = name
+        super().__init__(self, switch, 0)
+        self.vlans = vl.Membership()
+        self.queues: list[SwitchQueue] = [self]
+        self.queues += [SwitchQueue(self, switch, i) for i in range(1, queues)]
+
+    def queues_enabled(self) -> list[SwitchQueue]:
+        return [q for q in self.queues if q.enabled]
+
+    @property
+    def accepting(self) -> bool:
+        """Does the port take frames (some queue pair enabled)?"""
+        return any(q.enabled for q in self.queues)
+
+    def set_vlans(self, vlan: int | None, trunk: frozenset[int] | None = None) -> None:
+        """Access port of ``vlan``, or a trunk of ``trunk`` (``vlan``: its native VLAN)."""
+        self.vlans = vl.Membership(vlan, frozenset(trunk or ()))
+        self.switch.vlans_changed()
+
+    def enqueue(self, item: _Item, tag: int = -1) -> SwitchQueue | None:
+        """Queue a frame for this port's guest on the queue its flow hashes to (RSS); returns
+        that queue (to be woken), None when it was dropped."""
+        q: SwitchQueue = self
+        if len(self.queues) > 1:
+            live = self.queues_enabled() or self.queues
+            q = live[rss.pick(item[6], len(live))]
+        return q if q.take(item, tag) else None
+
+    def port_stats(self) -> dict[str, Any]:
+        """The port's counters summed over its queues (and per queue when there are several)."""
+        total: dict[str, Any] = {}
+        for q in self.queues:
+            for k, v in q.counters.items():
+                total[k] = total.get(k, 0) + v
+        if len(self.queues) > 1:
+            total["queues"] = [dict(q.counters) for q in self.queues]
+        return total
+
+    def close(self) -> None:
+        self.switch.remove_port(self)
         super().close()
 
 
@@ -222,7 +285,7 @@ class _Uplink:
         tap.configure(0, 12)  # the kernel finishes checksums and segments before handing over
         self.scratch = bytearray(12 + MAX_FRAME)  # one uplink read
 
-    def enqueue(self, item: _Item, tag: int = -1) -> bool:
+    def enqueue(self, item: _Item, tag: int = -1) -> _Uplink | None:
         if tag > 0:
             item = vl.insert(item, tag)
         flags, gso_type, gso_size, hdr_len, cs, co, frame = item
@@ -231,9 +294,9 @@ class _Uplink:
                            ).pack(12)
         if self.tap.send([[memoryview(hdr), memoryview(frame)]]):
             self.counters["tx_frames"] += 1
-            return True
+            return self
         self.counters["drops"] += 1
-        return False
+        return None
 
     def wake(self) -> None:
         pass
@@ -256,11 +319,11 @@ class L2Switch:
         self.vlan_aware = False  # any port with vlan=/trunk=: forward per VLAN (vlan_forward)
         self.overlay: Any = None  # a netlab.overlay.Overlay joined to the uplink, if any
 
-    def port(self, name: str) -> SwitchPort:
-        """A new port (the backend for one device)."""
+    def port(self, name: str, queues: int = 1) -> SwitchPort:
+        """A new port with ``queues`` queue pairs (``port.queues``: their backends)."""
         if name in self.ports or name == "uplink":
             raise ValueError(f"switch {self.name}: port {name!r} exists")
-        p = SwitchPort(self, name)
+        p = SwitchPort(self, name, queues)
         self.ports[name] = p
         return p
 
@@ -283,7 +346,8 @@ class L2Switch:
             raise ValueError(f"switch {self.name} already has an uplink")
         self.uplink = _Uplink(tap)
         for p in self.ports.values():
-            p.watch_uplink(tap.fileno())
+            for q in p.queues:
+                q.watch_uplink(tap.fileno())
 
     def uplink_fileno(self) -> int | None:
         return self.uplink.tap.fileno() if self.uplink is not None else None
@@ -312,7 +376,7 @@ class L2Switch:
 
     # -- forwarding --------------------------------------------------------------------------
     def _egress(self, ingress: Any) -> list[Any]:
-        out: list[Any] = [p for p in self.ports.values() if p is not ingress and p.enabled]
+        out: list[Any] = [p for p in self.ports.values() if p is not ingress and p.accepting]
         if self.uplink is not None and self.uplink is not ingress:
             out.append(self.uplink)
         return out
@@ -366,14 +430,16 @@ class L2Switch:
                     flood = self._egress(ingress)
                 self.counters["flooded"] += 1
                 for p in flood:
-                    if p.enqueue(item):
-                        woken[id(p)] = p
+                    q = p.enqueue(item)
+                    if q is not None:
+                        woken[id(q)] = q
             elif out is ingress:
                 self.counters["filtered"] += 1
             else:
                 self.counters["forwarded"] += 1
-                if out.enqueue(item):
-                    woken[id(out)] = out
+                q = out.enqueue(item)
+                if q is not None:
+                    woken[id(q)] = q
         for p in woken.values():
             if p is not skip_wake:
                 p.wake()
@@ -412,8 +478,9 @@ class L2Switch:
             self.counters["flooded" if out is None else "forwarded"] += 1
             for p in targets:
                 tag = p.vlans.egress(vid)
-                if tag is not None and p.enqueue(item, tag):
-                    woken[id(p)] = p
+                q = p.enqueue(item, tag) if tag is not None else None
+                if q is not None:
+                    woken[id(q)] = q
         for p in woken.values():
             if p is not skip_wake:
                 p.wake()
@@ -436,7 +503,7 @@ class L2Switch:
                      "vlan": int.from_bytes(m[:2], "big") if len(m) == 8 else 0,
                      "age": round(now - e[1], 3)} for m, e in self.fdb.items()],
             "vlans": {n: p.vlans.describe() for n, p in self.ports.items()},
-            "ports": {n: p.stats() for n, p in self.ports.items()},
+            "ports": {n: p.port_stats() for n, p in self.ports.items()},
             "uplink": dict(self.uplink.counters) if self.uplink is not None else None,
         }
 

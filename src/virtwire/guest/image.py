@@ -56,8 +56,11 @@ IMAGE_FORMAT = 1
 KERNEL_METAPACKAGE = "linux-image-amd64"
 #: Modules loaded at boot; their dependencies come from modules.dep (virtio, virtio_ring,
 #: virtio_pci_modern_dev, virtio_pci_legacy_dev, failover, net_failover). The emulated NICs'
-#: drivers (8139too, 8139cp, e1000, with mii) are there for ``virtwire compare``.
-ROOT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_net", "mii", "8139too", "8139cp", "e1000")
+#: drivers (8139too, 8139cp, e1000, with mii) are there for ``virtwire compare``; 8021q (with
+#: garp, mrp, stp, llc) gives the guest VLAN interfaces, whose VIDs reach the device's VLAN
+#: filter (VIRTIO_NET_CTRL_VLAN). The list is part of the image key: changing it rebuilds.
+ROOT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_net", "mii", "8139too", "8139cp", "e1000",
+                                 "8021q")
 #: Packages whose ``lib*`` dependencies are followed for iperf3's shared objects.
 USER_PACKAGES: tuple[str, ...] = ("busybox-static", "iperf3")
 LIB_DIRS: tuple[str, ...] = (
