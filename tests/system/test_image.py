@@ -77,11 +77,14 @@ def test_initramfs_contents(guest_image):
                          "virtio_pci_legacy_dev", "virtio_pci", "failover", "net_failover",
                          "virtio_net",
                          # the emulated NICs `virtwire compare` boots the same guest on
-                         "mii", "8139too", "8139cp", "e1000"}
+                         "mii", "8139too", "8139cp", "e1000",
+                         # VLAN interfaces in the guest (the device's VLAN filter)
+                         "8021q", "garp", "mrp", "stp", "llc"}
     order = guest_image.manifest["modules"]
     # every module after what it depends on (modprobe order of the initramfs's /init)
     for dep, mod in [("virtio_ring", "virtio_net"), ("virtio_pci", "virtio_net"),
                      ("net_failover", "virtio_net"), ("failover", "net_failover"),
-                     ("mii", "8139too"), ("mii", "8139cp")]:
+                     ("mii", "8139too"), ("mii", "8139cp"), ("garp", "8021q"),
+                     ("mrp", "8021q"), ("stp", "garp"), ("llc", "stp")]:
         assert order.index(dep) < order.index(mod), (dep, mod, order)
     assert guest_image.manifest["packages"]["iperf3"]
