@@ -6,7 +6,7 @@ Theory of operation
 (0x501), a counting benchmark port (0x502) and the PCI host bridge (0xCF8/0xCFC); our virtio-net
 function at 00:03.0 (``pci.device.VirtioPciDevice`` over ``net.device.VirtioNet``, INTA routed to
 GSI 10 and written into its Interrupt Line as firmware would); the device's loop thread
-(``host.DevicePump``). Then it loads a guest:
+(``host.DeviceHost``, whose backends ``hosts.pump.BackendPump`` watches). Then it loads a guest:
 
 - ``guest="ping"|"burst"|...``: our C program (``program.build``) at 0x10000, entered directly in
   32-bit flat protected mode (GDT at 0x500: null, code 0x08, data 0x10), its parameter block at
@@ -38,7 +38,7 @@ from typing import Any
 
 from virtwire.kvm import abi, events, program
 from virtwire.kvm.devices import ExitPort, PciHost, Uart16550
-from virtwire.kvm.host import DevicePump, KvmIntx
+from virtwire.kvm.host import DeviceHost, KvmIntx
 from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm
 
 __all__ = ["Machine", "MachineConfig", "GRACE", "GDT_ADDR", "DEVICE_SLOT", "INTX_GSI"]
@@ -128,7 +128,7 @@ class Machine:
         self.unclaimed = 0
         self._unclaimed_logged = 0
         self.lock = threading.Lock()
-        self.pump: DevicePump | None = None
+        self.pump: DeviceHost | None = None
         self.transport: Any = None
         self._requested: tuple[str, str, int] | None = None
         self.int3 = 0
@@ -180,7 +180,7 @@ class Machine:
         pci.set_memory(self.vm.mem)
         self.pci.add(DEVICE_SLOT, pci)
         self.transport = pci
-        self.pump = DevicePump(pci, backends, self.lock)
+        self.pump = DeviceHost(pci, backends, self.lock)
         pump = self.pump
         self.pci.after_write.append(pump.kick)
         mmio, io = self.pci.mmio, self.pci.io
