@@ -66,7 +66,8 @@ class MachineConfig:
     timeout: float = 0.0                # 0: no watchdog
     count_exits: bool = False
     queue_size: int = 64
-    device: bool = True                 # put the virtio-net function on the bus
+    device: bool = True                 # put the NIC function on the bus
+    nic: str = "virtio"                 # "virtio" (virtio-net) or "rtl8139" (classic RTL8139)
     console: Callable[[bytes], None] | None = None
     kvm_path: str = "/dev/kvm"
     kernel: str | None = None           # a Linux kernel (ELF vmlinux or bzImage): PVH entry
@@ -169,13 +170,28 @@ class Machine:
         else:
             self._load_program()
 
-    def _add_nic(self, backends: list[Any], mac: str | None) -> None:
+    def _nic_function(self, backends: list[Any], mac: Any) -> Any:
+        """The NIC's PCI function: virtio-net, or the classic RTL8139 (revision 0x10)."""
+        intx = KvmIntx(self.vm, INTX_GSI)
+        if self.cfg.nic == "rtl8139":
+            from virtwire.rtl8139.pci import Rtl8139Nic, Rtl8139Pci
+
+            if len(backends) != 1:
+                raise KvmError("the RTL8139 has one queue pair: give it one backend")
+            if isinstance(mac, str):
+                mac = bytes.fromhex(mac.replace(":", ""))
+            nic = Rtl8139Nic(backends[0], mac=mac or b"\x02" + os.urandom(5), revision=0x10,
+                             name="kvm0")
+            return Rtl8139Pci(nic, intx=intx, defer_notify=True)
         from virtwire.net.device import VirtioNet
         from virtwire.pci.device import VirtioPciDevice
 
         net = VirtioNet(backends, mac=mac, queue_size=256, name="kvm0")
-        pci = VirtioPciDevice(net, transitional=self.cfg.transitional,
-                              intx=KvmIntx(self.vm, INTX_GSI), defer_notify=True)
+        return VirtioPciDevice(net, transitional=self.cfg.transitional, intx=intx,
+                               defer_notify=True)
+
+    def _add_nic(self, backends: list[Any], mac: Any) -> None:
+        pci = self._nic_function(backends, mac)
         pci.config_write(0x3C, 1, INTX_GSI)  # firmware: INTA of slot 3 is wired to GSI 10
         pci.set_memory(self.vm.mem)
         self.pci.add(DEVICE_SLOT, pci)
@@ -187,13 +203,13 @@ class Machine:
 
         def mmio_then_kick(addr: int, size: int, value: int | None) -> int | None:
             r = mmio(addr, size, value)
-            if value is not None and pci.pending:
+            if value is not None:
                 pump.kick()
             return r
 
         def io_then_kick(port: int, size: int, value: int | None) -> int | None:
             r = io(port, size, value)
-            if value is not None and pci.pending:
+            if value is not None:
                 pump.kick()
             return r
 
