@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the guest program's IPv4 address (default 10.0.2.15/24)")
     parser.add_argument("--netns", help="open the TAP in this network namespace")
     parser.add_argument("--mac", help="the NIC's MAC address (default: random, locally managed)")
+    parser.add_argument("--nic", default="virtio", choices=("virtio", "rtl8139"),
+                        help="the NIC on the PCI bus: virtio-net (default) or the classic "
+                             "RTL8139 (10ec:8139 rev 0x10, every register access an exit)")
     parser.add_argument("--transitional", action="store_true",
                         help="transitional device 0x1000 with the legacy I/O BAR")
     parser.add_argument("--count", type=int, default=1000, help="burst: frames (default 1000)")
@@ -101,6 +104,8 @@ def _backends(spec: str, netns: str | None) -> list[Any]:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.nic == "rtl8139" and args.transitional:
+        raise CliError("--transitional goes with --nic virtio")
     if args.timeout < 0:
         raise CliError("--timeout must be >= 0")
     if not 1 <= args.count <= 100_000_000:
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = m.MachineConfig(guest=args.guest, ram_mb=args.memory, ip=ip, prefix=prefix,
                           burst_count=args.count, burst_size=args.size,
-                          transitional=args.transitional, timeout=args.timeout,
+                          transitional=args.transitional, nic=args.nic, timeout=args.timeout,
                           count_exits=args.exits, console=console, kvm_path=kvm_path,
                           kernel=args.kernel, initrd=args.initrd, append=args.append,
                           system_map=args.system_map, stall=args.stall)

@@ -66,6 +66,9 @@ def bar_register(fn: Any, addr: int, size: int, memory: bool) -> str | None:
     if hit is None:
         return None
     bar, off = hit
+    reg_name = getattr(getattr(fn, "model", None), "reg_name", None)
+    if reg_name is not None:  # the RTL8139: its register file, by datasheet name
+        return f"rtl8139.{reg_name(off)}"
     if not memory:
         if off in _LEGACY:
             return f"legacy.{_LEGACY[off]}"

@@ -18,8 +18,13 @@ EOI never meets a stale level. MSI-X: the function has no MSI-X capability, so a
 enable it and ``KVM_SIGNAL_MSI`` is never used (``Vm.signal_msi`` is there for a function that
 has one).
 
-Everything about backends and the loop is in this one class (``DevicePump``) so it can move onto
-the shared backend pump once ``serve`` and the PCI proxy have one.
+The backends are watched by the shared ``hosts.pump.BackendPump`` (as for ``serve`` and the PCI
+proxy); ``DeviceHost`` is the rest of this host's loop: the kick eventfd, the device lock (the
+pump serves a pair through ``LockedDevice``, which takes it) and the hand-over of the device's
+``rx_watch`` calls made on the vCPU thread (an RTL8139 CAPR write that frees ring space) to the
+loop thread, where the pump's watches live. The function is either ``VirtioPciDevice`` or
+``rtl8139.pci.Rtl8139Pci``: both have ``pending``/``flush``/``defer_notify`` and a ``device``
+with ``active``, ``backend_ready`` and the ``rx_watch`` hook.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from virtwire.hosts.pump import RING, BackendPump
 from virtwire.loop import EventLoop
 
-__all__ = ["KvmIntx", "DevicePump"]
+__all__ = ["KvmIntx", "DeviceHost", "LockedDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,37 @@ class KvmIntx:
             log.warning("kvm: KVM_IRQ_LINE %d=%d failed: %s", self.gsi, level, e)
 
 
-class DevicePump:
-    """The loop thread: deferred notifications, backend RX wake-ups, device hooks (see above)."""
+class LockedDevice:
+    """The device as ``BackendPump`` sees it: serving a pair takes the device lock; the pump's
+    ``rx_watch`` hook is installed on the real device behind ``DeviceHost.rx_watch``, which
+    carries calls from the vCPU thread over to the loop thread."""
+
+    def __init__(self, device: Any, lock: threading.Lock, host: DeviceHost) -> None:
+        self.device = device
+        self.lock = lock
+        self.host = host
+        self.hook: Callable[[int, bool], None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(getattr(self.device, "active", False))
+
+    @property
+    def rx_watch(self) -> Callable[[int, bool], None] | None:
+        return self.hook
+
+    @rx_watch.setter
+    def rx_watch(self, fn: Callable[[int, bool], None]) -> None:
+        self.hook = fn
+        self.device.rx_watch = self.host.rx_watch
+
+    def backend_ready(self, pair: int) -> Any:
+        with self.lock:
+            return self.device.backend_ready(pair)
+
+
+class DeviceHost:
+    """The loop thread: deferred notifications, the backend pump, device hooks (see above)."""
 
     def __init__(self, transport: Any, backends: list[Any], lock: threading.Lock) -> None:
         self.loop = EventLoop()
@@ -66,28 +103,37 @@ class DevicePump:
         self.backends = backends
         self.lock = lock
         transport.defer_notify = True
-        self._watched: dict[int, bool] = {}
-        self._parked: set[int] = set()
+        self._loop_thread: int | None = None
+        self._posted: deque[tuple[int, bool]] = deque()
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.loop.add_reader(self._kick_fd, self._on_kick)
         self._stop = False
         self.kicks = 0
         self.thread: threading.Thread | None = None
-        if hasattr(self.device, "rx_watch"):
-            self.device.rx_watch = self._rx_watch
-        if hasattr(self.device, "more_work"):
+        self.pump = BackendPump(self.loop, LockedDevice(self.device, lock, self),
+                                backends, ready=lambda pair: bool(
+                                    getattr(self.device, "active", False)))
+        if hasattr(self.device, "run_guarded"):
             self.device.more_work = self._more_work
-        for pair in range(len(backends)):
-            self._rx_watch(pair, True)
 
     # -- from the vCPU thread -----------------------------------------------------------------
     def kick(self) -> None:
-        """After an access: wake the loop if the access queued work (or parked RX may resume)."""
-        if self.transport.pending or self._parked:
+        """After an access: wake the loop if the access queued work, handed over an
+        ``rx_watch`` call, or may have made the device active (a paused pair may resume)."""
+        if self.transport.pending or self._posted or self.pump.waiting(RING):
+            os.eventfd_write(self._kick_fd, 1)
+
+    def rx_watch(self, pair: int, on: bool) -> None:
+        """The device's ``rx_watch`` hook, from either thread (module docstring)."""
+        if threading.get_ident() == self._loop_thread:
+            self.pump.rx_watch(pair, on)
+        else:
+            self._posted.append((pair, on))
             os.eventfd_write(self._kick_fd, 1)
 
     # -- loop thread -------------------------------------------------------------------------
     def _on_kick(self) -> None:
+        self._loop_thread = threading.get_ident()
         try:
             os.eventfd_read(self._kick_fd)
         except BlockingIOError:
@@ -99,34 +145,14 @@ class DevicePump:
         with self.lock:
             self.transport.flush()
             active = getattr(self.device, "active", False)
-        if self._parked and active:
-            for pair in list(self._parked):
-                self._rx_watch(pair, True)
-            self._parked.clear()
-
-    def _on_backend(self, pair: int) -> None:
-        ready = getattr(self.device, "backend_ready", None)
-        if ready is None or not getattr(self.device, "active", False):
-            self._rx_watch(pair, False)  # nothing to deliver to before DRIVER_OK
-            self._parked.add(pair)
-            return
-        self.loop.defer(("kvm-rx", pair), self._locked, ready, pair)
+        while self._posted:
+            self.pump.rx_watch(*self._posted.popleft())
+        if active and self.pump.waiting(RING):
+            self.pump.resume_all(RING)
 
     def _locked(self, fn: Any, *args: Any) -> None:
         with self.lock:
             fn(*args)
-
-    def _rx_watch(self, pair: int, on: bool) -> None:
-        if not 0 <= pair < len(self.backends):
-            return
-        fd = self.backends[pair].fileno()
-        if fd is None or fd < 0 or self._watched.get(pair) == on:
-            return
-        if on:
-            self.loop.add_reader(fd, self._on_backend, pair)
-        else:
-            self.loop.remove_reader(fd)
-        self._watched[pair] = on
 
     def _more_work(self, index: int) -> None:
         dev = self.device
@@ -134,8 +160,12 @@ class DevicePump:
                         dev.process_queue)
 
     # -- running -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self.loop.run()
+
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.loop.run, name="virtwire-kvm-device",
+        self.thread = threading.Thread(target=self._run, name="virtwire-kvm-device",
                                        daemon=True)
         self.thread.start()
 
@@ -150,8 +180,7 @@ class DevicePump:
 
     def close(self) -> None:
         self.stop()
-        for pair in list(self._watched):
-            self._rx_watch(pair, False)
+        self.pump.close()
         self.loop.remove_reader(self._kick_fd)
         os.close(self._kick_fd)
         self.transport.release_memory_views()
@@ -163,5 +192,6 @@ class DevicePump:
         with self.lock:
             dev = self.device.stats() if hasattr(self.device, "stats") else {}
             return {"transport": self.transport.stats(), "device": dev, "loop_kicks": self.kicks,
+                    "pump": dict(self.pump.counters),
                     "backends": [{"name": getattr(b, "name", "?"), **b.stats()}
                                  for b in self.backends]}

@@ -6,7 +6,7 @@ Theory of operation
 (0x501), a counting benchmark port (0x502) and the PCI host bridge (0xCF8/0xCFC); our virtio-net
 function at 00:03.0 (``pci.device.VirtioPciDevice`` over ``net.device.VirtioNet``, INTA routed to
 GSI 10 and written into its Interrupt Line as firmware would); the device's loop thread
-(``host.DevicePump``). Then it loads a guest:
+(``host.DeviceHost``, whose backends ``hosts.pump.BackendPump`` watches). Then it loads a guest:
 
 - ``guest="ping"|"burst"|...``: our C program (``program.build``) at 0x10000, entered directly in
   32-bit flat protected mode (GDT at 0x500: null, code 0x08, data 0x10), its parameter block at
@@ -38,7 +38,7 @@ from typing import Any
 
 from virtwire.kvm import abi, events, program
 from virtwire.kvm.devices import ExitPort, PciHost, Uart16550
-from virtwire.kvm.host import DevicePump, KvmIntx
+from virtwire.kvm.host import DeviceHost, KvmIntx
 from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm
 
 __all__ = ["Machine", "MachineConfig", "GRACE", "GDT_ADDR", "DEVICE_SLOT", "INTX_GSI"]
@@ -66,7 +66,8 @@ class MachineConfig:
     timeout: float = 0.0                # 0: no watchdog
     count_exits: bool = False
     queue_size: int = 64
-    device: bool = True                 # put the virtio-net function on the bus
+    device: bool = True                 # put the NIC function on the bus
+    nic: str = "virtio"                 # "virtio" (virtio-net) or "rtl8139" (classic RTL8139)
     console: Callable[[bytes], None] | None = None
     kvm_path: str = "/dev/kvm"
     kernel: str | None = None           # a Linux kernel (ELF vmlinux or bzImage): PVH entry
@@ -128,7 +129,7 @@ class Machine:
         self.unclaimed = 0
         self._unclaimed_logged = 0
         self.lock = threading.Lock()
-        self.pump: DevicePump | None = None
+        self.pump: DeviceHost | None = None
         self.transport: Any = None
         self._requested: tuple[str, str, int] | None = None
         self.int3 = 0
@@ -169,31 +170,46 @@ class Machine:
         else:
             self._load_program()
 
-    def _add_nic(self, backends: list[Any], mac: str | None) -> None:
+    def _nic_function(self, backends: list[Any], mac: Any) -> Any:
+        """The NIC's PCI function: virtio-net, or the classic RTL8139 (revision 0x10)."""
+        intx = KvmIntx(self.vm, INTX_GSI)
+        if self.cfg.nic == "rtl8139":
+            from virtwire.rtl8139.pci import Rtl8139Nic, Rtl8139Pci
+
+            if len(backends) != 1:
+                raise KvmError("the RTL8139 has one queue pair: give it one backend")
+            if isinstance(mac, str):
+                mac = bytes.fromhex(mac.replace(":", ""))
+            nic = Rtl8139Nic(backends[0], mac=mac or b"\x02" + os.urandom(5), revision=0x10,
+                             name="kvm0")
+            return Rtl8139Pci(nic, intx=intx, defer_notify=True)
         from virtwire.net.device import VirtioNet
         from virtwire.pci.device import VirtioPciDevice
 
         net = VirtioNet(backends, mac=mac, queue_size=256, name="kvm0")
-        pci = VirtioPciDevice(net, transitional=self.cfg.transitional,
-                              intx=KvmIntx(self.vm, INTX_GSI), defer_notify=True)
+        return VirtioPciDevice(net, transitional=self.cfg.transitional, intx=intx,
+                               defer_notify=True)
+
+    def _add_nic(self, backends: list[Any], mac: Any) -> None:
+        pci = self._nic_function(backends, mac)
         pci.config_write(0x3C, 1, INTX_GSI)  # firmware: INTA of slot 3 is wired to GSI 10
         pci.set_memory(self.vm.mem)
         self.pci.add(DEVICE_SLOT, pci)
         self.transport = pci
-        self.pump = DevicePump(pci, backends, self.lock)
+        self.pump = DeviceHost(pci, backends, self.lock)
         pump = self.pump
         self.pci.after_write.append(pump.kick)
         mmio, io = self.pci.mmio, self.pci.io
 
         def mmio_then_kick(addr: int, size: int, value: int | None) -> int | None:
             r = mmio(addr, size, value)
-            if value is not None and pci.pending:
+            if value is not None:
                 pump.kick()
             return r
 
         def io_then_kick(port: int, size: int, value: int | None) -> int | None:
             r = io(port, size, value)
-            if value is not None and pci.pending:
+            if value is not None:
                 pump.kick()
             return r
 

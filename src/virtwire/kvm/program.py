@@ -4,11 +4,12 @@ Theory of operation
 -------------------
 The guest is a freestanding 32-bit C program (``guest/guest.c``, entry ``guest/start.S``, linked
 at 0x10000 by ``guest/link.ld``) that drives our virtio-net PCI function the way Linux's
-virtio_pci and virtio_net do. ``build()`` compiles it with the system gcc on first use, like the
-native helper, into a per-user cache directory (mode 0700) keyed by a hash of the sources and
-flags; without gcc it raises ``KvmError`` with one line. Flags: CPL0 code is emulated by this
-host's KVM, which cannot run SSE arithmetic, x87 or popcnt, hence ``-mgeneral-regs-only
--mno-popcnt`` and friends.
+virtio_pci and virtio_net do, and a small classic-RTL8139 driver (``guest/rtl8139.c``, included
+by ``guest.c``) used when bus 0 holds 10ec:8139 instead. ``build()`` compiles it with the system
+gcc on first use, like the native helper, into a per-user cache directory (mode 0700) keyed by
+a hash of the sources and flags; without gcc it raises ``KvmError`` with one line. Flags: CPL0
+code is emulated by this host's KVM, which cannot run SSE arithmetic, x87 or popcnt, hence
+``-mgeneral-regs-only -mno-popcnt`` and friends.
 
 The VMM and the program share a parameter block at 0x7000 (``PARAMS``, mirrored from
 ``guest/vw.h``): mode, IPv4 address, burst size, the INTx GSI, and a ``stop`` word the VMM sets to
@@ -45,7 +46,7 @@ CFLAGS = ("-m32", "-ffreestanding", "-mgeneral-regs-only", "-mno-popcnt", "-mno-
           "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-builtin")
 MODES = {"ping": 1, "burst": 2, "garbage": 10, "badbar": 11, "badring": 12, "badinsn": 13,
          "int3": 14, "exits": 20}
-GUEST_STATUS = {0x00: "ok", 0x20: "no virtio device on bus 0",
+GUEST_STATUS = {0x00: "ok", 0x20: "no virtio or RTL8139 device on bus 0",
                 0x21: "device initialisation failed", 0x22: "device said NEEDS_RESET",
                 0x23: "hostile test finished", 0x24: "no parameter block",
                 0x30: "guest took an exception"}
@@ -96,7 +97,7 @@ def cache_dir() -> Path:
 
 def _tag() -> str:
     h = hashlib.sha256()
-    for name in (*SOURCES, "vw.h", "link.ld"):
+    for name in (*SOURCES, "rtl8139.c", "vw.h", "link.ld"):
         h.update((SRC_DIR / name).read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]

@@ -56,6 +56,8 @@ static u32 dev_irq = 10;
 static u32 isr_addr; /* modern: MMIO address of the ISR byte */
 static u16 io_base;  /* legacy: I/O BAR */
 static int legacy;
+static u32 rtl_regs; /* RTL8139: its register file is in use (rtl8139.c) */
+static void rtl_irq(void);
 
 static void set_gate(int v, u32 fn) {
     idt[v].lo = (u16)fn; idt[v].hi = (u16)(fn >> 16); idt[v].sel = 0x08;
@@ -83,7 +85,8 @@ static void idt_init(void) {
 
 void vw_irq(u32 irq) {
     if (irq == dev_irq) {
-        isr_bits |= legacy ? inb(io_base + 19) : rd8(isr_addr); /* lowers the line */
+        if (rtl_regs) rtl_irq();
+        else isr_bits |= legacy ? inb(io_base + 19) : rd8(isr_addr); /* lowers the line */
         dev_irqs++;
     } else if (irq == 0) {
         ticks++;
@@ -298,6 +301,11 @@ static void tx_init(void) {
     }
 }
 
+#include "rtl8139.c"
+
+static u8 *nic_slot(void) { return rtl ? rtl_tx_slot() : tx_slot(); }
+static void nic_send(u32 len) { if (rtl) rtl_send(len); else { tx_queue(len); tx_publish(); } }
+
 /* ---- ARP / ICMP ------------------------------------------------------------------------- */
 static int ip_eq(const u8 *a) { return *(const u32 *)a == *(const u32 *)P->ip; }
 
@@ -306,18 +314,18 @@ static void on_frame(u8 *f, u32 len) {
     if (len < 42) return;
     u16 type = (u16)(f[12] << 8 | f[13]);
     if (type == 0x0806 && f[20] == 0 && f[21] == 1 && ip_eq(f + 38)) {
-        u8 *o = tx_slot();
+        u8 *o = nic_slot();
         copy(o, f + 6, 6); copy(o + 6, mac, 6); copy(o + 12, f + 12, 10);
         o[21] = 2;
         copy(o + 22, mac, 6); copy(o + 28, P->ip, 4);
         copy(o + 32, f + 22, 10);
-        tx_queue(42); tx_publish(); arp_replies++;
+        nic_send(42); arp_replies++;
     } else if (type == 0x0800 && f[23] == 1 && ip_eq(f + 30)) {
         u32 ihl = (f[14] & 15) * 4, ip_len = (u32)(f[16] << 8 | f[17]);
         u8 *icmp = f + 14 + ihl;
         if (ihl < 20 || 14 + ip_len > len || 14 + ihl + 8 > len || icmp[0] != 8) return;
         if (14 + ip_len > 1514) return;
-        u8 *o = tx_slot();
+        u8 *o = nic_slot();
         copy(o, f + 6, 6); copy(o + 6, mac, 6); copy(o + 12, f + 12, 14 + ip_len - 12);
         copy(o + 26, f + 30, 4); copy(o + 30, f + 26, 4);
         u8 *r = o + 14 + ihl;
@@ -325,7 +333,7 @@ static void on_frame(u8 *f, u32 len) {
         u32 sum = (u32)(r[2] << 8 | r[3]) + 0x0800; /* type 8 -> 0: RFC 1624 update */
         sum = (sum & 0xffff) + (sum >> 16);
         r[2] = (u8)(sum >> 8); r[3] = (u8)sum;
-        tx_queue(14 + ip_len); tx_publish(); icmp_replies++;
+        nic_send(14 + ip_len); icmp_replies++;
     }
 }
 
@@ -385,9 +393,11 @@ static void report(void) {
 static u32 find_device(void) {
     for (u32 dev = 0; dev < 32; dev++) {
         u32 id = cfg_rd32(dev, 0);
-        if (id == 0xffffffffu || (id & 0xffff) != 0x1af4) continue;
+        if (id == 0xffffffffu) continue;
+        if ((id & 0xffff) != 0x1af4 && id != 0x813910ecu) continue;
+        if (id == 0x813910ecu && (cfg_rd32(dev, 8) & 0xff) >= 0x20) continue; /* C+: not ours */
         u32 cls = cfg_rd32(dev, 8) >> 8;
-        line("device id=1af4:"); hex(id >> 16, 4); puts_(" class="); hex(cls, 6);
+        line("device id="); hex(id & 0xffff, 4); putc_(':'); hex(id >> 16, 4); puts_(" class="); hex(cls, 6);
         puts_(" slot="); dec(dev); puts_(" irq="); dec(cfg_rd8(dev, 0x3c));
         puts_(" pin="); dec(cfg_rd8(dev, 0x3d)); putc_('\n');
         return dev | (id & 0xffff0000u);
@@ -446,6 +456,12 @@ int vw_main(void) {
     u32 dev = find_device();
     if (dev == 0xffffffffu) { line("no virtio device on bus 0\n"); return ST_NO_DEVICE; }
     __asm__ volatile("sti");
+    if ((dev >> 16) == 0x8139) {
+        rtl_regs = 1;
+        int rst = rtl_main(dev & 0xffff);
+        if (!rst) report();
+        return rst;
+    }
     int st = device_init(dev, P->mode);
     if (st == ST_NEEDS_RESET) {
         kick(&txq, 1);
