@@ -90,3 +90,29 @@ def test_backend_served_under_lock_and_rx_watch_handed_to_the_loop() -> None:
         assert _until(lambda: tr.flushes > 0)
     finally:
         host.close()
+
+
+def test_rtl8139_function_traces_config_and_register_names() -> None:
+    # with --trace on, the RTL8139 function's config accesses are events (they raised before)
+    import io
+    import json
+
+    from virtwire import trace
+    from virtwire.backends.null import NullBackend
+    from virtwire.kvm.events import bar_register
+    from virtwire.rtl8139.pci import Rtl8139Nic, Rtl8139Pci
+
+    fn = Rtl8139Pci(Rtl8139Nic(NullBackend("null:t"), mac=b"\x02\x00\x00\x00\x00\x01"))
+    buf = io.StringIO()
+    trace.start(out=buf)
+    try:
+        assert fn.config_read(0, 4) == 0x813910EC
+        fn.config_write(0x14, 4, 0xE0000000)
+        fn.config_write(0x04, 2, 0x0007)
+    finally:
+        trace.stop()
+    evs = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert any(e.get("ev") == "cfg_read" and e.get("off") == 0 for e in evs)
+    assert any(e.get("ev") == "cfg_write" and e.get("off") == 0x14 for e in evs)
+    assert bar_register(fn, 0xE0000010, 4, True) == "rtl8139.TSD0"
+    assert bar_register(fn, 0xE000003E, 2, True) == "rtl8139.ISR"
