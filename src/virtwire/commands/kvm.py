@@ -1,4 +1,5 @@
-"""``virtwire kvm``: a small VMM on /dev/kvm whose vCPU exits reach our virtio-net PCI device.
+"""``virtwire kvm``: a small VMM on /dev/kvm whose vCPU exits reach our NIC's PCI function
+(virtio-net, or the classic RTL8139 with ``--nic rtl8139``).
 
 The guest's UART is the terminal (stdout; stderr with ``--json``). The run ends with one line on
 stderr saying why, and an exit status: the guest's own status (0 when it exited cleanly, the
@@ -18,7 +19,7 @@ from typing import Any
 from virtwire.errors import CliError, UserFacingError
 
 NAME = "kvm"
-HELP = "run a guest on /dev/kvm with virtwire's own PCI bus and virtio-net device"
+HELP = "run a guest on /dev/kvm with virtwire's own PCI bus and NIC (virtio-net or RTL8139)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

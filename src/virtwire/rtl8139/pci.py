@@ -171,13 +171,13 @@ class Rtl8139Pci:
     def config_read(self, offset: int, width: int) -> int:
         v = self.pci.read(offset, width)
         if _trace.TRACE is not None:
-            _trace.pci_config_access(self, offset, width, v, False)
+            _trace.TRACE.emit("pci", "cfg_read", off=offset, size=width, val=v)
         return v
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         self.pci.write(offset, width, value)
         if _trace.TRACE is not None:
-            _trace.pci_config_access(self, offset, width, value, True)
+            _trace.TRACE.emit("pci", "cfg_write", off=offset, size=width, val=value)
 
     def _config_written(self, off: int, width: int, value: int) -> None:
         if off <= PCI_COMMAND + 1 and off + width > PCI_COMMAND:

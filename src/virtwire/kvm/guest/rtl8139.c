@@ -122,10 +122,9 @@ static int rtl_main(u32 dev) {
     if (P->mode == MODE_BURST) {
         rtl_burst();
     } else {
-        while (!P->stop) {
-            u32 seen = dev_irqs;
-            rtl_rx_poll();
-            rtl_tx_reclaim();
+        u32 seen = dev_irqs - 1;      /* the first pass polls */
+        while (!P->stop) {            /* registers only after a device interrupt, not a tick */
+            if (dev_irqs != seen) { seen = dev_irqs; rtl_rx_poll(); rtl_tx_reclaim(); }
             WAIT_UNTIL(dev_irqs != seen || P->stop);
         }
     }
