@@ -511,20 +511,10 @@ class Rtl8139:
     def receive(self, frame: bytes | bytearray | memoryview) -> bool:
         """A frame from the wire. False when it could not be stored for lack of ring space (the
         frame is dropped, ISR.RXOVW raised); True when it was delivered or filtered/dropped."""
-        n = len(frame)
-        if not self.rx_enabled:
-            self.counters["rx_disabled"] += 1
+        admitted = self._rx_admit(frame)
+        if admitted is None:
             return True
-        if n > MAX_RX_FRAME or n < 14:
-            self.counters["rx_oversize"] += 1
-            return True
-        status = self._accept(frame)
-        if not status:
-            self.counters["rx_filtered"] += 1
-            return True
-        if n < MIN_FRAME:
-            frame = bytes(frame) + bytes(MIN_FRAME - n)
-            n = MIN_FRAME
+        frame, n, status = admitted
         if not self.rx_room(n):
             self.counters["rx_overflow"] += 1
             self.missed += 1
@@ -538,6 +528,28 @@ class Rtl8139:
         self.counters["rx_bytes"] += n
         self.raise_isr(r.INT_ROK, "ROK")
         return True
+
+    def _rx_admit(
+        self, frame: bytes | bytearray | memoryview
+    ) -> tuple[bytes | bytearray | memoryview, int, int] | None:
+        """The receive checks both RX modes share: None when the frame is dropped (receiver off,
+        bad length, address filter; each counted), else (frame padded to MIN_FRAME, its length,
+        the RX status bits from the filter)."""
+        n = len(frame)
+        if not self.rx_enabled:
+            self.counters["rx_disabled"] += 1
+            return None
+        if n > MAX_RX_FRAME or n < 14:
+            self.counters["rx_oversize"] += 1
+            return None
+        status = self._accept(frame)
+        if not status:
+            self.counters["rx_filtered"] += 1
+            return None
+        if n < MIN_FRAME:
+            frame = bytes(frame) + bytes(MIN_FRAME - n)
+            n = MIN_FRAME
+        return frame, n, status
 
     def _ring_write(self, blob: bytes) -> bool:
         mem = self.mem
