@@ -55,7 +55,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from virtwire.rtl8139 import regs as r
@@ -217,54 +217,25 @@ class Rtl8139:
     def read(self, off: int, width: int) -> int:
         """A register read of ``width`` (1, 2 or 4) bytes at ``off`` (0-255)."""
         self.counters["reads"] += 1
-        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
-            self.counters["unknown_accesses"] += 1
-            self._bad(f"read of width {width} at {off:#x}")
+        if not self._access_ok("read", off, width):
             return 0
-        name = self.reg_name(off)
-        self.accesses[name] = self.accesses.get(name, 0) + 1
         value = 0
-        o = off
-        end = off + width
-        while o < end:
-            reg = self.table[o]
-            if reg is None:
-                self.counters["unknown_accesses"] += 1
-                self._bad(f"read at unknown offset {o:#x}")
-                o += 1
-                continue
-            start, w, _ = reg
+        for o, start, w, stop in self._spans("read", off, off + width):
             get = self._getters.get(start)
             full = get() if get is not None else int.from_bytes(self.regs[start : start + w],
                                                                   "little")
-            stop = min(start + w, end)
             nbytes = stop - o
             piece = (full >> (8 * (o - start))) & ((1 << (8 * nbytes)) - 1)
             value |= piece << (8 * (o - off))
-            o = stop
         return value
 
     def write(self, off: int, width: int, value: int) -> None:
         """A register write of ``width`` (1, 2 or 4) bytes at ``off`` (0-255)."""
         self.counters["writes"] += 1
-        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
-            self.counters["unknown_accesses"] += 1
-            self._bad(f"write of width {width} at {off:#x}")
+        if not self._access_ok("write", off, width):
             return
-        name = self.reg_name(off)
-        self.accesses[name] = self.accesses.get(name, 0) + 1
         value &= (1 << (8 * width)) - 1
-        o = off
-        end = off + width
-        while o < end:
-            reg = self.table[o]
-            if reg is None:
-                self.counters["unknown_accesses"] += 1
-                self._bad(f"write at unknown offset {o:#x}")
-                o += 1
-                continue
-            start, w, _ = reg
-            stop = min(start + w, end)
+        for o, start, _w, stop in self._spans("write", off, off + width):
             nbytes = stop - o
             shift = 8 * (o - start)
             piece = (value >> (8 * (o - off))) & ((1 << (8 * nbytes)) - 1)
@@ -274,6 +245,32 @@ class Rtl8139:
                 setter(piece << shift, mask)
             else:
                 self._store(start, piece << shift, mask)
+
+    def _access_ok(self, kind: str, off: int, width: int) -> bool:
+        """Check a guest access's width and offset (counted and logged when bad) and count it
+        against the register at ``off``."""
+        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
+            self.counters["unknown_accesses"] += 1
+            self._bad(f"{kind} of width {width} at {off:#x}")
+            return False
+        name = self.reg_name(off)
+        self.accesses[name] = self.accesses.get(name, 0) + 1
+        return True
+
+    def _spans(self, kind: str, off: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """(o, register start, register width, stop) for each register piece of [off, end);
+        bytes at unknown offsets are counted, logged and skipped."""
+        o = off
+        while o < end:
+            reg = self.table[o]
+            if reg is None:
+                self.counters["unknown_accesses"] += 1
+                self._bad(f"{kind} at unknown offset {o:#x}")
+                o += 1
+                continue
+            start, w, _ = reg
+            stop = min(start + w, end)
+            yield o, start, w, stop
             o = stop
 
     # -- reset -------------------------------------------------------------------------------
