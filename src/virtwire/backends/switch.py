@@ -302,6 +302,13 @@ class _Uplink:
         pass
 
 
+def _wake_all(woken: dict[int, Any], skip_wake: Any) -> None:
+    """Wake each egress port a batch queued to once, except ``skip_wake``."""
+    for p in woken.values():
+        if p is not skip_wake:
+            p.wake()
+
+
 class L2Switch:
     """A learning switch (see module docstring). ``clock`` is injectable for aging tests."""
 
@@ -411,19 +418,13 @@ class L2Switch:
             self.vlan_forward(ingress, items, skip_wake)
             return
         now = self.clock()
-        fdb = self.fdb
         woken: dict[int, Any] = {}
         flood: list[Any] | None = None
         for item in items:
             frame = item[6]
             src, dst = frame[6:12], frame[0:6]
-            if not src[0] & 1:
-                old = fdb.get(src)
-                if old is None:
-                    self.counters["learned"] += 1
-                elif old[0] is not ingress:
-                    self.counters["moved"] += 1
-                fdb[src] = (ingress, now)
+            if not frame[6] & 1:
+                self.learn(src, ingress, now)
             out = None if dst[0] & 1 else self.lookup(dst)
             if out is None:
                 if flood is None:
@@ -440,16 +441,22 @@ class L2Switch:
                 q = out.enqueue(item)
                 if q is not None:
                     woken[id(q)] = q
-        for p in woken.values():
-            if p is not skip_wake:
-                p.wake()
+        _wake_all(woken, skip_wake)
+
+    def learn(self, key: bytes, ingress: Any, now: float) -> None:
+        """Record that the source ``key`` (MAC, or VLAN id + MAC) was seen on ``ingress``."""
+        old = self.fdb.get(key)
+        if old is None:
+            self.counters["learned"] += 1
+        elif old[0] is not ingress:
+            self.counters["moved"] += 1
+        self.fdb[key] = (ingress, now)
 
     def vlan_forward(self, ingress: Any, items: Sequence[_Item], skip_wake: Any = None) -> None:
         """``forward`` per VLAN: classify (and untag) on ingress, learn and look up in that
         VLAN's part of the FDB (keys: 2-byte VLAN id + MAC), deliver to member ports only,
         tagged where the egress port is a trunk of that VLAN (netlab/vlan.py)."""
         now = self.clock()
-        fdb = self.fdb
         woken: dict[int, Any] = {}
         member = ingress.vlans
         for item in items:
@@ -464,12 +471,7 @@ class L2Switch:
             pre = vid.to_bytes(2, "big") if vid else b""
             src, dst = pre + frame[6:12], pre + frame[0:6]
             if not frame[6] & 1:
-                old = fdb.get(src)
-                if old is None:
-                    self.counters["learned"] += 1
-                elif old[0] is not ingress:
-                    self.counters["moved"] += 1
-                fdb[src] = (ingress, now)
+                self.learn(src, ingress, now)
             out = None if frame[0] & 1 else self.lookup(dst)
             if out is ingress:
                 self.counters["filtered"] += 1
@@ -481,9 +483,7 @@ class L2Switch:
                 q = p.enqueue(item, tag) if tag is not None else None
                 if q is not None:
                     woken[id(q)] = q
-        for p in woken.values():
-            if p is not skip_wake:
-                p.wake()
+        _wake_all(woken, skip_wake)
 
     def close(self) -> None:
         """Close the uplink TAP and any overlay (ports are closed by their owners)."""

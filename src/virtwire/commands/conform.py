@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from virtwire.errors import UserFacingError
 
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virtwire.conform.catalog import make_target
-    from virtwire.conform.suite import CHECKS, format_table, run_suite
+    from virtwire.conform.suite import CHECKS, run_suite
 
     if args.list:
         from virtwire.conform.drivers import DRIVER_CHECKS
@@ -65,18 +66,12 @@ def run(args: argparse.Namespace) -> int:
             reports.append(run_suite(t, args.only or None, seed=args.seed, strict=args.strict))
         finally:
             t.close()
-        if not args.json:
-            print(format_table(reports[-1]))
-            print()
-            sys.stdout.flush()
-    if args.json:
-        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-    return 1 if any(r["summary"]["fail"] for r in reports) else 0
+        _show(args, reports[-1])
+    return _finish(args, reports)
 
 
 def _drivers(args: argparse.Namespace) -> int:
     from virtwire.conform.driver_targets import DRIVERS, run_driver
-    from virtwire.conform.suite import format_table
     from virtwire.errors import CliError
 
     bad = [d for d in args.driver if d not in DRIVERS]
@@ -92,10 +87,22 @@ def _drivers(args: argparse.Namespace) -> int:
             raise
         except Exception as e:  # noqa: BLE001 - the driver could not be run at all
             raise UserFacingError(f"conform --driver {d}: cannot run it: {e}") from None
-        if not args.json:
-            print(format_table(reports[-1]))
-            print()
-            sys.stdout.flush()
+        _show(args, reports[-1])
+    return _finish(args, reports)
+
+
+def _show(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """One suite's table as soon as it has run (unless ``--json``)."""
+    from virtwire.conform.suite import format_table
+
+    if not args.json:
+        print(format_table(report))
+        print()
+        sys.stdout.flush()
+
+
+def _finish(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
+    """The ``--json`` output, and the exit status: 1 when any check failed."""
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 1 if any(r["summary"]["fail"] for r in reports) else 0

@@ -16,17 +16,15 @@ Invariants: no callback fails in the loop, nothing raises out of it, the process
 from __future__ import annotations
 
 import array
-import logging
 import mmap
 import os
 import random
 import socket
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtwire.hosts import pci_proxy as pp
-from virtwire.hosts.vhost_fuzz import FuzzReport, coverage_loop
+from virtwire.hosts.vhost_fuzz import FuzzReport, coverage_loop, fuzz_memfd, run_guarded
 
 __all__ = ["ProxyStep", "build_case", "run_steps", "fuzz"]
 
@@ -113,13 +111,7 @@ class _Case:
 
     def fd(self, kind: str) -> int:
         if kind.startswith("mem-"):
-            flags = os.MFD_CLOEXEC | (0 if kind == "mem-unsealable" else os.MFD_ALLOW_SEALING)
-            fd = os.memfd_create("vwfuzz-ram", flags)
-            os.ftruncate(fd, RAM)
-            if kind == "mem-sealed":
-                import fcntl
-
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            fd = fuzz_memfd(kind, "vwfuzz-ram", RAM)
             if self.ram_fd is None:
                 self.ram_fd = os.dup(fd)
                 self.ram = mmap.mmap(self.ram_fd, RAM)
@@ -179,25 +171,8 @@ class _Case:
 
 
 def run_steps(steps: list[ProxyStep]) -> str | None:
-    before = len(os.listdir("/proc/self/fd"))
-    log = logging.getLogger("virtwire")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    case = _Case()
-    try:
-        for s in steps:
-            case.step(s)
-            if case.server.remote.closed:
-                break
-        if case.server.loop.errors:
-            return f"{case.server.loop.errors} loop callback(s) failed"
-    except Exception:
-        return traceback.format_exc(limit=6)
-    finally:
-        case.close()
-        log.setLevel(level)
-    after = len(os.listdir("/proc/self/fd"))
-    return f"fd leak: {after - before} fd(s)" if after > before else None
+    return run_guarded(_Case, steps, lambda case: case.server.loop.errors,
+                       stop=lambda case: case.server.remote.closed)
 
 
 def fuzz(cases: int, seconds: float, seed: int = 0,

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,16 @@ from virtwire.hosts.vhost_user_conn import MessageReader
 from virtwire.hosts.vhost_user_proto import VhostUserRequest as R
 from virtwire.loop import EventLoop
 
-__all__ = ["Step", "FuzzReport", "build_case", "run_steps", "fuzz", "coverage_loop"]
+__all__ = [
+    "Step",
+    "FuzzReport",
+    "build_case",
+    "run_steps",
+    "fuzz",
+    "coverage_loop",
+    "fuzz_memfd",
+    "run_guarded",
+]
 
 UVA = 0x7F0000000000
 MEM = 1 << 20
@@ -167,13 +176,7 @@ class _Case:
         import mmap
 
         if kind.startswith("mem-"):
-            flags = os.MFD_CLOEXEC | (0 if kind == "mem-unsealable" else os.MFD_ALLOW_SEALING)
-            fd = os.memfd_create("vwfuzz", flags)
-            os.ftruncate(fd, MEM)
-            if kind == "mem-sealed":
-                import fcntl
-
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            fd = fuzz_memfd(kind, "vwfuzz", MEM)
             if self.memfd is None:
                 self.memfd = os.dup(fd)
                 self.mine.append(self.memfd)
@@ -259,16 +262,41 @@ def _fds() -> int:
 
 def run_steps(steps: list[Step]) -> str | None:
     """Run one case; None when every invariant held, else what went wrong."""
+    return run_guarded(_Case, steps, lambda case: case.loop.errors)
+
+
+def fuzz_memfd(kind: str, name: str, size: int) -> int:
+    """A memfd of ``size`` bytes for a fuzz step's ``mem-*`` fd kind: ``mem-unsealable`` without
+    sealing, ``mem-sealed`` already sealed against shrinking."""
+    flags = os.MFD_CLOEXEC | (0 if kind == "mem-unsealable" else os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, flags)
+    os.ftruncate(fd, size)
+    if kind == "mem-sealed":
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def run_guarded(make_case: Callable[[], Any], steps: Sequence[Any],
+                loop_errors: Callable[[Any], int],
+                stop: Callable[[Any], bool] | None = None) -> str | None:
+    """The fuzz targets' invariants around one case: logging silenced, ``make_case()`` fed each
+    step (until ``stop(case)``), then closed. None when every invariant held, else what went
+    wrong: loop callbacks that failed (``loop_errors(case)``), an exception, or leaked fds."""
     before = _fds()
     log = logging.getLogger("virtwire")
     level = log.level
     log.setLevel(logging.CRITICAL)
-    case = _Case()
+    case = make_case()
     try:
         for s in steps:
             case.step(s)
-        if case.loop.errors:
-            return f"{case.loop.errors} loop callback(s) failed"
+            if stop is not None and stop(case):
+                break
+        errors = loop_errors(case)
+        if errors:
+            return f"{errors} loop callback(s) failed"
     except Exception:
         return traceback.format_exc(limit=6)
     finally:

@@ -36,7 +36,7 @@ import zlib
 from typing import Any
 
 from virtwire.kvm import abi
-from virtwire.kvm.vm import KvmError, Vm
+from virtwire.kvm.vm import KvmError, Vm, flat_segments
 
 __all__ = ["LinuxBoot", "unpack_bzimage", "pvh_entry", "elf_segments", "EXTRA_ARGS",
            "CLEARED_CPUID"]
@@ -210,12 +210,7 @@ class LinuxBoot:
         vm.load(GDT, struct.pack("<QQQQQ", 0, 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF,
                                  tss_desc))
         s = vm.get_sregs()
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            seg = getattr(s, name)
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, 0x18, 3
-            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 1, 0, 1, 1, 0, 1
-        s.cs.base, s.cs.limit, s.cs.selector, s.cs.type = 0, 0xFFFFFFFF, 0x10, 11
-        s.cs.present, s.cs.dpl, s.cs.db, s.cs.s, s.cs.l, s.cs.g = 1, 0, 1, 1, 0, 1
+        flat_segments(s, code=0x10, data=0x18)
         s.tr.base, s.tr.limit, s.tr.selector, s.tr.type = TSS, 0x67, 0x20, 11
         s.tr.present, s.tr.s, s.tr.db, s.tr.g = 1, 0, 0, 0
         s.gdt.base, s.gdt.limit = GDT, 39

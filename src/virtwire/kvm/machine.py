@@ -39,7 +39,7 @@ from typing import Any
 from virtwire.kvm import abi, events, program
 from virtwire.kvm.devices import ExitPort, PciHost, Uart16550
 from virtwire.kvm.host import DeviceHost, KvmIntx
-from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm
+from virtwire.kvm.vm import HANDLED, KvmError, StopReason, Vm, flat_segments
 
 __all__ = ["Machine", "MachineConfig", "GRACE", "GDT_ADDR", "DEVICE_SLOT", "INTX_GSI"]
 
@@ -233,12 +233,7 @@ class Machine:
         # GDT: null, flat 32-bit code (0x08), flat data (0x10)
         vm.load(GDT_ADDR, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
         s = vm.get_sregs()
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            seg = getattr(s, name)
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, 0x10, 3
-            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 1, 0, 1, 1, 0, 1
-        s.cs.base, s.cs.limit, s.cs.selector, s.cs.type = 0, 0xFFFFFFFF, 0x08, 11
-        s.cs.present, s.cs.dpl, s.cs.db, s.cs.s, s.cs.l, s.cs.g = 1, 0, 1, 1, 0, 1
+        flat_segments(s, code=0x08, data=0x10)
         s.gdt.base, s.gdt.limit = GDT_ADDR, 23
         s.cr0 = abi.CR0_PE | abi.CR0_ET
         vm.set_sregs(s)

@@ -54,9 +54,20 @@ from virtwire.kvm import abi
 from virtwire.memory import MemoryRegion, RegionMemory
 
 __all__ = ["Vm", "KvmError", "StopReason", "HANDLED", "install_kick_signal", "ROM_BASE", "ROM_SIZE",
-           "HIGH_ROM_BASE"]
+           "HIGH_ROM_BASE", "flat_segments"]
 
 log = logging.getLogger(__name__)
+
+
+def flat_segments(s: abi.KvmSregs, code: int, data: int) -> None:
+    """Flat 4 GiB 32-bit segments in ``s``: CS (execute/read, accessed) with selector ``code``,
+    DS/ES/FS/GS/SS (read/write) with selector ``data``; present, ring 0, 4 KiB granularity."""
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        seg = getattr(s, name)
+        seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, data, 3
+        seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 1, 0, 1, 1, 0, 1
+    s.cs.base, s.cs.limit, s.cs.selector, s.cs.type = 0, 0xFFFFFFFF, code, 11
+    s.cs.present, s.cs.dpl, s.cs.db, s.cs.s, s.cs.l, s.cs.g = 1, 0, 1, 1, 0, 1
 
 ROM_BASE = 0xF0000
 ROM_SIZE = 0x10000

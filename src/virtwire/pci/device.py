@@ -64,7 +64,7 @@ from virtwire.pci.config_space import (
     BarKind,
     PciConfigSpace,
 )
-from virtwire.pci.function import IntxLine
+from virtwire.pci.function import IntxLine, NoIntxLine
 from virtwire.pci.reg_names import config_name, field_name
 from virtwire.virtio import spec
 from virtwire.virtio.device import VirtioDevice
@@ -104,11 +104,6 @@ _VIRTIO_PCI_NOTIFY_CAP_LEN = 20
 _VIRTIO_PCI_CFG_CAP_LEN = 20
 
 
-class _NoLine:
-    def set_level(self, level: bool) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class Reg:
     """One register of a block: its spec name, natural width, getter and setter (None: RO)."""
@@ -132,7 +127,7 @@ class VirtioPciDevice:
     ) -> None:
         self.device = device
         self.transitional = transitional
-        self.intx: IntxLine = intx or _NoLine()
+        self.intx: IntxLine = intx or NoIntxLine()
         self.defer_notify = defer_notify
         vid = device.device_id
         self.pci = PciConfigSpace(
@@ -173,7 +168,7 @@ class VirtioPciDevice:
     @property
     def intx_is_default(self) -> bool:
         """No interrupt route attached yet (a host may supply one, e.g. the proxy's irqfd)."""
-        return isinstance(self.intx, _NoLine)
+        return isinstance(self.intx, NoIntxLine)
 
     # -- capabilities (§4.1.4) ---------------------------------------------------------------
     def _vcap(self, cfg_type: int, offset: int, length: int, extra: bytes = b"",

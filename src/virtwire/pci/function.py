@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["IntxLine", "PciFunction"]
+__all__ = ["IntxLine", "NoIntxLine", "PciFunction"]
 
 
 @runtime_checkable
@@ -29,6 +29,13 @@ class IntxLine(Protocol):
     """Where the INTx level goes (qtest IOAPIC input, KVM irqfd or ``KVM_IRQ_LINE``, a test)."""
 
     def set_level(self, level: bool) -> None: ...
+
+
+class NoIntxLine:
+    """The INTx line of a function no host has routed yet: levels go nowhere."""
+
+    def set_level(self, level: bool) -> None:
+        pass
 
 
 @runtime_checkable

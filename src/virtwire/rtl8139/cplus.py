@@ -314,20 +314,10 @@ class Rtl8139CPlus(Rtl8139):
     def receive(self, frame: bytes | bytearray | memoryview) -> bool:
         if not self.cplus_rx:
             return super().receive(frame)
-        n = len(frame)
-        if not self.rx_enabled:
-            self.counters["rx_disabled"] += 1
+        admitted = self._rx_admit(frame)
+        if admitted is None:
             return True
-        if n > MAX_RX_FRAME or n < 14:
-            self.counters["rx_oversize"] += 1
-            return True
-        status = self._accept(frame)
-        if not status:
-            self.counters["rx_filtered"] += 1
-            return True
-        if n < MIN_FRAME:
-            frame = bytes(frame) + bytes(MIN_FRAME - n)
-            n = MIN_FRAME
+        frame, n, status = admitted
         d = self._desc(self._ring_addr(r.RDSAR), self.rx_idx)
         if d is None:
             return True

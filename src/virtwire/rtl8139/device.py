@@ -55,7 +55,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from virtwire.rtl8139 import regs as r
@@ -217,54 +217,25 @@ class Rtl8139:
     def read(self, off: int, width: int) -> int:
         """A register read of ``width`` (1, 2 or 4) bytes at ``off`` (0-255)."""
         self.counters["reads"] += 1
-        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
-            self.counters["unknown_accesses"] += 1
-            self._bad(f"read of width {width} at {off:#x}")
+        if not self._access_ok("read", off, width):
             return 0
-        name = self.reg_name(off)
-        self.accesses[name] = self.accesses.get(name, 0) + 1
         value = 0
-        o = off
-        end = off + width
-        while o < end:
-            reg = self.table[o]
-            if reg is None:
-                self.counters["unknown_accesses"] += 1
-                self._bad(f"read at unknown offset {o:#x}")
-                o += 1
-                continue
-            start, w, _ = reg
+        for o, start, w, stop in self._spans("read", off, off + width):
             get = self._getters.get(start)
             full = get() if get is not None else int.from_bytes(self.regs[start : start + w],
                                                                   "little")
-            stop = min(start + w, end)
             nbytes = stop - o
             piece = (full >> (8 * (o - start))) & ((1 << (8 * nbytes)) - 1)
             value |= piece << (8 * (o - off))
-            o = stop
         return value
 
     def write(self, off: int, width: int, value: int) -> None:
         """A register write of ``width`` (1, 2 or 4) bytes at ``off`` (0-255)."""
         self.counters["writes"] += 1
-        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
-            self.counters["unknown_accesses"] += 1
-            self._bad(f"write of width {width} at {off:#x}")
+        if not self._access_ok("write", off, width):
             return
-        name = self.reg_name(off)
-        self.accesses[name] = self.accesses.get(name, 0) + 1
         value &= (1 << (8 * width)) - 1
-        o = off
-        end = off + width
-        while o < end:
-            reg = self.table[o]
-            if reg is None:
-                self.counters["unknown_accesses"] += 1
-                self._bad(f"write at unknown offset {o:#x}")
-                o += 1
-                continue
-            start, w, _ = reg
-            stop = min(start + w, end)
+        for o, start, _w, stop in self._spans("write", off, off + width):
             nbytes = stop - o
             shift = 8 * (o - start)
             piece = (value >> (8 * (o - off))) & ((1 << (8 * nbytes)) - 1)
@@ -274,6 +245,32 @@ class Rtl8139:
                 setter(piece << shift, mask)
             else:
                 self._store(start, piece << shift, mask)
+
+    def _access_ok(self, kind: str, off: int, width: int) -> bool:
+        """Check a guest access's width and offset (counted and logged when bad) and count it
+        against the register at ``off``."""
+        if width not in (1, 2, 4) or not 0 <= off <= 256 - width:
+            self.counters["unknown_accesses"] += 1
+            self._bad(f"{kind} of width {width} at {off:#x}")
+            return False
+        name = self.reg_name(off)
+        self.accesses[name] = self.accesses.get(name, 0) + 1
+        return True
+
+    def _spans(self, kind: str, off: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """(o, register start, register width, stop) for each register piece of [off, end);
+        bytes at unknown offsets are counted, logged and skipped."""
+        o = off
+        while o < end:
+            reg = self.table[o]
+            if reg is None:
+                self.counters["unknown_accesses"] += 1
+                self._bad(f"{kind} at unknown offset {o:#x}")
+                o += 1
+                continue
+            start, w, _ = reg
+            stop = min(start + w, end)
+            yield o, start, w, stop
             o = stop
 
     # -- reset -------------------------------------------------------------------------------
@@ -511,20 +508,10 @@ class Rtl8139:
     def receive(self, frame: bytes | bytearray | memoryview) -> bool:
         """A frame from the wire. False when it could not be stored for lack of ring space (the
         frame is dropped, ISR.RXOVW raised); True when it was delivered or filtered/dropped."""
-        n = len(frame)
-        if not self.rx_enabled:
-            self.counters["rx_disabled"] += 1
+        admitted = self._rx_admit(frame)
+        if admitted is None:
             return True
-        if n > MAX_RX_FRAME or n < 14:
-            self.counters["rx_oversize"] += 1
-            return True
-        status = self._accept(frame)
-        if not status:
-            self.counters["rx_filtered"] += 1
-            return True
-        if n < MIN_FRAME:
-            frame = bytes(frame) + bytes(MIN_FRAME - n)
-            n = MIN_FRAME
+        frame, n, status = admitted
         if not self.rx_room(n):
             self.counters["rx_overflow"] += 1
             self.missed += 1
@@ -538,6 +525,28 @@ class Rtl8139:
         self.counters["rx_bytes"] += n
         self.raise_isr(r.INT_ROK, "ROK")
         return True
+
+    def _rx_admit(
+        self, frame: bytes | bytearray | memoryview
+    ) -> tuple[bytes | bytearray | memoryview, int, int] | None:
+        """The receive checks both RX modes share: None when the frame is dropped (receiver off,
+        bad length, address filter; each counted), else (frame padded to MIN_FRAME, its length,
+        the RX status bits from the filter)."""
+        n = len(frame)
+        if not self.rx_enabled:
+            self.counters["rx_disabled"] += 1
+            return None
+        if n > MAX_RX_FRAME or n < 14:
+            self.counters["rx_oversize"] += 1
+            return None
+        status = self._accept(frame)
+        if not status:
+            self.counters["rx_filtered"] += 1
+            return None
+        if n < MIN_FRAME:
+            frame = bytes(frame) + bytes(MIN_FRAME - n)
+            n = MIN_FRAME
+        return frame, n, status
 
     def _ring_write(self, blob: bytes) -> bool:
         mem = self.mem

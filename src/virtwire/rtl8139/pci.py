@@ -27,7 +27,7 @@ from typing import Any
 
 from virtwire import trace as _trace
 from virtwire.pci.config_space import PCI_COMMAND, BarKind, PciConfigSpace
-from virtwire.pci.function import IntxLine
+from virtwire.pci.function import IntxLine, NoIntxLine
 from virtwire.rtl8139.device import MAX_RX_FRAME, Rtl8139
 from virtwire.virtio.spec import VIRTIO_NET_F_HOST_TSO4
 
@@ -44,11 +44,6 @@ IO_BAR = 0
 MEM_BAR = 1
 _PCI_COMMAND_INTX_DISABLE = 0x400
 RX_BUDGET = 64
-
-
-class _NoLine:
-    def set_level(self, level: bool) -> None:
-        pass
 
 
 class Rtl8139Nic:
@@ -149,7 +144,7 @@ class Rtl8139Pci:
                  defer_notify: bool = False) -> None:
         self.device = nic
         self.model = nic.model
-        self.intx: IntxLine = intx or _NoLine()
+        self.intx: IntxLine = intx or NoIntxLine()
         self.defer_notify = defer_notify
         self.pci = PciConfigSpace(vendor_id=RTL8139_VENDOR, device_id=RTL8139_DEVICE,
                                   class_code=PCI_CLASS_ETHERNET, revision_id=nic.model.revision,
@@ -165,7 +160,7 @@ class Rtl8139Pci:
 
     @property
     def intx_is_default(self) -> bool:
-        return isinstance(self.intx, _NoLine)
+        return isinstance(self.intx, NoIntxLine)
 
     # -- configuration space -----------------------------------------------------------------
     def config_read(self, offset: int, width: int) -> int:
